@@ -1,0 +1,74 @@
+"""Benchmarks: commands that print figures beside a reference run.
+
+Speed is measured, not asserted: each benchmark runs DCMTK on the same files
+in the same invocation, alternating with nnrouter, and prints the ratio, so a
+slow disk or a busy machine moves both numbers together.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from nnrouter import peers, synthetic
+
+
+def _send(port: int, files: list[Path], aec: str, cfg: tuple[Path, str]) -> float:
+    t0 = time.perf_counter()
+    res = peers.storescu(port, files, aec=aec, config=cfg, timeout=3600)
+    elapsed = time.perf_counter() - t0
+    acked = res.stderr.count("Received Store Response (Success)")
+    if res.returncode != 0 or acked != len(files):
+        raise RuntimeError(f"storescu to {aec} failed ({acked}/{len(files)} acknowledged):\n{res.stderr[-2000:]}")
+    return elapsed
+
+
+def ingest(count: int, rounds: int, rows: int, columns: int, workdir: Path | None) -> int:
+    """C-STORE throughput, DCMTK storescu -> {storescp, nnrouter}, alternating."""
+    missing = peers.have("storescu", "storescp")
+    if missing:
+        print(f"missing DCMTK tools: {', '.join(missing)} (apt-get install dcmtk)")
+        return 2
+    own = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="nnrouter-bench-")) if own else Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    scp = node = None
+    try:
+        print(f"generating {rounds} x {count} DX files {rows}x{columns} 16-bit in {root} ...", flush=True)
+        sets = [synthetic.write_series(root / f"in{r}", count, rows=rows, columns=columns) for r in range(rounds)]
+        size_mb = sum(f.stat().st_size for f in sets[0]) / 1e6
+        cfg = peers.storescu_config(sets[0], root / "storescu.cfg")
+
+        # Same largest PDU on both receivers, so the peer sends the same PDU sizes.
+        scp = peers.StoreSCP(root / "storescp-out").start(["--max-pdu", "131072"])
+        node = peers.Node(root / "nnrouter", settings={"logging": {"level": "warning"}}).start()
+        times: dict[str, list[float]] = {"dcmtk": [], "nnrouter": []}
+        for r, files in enumerate(sets):
+            order = [("dcmtk", scp.port, scp.aet), ("nnrouter", node.port, node.ae_title)]
+            if r % 2:
+                order.reverse()
+            for name, port, aec in order:
+                times[name].append(_send(port, files, aec, cfg))
+                print(f"round {r + 1}: {name:<9} {times[name][-1]:7.2f} s", flush=True)
+            shutil.rmtree(scp.folder, ignore_errors=True)
+            scp.folder.mkdir()
+
+        print()
+        print(f"{count} files a round, {size_mb / count:.1f} MB each, {rounds} rounds; median per round")
+        rate = {}
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            rate[name] = count / med
+            print(f"  {name:<9} {count / med:7.2f} images/s  {size_mb / med:8.1f} MB/s  (fsync: {'yes' if name == 'nnrouter' else 'no, storescp does not'})")
+        print(f"ratio nnrouter/dcmtk: {rate['nnrouter'] / rate['dcmtk']:.2f}")
+        return 0
+    finally:
+        if node:
+            node.stop()
+        if scp:
+            scp.stop()
+        if own:
+            shutil.rmtree(root, ignore_errors=True)

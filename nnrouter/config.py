@@ -1,0 +1,159 @@
+"""Configuration, read once at start-up and handed to each stage.
+
+One YAML file, with environment variables on top (prefix ``NNROUTER_``, nested
+keys joined by ``__``: ``NNROUTER_DICOM__PORT=104``), so a container or a
+systemd drop-in can change one value without editing the file. Nothing else
+in the package reads the environment or a config file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from nnrouter import yamlfile
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _ae_title(value: str) -> str:
+    value = value.strip()
+    if not 1 <= len(value) <= 16:
+        raise ValueError("an AE title has 1 to 16 characters")
+    if "\\" in value or any(ord(c) < 32 for c in value):
+        raise ValueError("an AE title may not contain backslash or control characters")
+    return value
+
+
+class AllowedPeer(_Section):
+    """A calling AE that may send to us, optionally only from one host."""
+
+    ae_title: str
+    host: str | None = None
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class Dicom(_Section):
+    ae_title: str = "NNROUTER"
+    port: int = Field(11112, ge=1, le=65535)
+    bind: str = "0.0.0.0"
+    allowed_calling_aes: list[AllowedPeer] = []
+    max_associations: int = Field(10, ge=1)
+    max_pdu: int = Field(131072, ge=0, description="0 means no limit")
+    acse_timeout_s: float = Field(30, gt=0)
+    dimse_timeout_s: float = Field(60, gt=0)
+    network_timeout_s: float = Field(60, gt=0)
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class Storage(_Section):
+    path: Path = Path("var/spool")
+    min_free_mb: int = Field(1024, ge=0)
+
+
+class Database(_Section):
+    url: str = "sqlite:///var/nnrouter.db"
+
+
+class Logging(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="NNROUTER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    dicom: Dicom = Dicom()
+    storage: Storage = Storage()
+    database: Database = Database()
+    logging: Logging = Logging()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file: an operator's override is deliberate.
+        return (env_settings, init_settings)
+
+
+def load(path: Path | str | None = None) -> Settings:
+    """Settings from a YAML file (or the embedded defaults) plus the environment.
+
+    Raises yamlfile.FileProblems naming file, line, key and reason.
+    """
+    if path is None:
+        data, positions, name = {}, {}, "(defaults)"
+    else:
+        data, positions = yamlfile.load(Path(path))
+        name = str(path)
+        if not isinstance(data, dict):
+            raise yamlfile.FileProblems(
+                [yamlfile.Problem(name, 1, 1, "", "expected a mapping of keys at the top level")]
+            )
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise yamlfile.FileProblems(yamlfile.problems_from(exc, name, positions)) from exc
+
+
+EXAMPLE = """\
+# nnrouter configuration. Every key is optional; shown here with its default.
+# Any key can be overridden from the environment: NNROUTER_<SECTION>__<KEY>,
+# e.g. NNROUTER_DICOM__PORT=104 or NNROUTER_DATABASE__URL=postgresql+psycopg://...
+
+dicom:
+  # Our AE title: modalities must call us by this name (else A-ASSOCIATE-RJ,
+  # "called AE title not recognised").
+  ae_title: NNROUTER
+  port: 11112
+  # Address to listen on; 127.0.0.1 to accept only local peers.
+  bind: 0.0.0.0
+  # Who may send to us. Empty list = accept any calling AE title.
+  # host (optional) pins an AE title to one peer address.
+  allowed_calling_aes: []
+  #  - ae_title: CR_ROOM1
+  #    host: 10.1.2.3
+  #  - ae_title: DX_ED
+  # Associations served at once; more are rejected ("local limit exceeded").
+  max_associations: 10
+  # Largest PDU we accept, in bytes (0 = no limit).
+  max_pdu: 131072
+  # Seconds to wait for association negotiation, DIMSE messages, and network reads.
+  acse_timeout_s: 30.0
+  dimse_timeout_s: 60.0
+  network_timeout_s: 60.0
+
+storage:
+  # Spool folder for received instances (fsync'd before we acknowledge them).
+  path: var/spool
+  # Below this much free space, C-STORE answers 0xA700 (out of resources).
+  min_free_mb: 1024
+
+database:
+  # SQLite (embedded, one machine) or PostgreSQL (several nodes):
+  #   postgresql+psycopg://nnrouter:secret@db.example/nnrouter
+  url: sqlite:///var/nnrouter.db
+
+logging:
+  # debug | info | warning | error. Patient names, IDs and birth dates
+  # are never logged at info.
+  level: info
+  # json (one JSON object a line, for journald / log shippers) | console
+  format: json
+"""

@@ -1,0 +1,210 @@
+"""Drive real DICOM peers (DCMTK) and nnrouter itself as child processes.
+
+Benchmarks compare nnrouter with DCMTK on the same files in the same run, and
+the tests talk to nnrouter only through real peers on loopback. Both need the
+same plumbing: free ports, a storescu that proposes each file's own transfer
+syntax, a storescp that accepts everything, and an ``nnrouter serve`` in a
+folder of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from pydicom import dcmread
+
+UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+def storescu_config(files: list[Path], path: Path) -> tuple[Path, str]:
+    """A storescu profile proposing, per SOP class, each file's own syntax first.
+
+    DCMTK's storescu by default proposes only uncompressed syntaxes and would
+    have to decompress a JPEG 2000 file to send it; a receiver must get the
+    bytes as the modality encoded them.
+    """
+    pairs: dict[str, list[str]] = {}
+    for f in files:
+        ds = dcmread(f, stop_before_pixels=True, force=True)
+        sop = str(ds.get("SOPClassUID") or ds.file_meta.MediaStorageSOPClassUID)
+        ts = str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) else None
+        tss = pairs.setdefault(sop, [])
+        for t in ([ts] if ts else []) + UNCOMPRESSED:
+            if t not in tss:
+                tss.append(t)
+    lines = ["[[TransferSyntaxes]]"]
+    names: dict[str, str] = {}
+    for tss in pairs.values():
+        for t in tss:
+            if t not in names:
+                names[t] = f"TS{len(names)}"
+                lines += [f"[{names[t]}]", f"TransferSyntax1 = {t}"]
+    lines += ["[[PresentationContexts]]", "[All]"]
+    n = 0
+    for sop, tss in pairs.items():
+        for t in tss:
+            n += 1
+            lines.append(f"PresentationContext{n} = {sop}\\{names[t]}")
+    if n > 128:
+        raise ValueError(f"{n} presentation contexts needed; 128 is the limit")
+    lines += ["[[Profiles]]", "[Files]", "PresentationContexts = All"]
+    path.write_text("\n".join(lines) + "\n")
+    return path, "Files"
+
+
+def storescu(
+    port: int,
+    files: list[Path],
+    *,
+    aec: str = "NNROUTER",
+    aet: str = "STORESCU",
+    config: tuple[Path, str] | None = None,
+    extra: list[str] | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
+    """Send files on one association with DCMTK storescu (verbose output)."""
+    args = ["storescu", "-v", "-aet", aet, "-aec", aec]
+    if config is not None:
+        args += ["-xf", str(config[0]), config[1]]
+    args += (extra or []) + ["127.0.0.1", str(port)] + [str(f) for f in files]
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass
+class StoreSCP:
+    """DCMTK storescp accepting every transfer syntax, writing into ``folder``."""
+
+    folder: Path
+    aet: str = "STORESCP"
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    def start(self, extra: list[str] | None = None) -> StoreSCP:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["storescp", "+xa", "-aet", self.aet, "-od", str(self.folder), *(extra or []), str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        wait_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Node:
+    """An ``nnrouter serve`` process in a folder of its own, on a free port."""
+
+    home: Path
+    database_url: str | None = None
+    ae_title: str = "NNROUTER"
+    port: int = field(default_factory=free_port)
+    settings: dict = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.home / "nnrouter.yaml"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'nnrouter.db'}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / "serve.log"
+
+    @property
+    def spool(self) -> Path:
+        return self.home / "spool"
+
+    def write_config(self) -> Path:
+        self.home.mkdir(parents=True, exist_ok=True)
+        cfg = {
+            "dicom": {"ae_title": self.ae_title, "port": self.port, "bind": "127.0.0.1"},
+            "storage": {"path": str(self.spool), "min_free_mb": 50},
+            "database": {"url": self.db_url},
+            "logging": {"level": "info", "format": "json"},
+        }
+        for section, values in self.settings.items():
+            cfg.setdefault(section, {}).update(values)
+        self.config_path.write_text(yaml.safe_dump(cfg))
+        return self.config_path
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "nnrouter", *args, "--config", str(self.config_path)],
+            capture_output=True, text=True, check=check, timeout=120,
+        )
+
+    def start(self, upgrade: bool = True) -> Node:
+        self.write_config()
+        if upgrade:
+            self.cli("db", "upgrade")
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nnrouter", "serve", "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+        wait_port(self.port, proc=self.proc)
+        return self
+
+    def kill9(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+    def log_lines(self) -> list[str]:
+        return self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
+
+
+def have(*tools: str) -> list[str]:
+    """The tools from the list that are missing on this machine."""
+    return [t for t in tools if shutil.which(t) is None]

@@ -1,0 +1,485 @@
+"""Receive: the C-STORE / C-ECHO SCP that keeps every instance it acknowledges.
+
+The association (pynetdicom) and the application are apart: pynetdicom calls
+small handlers with a typed event, and this module decides what a received
+instance means. The handler stays thin because pynetdicom runs one thread per
+association under Python's GIL: it parses the header (never the pixels),
+writes the encoded bytes as they came (no decode, no re-encode), fsyncs, commits
+the rows and only then answers success. Pixels are a worker's job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.dsutils import decode
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+
+from nnrouter import logs
+from nnrouter.config import Settings
+from nnrouter.spool import Spool
+from nnrouter.store import Instance, Series, Store, Study, utcnow
+
+log = logs.get("nnrouter.receive")
+
+# Transfer syntaxes we accept for storage: uncompressed, deflated, RLE, JPEG
+# (baseline, extended, lossless), JPEG-LS and JPEG 2000. Modalities propose
+# their native syntax first; accepting it lets us keep the bytes as sent.
+ACCEPTED_TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent)
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (Process 14)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+]
+
+# C-STORE statuses (PS3.4 Annex B.2.3).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+
+# A-ASSOCIATE-RJ: rejected-permanent, service-user, calling AE not recognised.
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+
+_STRIPES = 64
+
+
+def _status(code: int, comment: str) -> Dataset:
+    """A C-STORE response status with an Error Comment saying what is wrong."""
+    ds = Dataset()
+    ds.Status = code
+    # Error Comment is LO: 64 characters at most.
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+class Refused(Exception):
+    """An instance we will not keep, with the DICOM status to answer."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class Header:
+    """The attributes of a received instance that the store records."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    study: dict[str, Any]
+    series: dict[str, Any]
+    instance: dict[str, Any]
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value).strip()[:limit] or None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_complete(ds: Dataset) -> None:
+    """Refuse a data set whose last elements were cut off in transit.
+
+    pydicom reads a short stream without complaint; a value shorter than its
+    declared length means the sender (or the network) lost bytes.
+    """
+    for elem in ds._dict.values():  # raw elements: values not yet converted
+        if isinstance(elem, RawDataElement) and elem.length != 0xFFFFFFFF:
+            got = len(elem.value or b"")
+            if got != elem.length:
+                raise Refused(
+                    CANNOT_UNDERSTAND,
+                    f"data set truncated at ({elem.tag.group:04X},{elem.tag.element:04X}): "
+                    f"{got} of {elem.length} bytes",
+                )
+
+
+def _check_encoding(ds: Dataset, ts: UID) -> None:
+    """Refuse a data set encoded otherwise than the negotiated transfer syntax says.
+
+    pydicom quietly reads implicit VR sent as explicit; kept as is, the file's
+    meta would lie about its content and every later reader would trip on it.
+    """
+    implicit, little = ds.original_encoding
+    if implicit is not None and implicit != ts.is_implicit_VR:
+        found = "implicit" if implicit else "explicit"
+        raise Refused(CANNOT_UNDERSTAND, f"data set is {found} VR, transfer syntax {ts} is not")
+    if little is not None and little != ts.is_little_endian:
+        raise Refused(CANNOT_UNDERSTAND, f"byte order of data set does not match transfer syntax {ts}")
+
+
+def parse_header(ds: Dataset, affected_sop_instance_uid: str, affected_sop_class_uid: str) -> Header:
+    """Pull the identifying attributes out of a received data set, or refuse it."""
+    _check_complete(ds)
+    sop_uid = _text(ds, "SOPInstanceUID", 64)
+    if not sop_uid:
+        raise Refused(DATASET_DOES_NOT_MATCH, "missing SOPInstanceUID")
+    if affected_sop_instance_uid and sop_uid != affected_sop_instance_uid.strip():
+        raise Refused(DATASET_DOES_NOT_MATCH, "SOP Instance UID differs from the request's")
+    sop_class = _text(ds, "SOPClassUID", 64) or affected_sop_class_uid
+    if affected_sop_class_uid and sop_class != affected_sop_class_uid.strip():
+        raise Refused(DATASET_DOES_NOT_MATCH, "SOP Class UID differs from the request's")
+    # Study and Series UIDs are Type 1, yet real files lack them. The instance
+    # is still worth keeping: group it under UIDs derived from its own, so a
+    # re-send lands in the same place, and say so.
+    notes = []
+    uids = {}
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+        uids[keyword] = _text(ds, keyword, 64)
+        if not uids[keyword]:
+            uids[keyword] = generate_uid(entropy_srcs=[sop_uid, keyword])
+            notes.append(keyword)
+    return Header(
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        sop_instance_uid=sop_uid,
+        sop_class_uid=sop_class,
+        study=dict(
+            patient_id=_text(ds, "PatientID", 64),
+            patient_name=_text(ds, "PatientName", 324),
+            patient_birth_date=_text(ds, "PatientBirthDate", 8),
+            patient_sex=_text(ds, "PatientSex", 16),
+            accession_number=_text(ds, "AccessionNumber", 16),
+            study_date=_text(ds, "StudyDate", 8),
+            study_time=_text(ds, "StudyTime", 16),
+            study_description=_text(ds, "StudyDescription", 64),
+            referring_physician=_text(ds, "ReferringPhysicianName", 324),
+        ),
+        series=dict(
+            modality=_text(ds, "Modality", 16),
+            body_part_examined=_text(ds, "BodyPartExamined", 64),
+            series_description=_text(ds, "SeriesDescription", 64),
+            series_number=_text(ds, "SeriesNumber", 12),
+        ),
+        instance=dict(
+            instance_number=_text(ds, "InstanceNumber", 12),
+            view_position=_text(ds, "ViewPosition", 16),
+            image_laterality=_text(ds, "ImageLaterality", 16) or _text(ds, "Laterality", 16),
+            rows=_int(ds, "Rows"),
+            columns=_int(ds, "Columns"),
+            state_reason=f"header lacks {', '.join(notes)}: grouped under derived UIDs" if notes else None,
+        ),
+    )
+
+
+def _insert_ignore(session, model, values: dict[str, Any], key: str) -> int:  # type: ignore[no-untyped-def]
+    """Insert a row unless one with the same key exists; return its id either way."""
+    dialect = session.bind.dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=[key]))
+    return session.execute(select(model.id).where(getattr(model, key) == values[key])).scalar_one()
+
+
+@dataclass
+class Kept:
+    instance_id: int
+    version: int
+    duplicate: bool
+
+
+@dataclass
+class _AssocStats:
+    calling_ae: str
+    called_ae: str
+    peer: str
+    started: float = field(default_factory=time.monotonic)
+    instances: int = 0
+    bytes: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+
+class Receiver:
+    """The application behind the SCP: owns the spool, the store and the counters."""
+
+    def __init__(self, settings: Settings, store: Store, spool: Spool):
+        self.settings = settings
+        self.store = store
+        self.spool = spool
+        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+        self._assocs: dict[int, _AssocStats] = {}
+        self._assocs_lock = threading.Lock()
+
+    # --- the durable keep ---
+
+    def keep(self, header: Header, meta: bytes, data: memoryview, origin: dict[str, Any]) -> Kept:
+        """Write and record one instance; after this returns it may be acknowledged."""
+        digest = hashlib.sha256(data).hexdigest()
+        # One SOP Instance UID at a time, so two senders of the same UID cannot
+        # race for the same file name.
+        lock = self._stripes[hash(header.sop_instance_uid) % _STRIPES]
+        with lock:
+            with self.store.read() as s:
+                rows = s.execute(
+                    select(Instance.id, Instance.version, Instance.sha256, Instance.path).where(
+                        Instance.sop_instance_uid == header.sop_instance_uid
+                    )
+                ).all()
+            for row in rows:
+                if row.sha256 == digest:
+                    return Kept(row.id, row.version, duplicate=True)
+            version = max((r.version for r in rows), default=0) + 1
+            if rows:
+                log.warning(
+                    "instance_changed_content",
+                    sop_instance_uid=header.sop_instance_uid,
+                    kept_versions=len(rows) + 1,
+                )
+            dest = self.spool.path_for(header.study_uid, header.series_uid, header.sop_instance_uid, version)
+            size = self.spool.keep([meta, data], dest)
+            try:
+                instance_id = self._record(header, dest, size, digest, version, origin)
+            except IntegrityError:
+                # Another node recorded the same content first; ours is the same bytes.
+                self.spool.discard(dest)
+                with self.store.read() as s:
+                    row = s.execute(
+                        select(Instance.id, Instance.version).where(
+                            Instance.sop_instance_uid == header.sop_instance_uid, Instance.sha256 == digest
+                        )
+                    ).one()
+                return Kept(row.id, row.version, duplicate=True)
+            except BaseException:
+                self.spool.discard(dest)
+                raise
+        return Kept(instance_id, version, duplicate=False)
+
+    def _record(
+        self, header: Header, dest, size: int, digest: str, version: int, origin: dict[str, Any]
+    ) -> int:  # type: ignore[no-untyped-def]
+        now = utcnow()
+        with self.store.write() as s:
+            study_id = _insert_ignore(
+                s, Study, {"study_uid": header.study_uid, **header.study, "created_at": now, "last_received_at": now}, "study_uid"
+            )
+            s.query(Study).filter(Study.id == study_id).update({"last_received_at": now})
+            series_id = _insert_ignore(
+                s, Series, {"series_uid": header.series_uid, "study_id": study_id, **header.series, "created_at": now}, "series_uid"
+            )
+            inst = Instance(
+                series_id=series_id,
+                sop_instance_uid=header.sop_instance_uid,
+                version=version,
+                sop_class_uid=header.sop_class_uid,
+                path=str(dest),
+                size_bytes=size,
+                sha256=digest,
+                received_at=now,
+                updated_at=now,
+                **header.instance,
+                **origin,
+            )
+            s.add(inst)
+            s.flush()
+            return inst.id
+
+    # --- pynetdicom event handlers ---
+
+    def on_requested(self, event: evt.Event) -> None:
+        """Check the calling AE (and its host) before negotiation starts."""
+        allowed = self.settings.dicom.allowed_calling_aes
+        if not allowed:
+            return
+        requestor = event.assoc.requestor
+        calling = (requestor.primitive.calling_ae_title or "").strip()
+        host = requestor.address
+        if any(p.ae_title == calling and (p.host is None or p.host == host) for p in allowed):
+            return
+        log.warning("association_rejected", calling_ae=calling, peer=host, reason="calling AE title not allowed")
+        event.assoc.acse.send_reject(*REJECT_CALLING_AE)
+        # Wait until the A-ASSOCIATE-RJ has gone out and the peer hung up
+        # (as pynetdicom's own rejections do); otherwise the socket may close
+        # first and the peer sees an abort instead of the reason.
+        event.assoc.kill()
+
+    def on_accepted(self, event: evt.Event) -> None:
+        a = event.assoc
+        with self._assocs_lock:
+            self._assocs[id(a)] = _AssocStats(
+                calling_ae=a.requestor.ae_title.strip(),
+                called_ae=a.acceptor.ae_title.strip(),
+                peer=f"{a.requestor.address}:{a.requestor.port}",
+            )
+
+    def on_rejected(self, event: evt.Event) -> None:
+        a = event.assoc
+        log.warning(
+            "association_rejected",
+            calling_ae=(a.requestor.primitive.calling_ae_title or "").strip() if a.requestor.primitive else None,
+            called_ae=(a.requestor.primitive.called_ae_title or "").strip() if a.requestor.primitive else None,
+            peer=a.requestor.address,
+        )
+
+    def on_closed(self, event: evt.Event) -> None:
+        with self._assocs_lock:
+            stats = self._assocs.pop(id(event.assoc), None)
+        if stats is None:
+            return
+        log.info(
+            "association",
+            calling_ae=stats.calling_ae,
+            called_ae=stats.called_ae,
+            peer=stats.peer,
+            instances=stats.instances,
+            bytes=stats.bytes,
+            duration_s=round(time.monotonic() - stats.started, 3),
+            statuses=stats.statuses,
+            ended="aborted" if event.assoc.is_aborted else "released",
+        )
+
+    def on_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def on_store(self, event: evt.Event) -> int | Dataset:
+        stats = self._assocs.get(id(event.assoc))
+        status, reason = self._store(event)
+        if stats is not None:
+            key = f"0x{status:04X}"
+            stats.statuses[key] = stats.statuses.get(key, 0) + 1
+            if status == SUCCESS:
+                stats.instances += 1
+                stats.bytes += len(event.request.DataSet.getbuffer())
+        return SUCCESS if status == SUCCESS else _status(status, reason)
+
+    def _store(self, event: evt.Event) -> tuple[int, str]:
+        req = event.request
+        affected_uid = str(req.AffectedSOPInstanceUID or "")
+        ts = str(event.context.transfer_syntax)
+        free = self.spool.free_mb()
+        if free < self.settings.storage.min_free_mb:
+            log.error(
+                "store_refused_disk_full",
+                sop_instance_uid=affected_uid,
+                free_mb=round(free),
+                min_free_mb=self.settings.storage.min_free_mb,
+            )
+            return OUT_OF_RESOURCES, f"spool below {self.settings.storage.min_free_mb} MB free"
+        try:
+            syntax = event.context.transfer_syntax
+            try:
+                # Our own decode, not event.dataset: pynetdicom stamps the
+                # negotiated encoding on the result, hiding what pydicom found.
+                req.DataSet.seek(0)
+                ds = decode(req.DataSet, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+            except Exception as exc:  # pydicom raises many types on garbage
+                raise Refused(CANNOT_UNDERSTAND, f"cannot parse data set as {ts}: {exc}") from exc
+            _check_encoding(ds, syntax)
+            header = parse_header(ds, affected_uid, str(req.AffectedSOPClassUID or ""))
+            if header.instance["state_reason"]:
+                log.warning("header_incomplete", sop_instance_uid=affected_uid, reason=header.instance["state_reason"])
+            meta = event.file_meta
+            meta.SourceApplicationEntityTitle = event.assoc.requestor.ae_title.strip()
+            buf = BytesIO()
+            buf.write(b"\x00" * 128 + b"DICM")
+            write_file_meta_info(buf, meta, enforce_standard=True)
+            a = event.assoc
+            kept = self.keep(
+                header,
+                buf.getvalue(),
+                req.DataSet.getbuffer(),
+                origin=dict(
+                    transfer_syntax_uid=ts,
+                    calling_ae=a.requestor.ae_title.strip(),
+                    called_ae=a.acceptor.ae_title.strip(),
+                    peer_host=a.requestor.address,
+                ),
+            )
+        except Refused as exc:
+            log.warning("store_refused", sop_instance_uid=affected_uid, status=f"0x{exc.status:04X}", reason=exc.reason)
+            return exc.status, exc.reason
+        except OSError as exc:
+            log.error("store_failed_io", sop_instance_uid=affected_uid, error=str(exc))
+            return OUT_OF_RESOURCES, f"cannot write spool: {exc.strerror or exc}"
+        except Exception as exc:
+            log.exception("store_failed", sop_instance_uid=affected_uid)
+            return PROCESSING_FAILURE, f"{type(exc).__name__}: {exc}"
+        log.debug(
+            "stored",
+            sop_instance_uid=header.sop_instance_uid,
+            study_uid=header.study_uid,
+            version=kept.version,
+            duplicate=kept.duplicate,
+        )
+        return SUCCESS, ""
+
+    # --- the server ---
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_ACCEPTED, self.on_accepted),
+            (evt.EVT_REJECTED, self.on_rejected),
+            (evt.EVT_CONN_CLOSE, self.on_closed),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+        ]
+
+
+def make_ae(settings: Settings) -> AE:
+    """An AE that accepts every storage SOP class in the syntaxes we keep."""
+    d = settings.dicom
+    ae = AE(ae_title=d.ae_title)
+    ae.require_called_aet = True
+    ae.maximum_associations = d.max_associations
+    ae.maximum_pdu_size = d.max_pdu
+    ae.acse_timeout = d.acse_timeout_s
+    ae.dimse_timeout = d.dimse_timeout_s
+    ae.network_timeout = d.network_timeout_s
+    ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES)
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+    return ae
+
+
+def serve(settings: Settings, store: Store, spool: Spool, *, block: bool = True):  # type: ignore[no-untyped-def]
+    """Start the SCP; returns the pynetdicom server when ``block`` is False."""
+    receiver = Receiver(settings, store, spool)
+    swept = spool.sweep_incoming()
+    ae = make_ae(settings)
+    d = settings.dicom
+    log.info(
+        "listening",
+        ae_title=d.ae_title,
+        bind=d.bind,
+        port=d.port,
+        spool=str(spool.root),
+        database=store.engine.url.render_as_string(hide_password=True),
+        swept_partial_files=swept,
+    )
+    return ae.start_server((d.bind, d.port), block=block, evt_handlers=receiver.handlers())

@@ -1,0 +1,232 @@
+"""The SQL store: what nnrouter knows, and the queue between its stages.
+
+Every stage reads its input rows and writes its output rows here, so any
+stage can be restarted or replayed alone. SQLite (WAL, synchronous=FULL) is
+the embedded default for one machine; PostgreSQL is used when several nodes
+share the work. The schema changes only through Alembic migrations
+(``migrations/``); the service refuses to run on a database behind the head.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+UID = String(64)
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(UID, unique=True)
+    # Header fields only; patient fields are stored (the PACS needs them back)
+    # but never logged at info.
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    referring_physician: Mapped[str | None] = mapped_column(String(324))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    series_uid: Mapped[str] = mapped_column(UID, unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    series_number: Mapped[str | None] = mapped_column(String(12))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series", order_by="Instance.id")
+
+
+class InstanceState:
+    """States an instance moves through; each stage owns one transition."""
+
+    RECEIVED = "received"
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "version", name="uq_instance_uid_version"),
+        UniqueConstraint("sop_instance_uid", "sha256", name="uq_instance_uid_sha256"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    # The same SOP Instance UID sent again with other content keeps both.
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(24), default=InstanceState.RECEIVED, index=True)
+    state_reason: Mapped[str | None] = mapped_column(Text)
+    instance_number: Mapped[str | None] = mapped_column(String(12))
+    view_position: Mapped[str | None] = mapped_column(String(16))
+    image_laterality: Mapped[str | None] = mapped_column(String(16))
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    called_ae: Mapped[str | None] = mapped_column(String(16))
+    peer_host: Mapped[str | None] = mapped_column(String(64))
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+# --- engine and sessions ----------------------------------------------------
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    # FULL: a committed row survives power loss, not only a crash; the C-STORE
+    # success status depends on it.
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+class Store:
+    """The engine, a session factory and the write discipline for its dialect.
+
+    SQLite allows one writer at a time; rather than let threads collide into
+    "database is locked", writers on SQLite take ``write_lock``. PostgreSQL
+    needs no such lock (rows are claimed with SKIP LOCKED).
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            db_path = url.split("///", 1)[-1]
+            if db_path and db_path != ":memory:":
+                Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(url, connect_args={"timeout": 30})
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_lock = threading.Lock() if self.is_sqlite else None
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A session for a unit of writes: committed on success, rolled back on error."""
+        lock = self._write_lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            with self.sessions() as session, session.begin():
+                yield session
+        finally:
+            if lock is not None:
+                lock.release()
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self.sessions() as session:
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # --- migrations ---
+
+    def _alembic(self) -> AlembicConfig:
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(migrations_dir()))
+        cfg.attributes["engine"] = self.engine
+        return cfg
+
+    def upgrade(self) -> str:
+        """Bring the schema to the newest migration; returns the head revision."""
+        cfg = self._alembic()
+        command.upgrade(cfg, "head")
+        return self.head_revision()
+
+    def head_revision(self) -> str:
+        return ScriptDirectory.from_config(self._alembic()).get_current_head() or ""
+
+    def current_revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def require_current(self) -> None:
+        """Refuse to run on a schema that is not at the migration head."""
+        current, head = self.current_revision(), self.head_revision()
+        if current != head:
+            raise SchemaOutOfDate(
+                f"database schema is at {current or 'nothing (empty database)'}, "
+                f"nnrouter needs {head}: run `nnrouter db upgrade` first"
+            )
+
+    # --- small queries used by the CLI ---
+
+    def state_counts(self) -> dict[str, int]:
+        with self.read() as s:
+            rows = s.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()
+        return {state: n for state, n in rows}
+
+
+class SchemaOutOfDate(RuntimeError):
+    pass
+
+
+def migrations_dir() -> Path:
+    """Alembic's folder: inside the wheel when installed, else the repo's."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_migrations", here.parent / "migrations"):
+        if (candidate / "env.py").exists():
+            return candidate
+    raise FileNotFoundError("nnrouter's migrations folder is missing from this install")

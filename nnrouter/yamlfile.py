@@ -1,0 +1,107 @@
+"""YAML files edited by people: load them and point at the line that is wrong.
+
+Admins edit the config, rule and procedure files by hand. When one is wrong,
+"field required" is not enough at 3 a.m.; the message has to name the file,
+the line and the field path. PyYAML's composer keeps the position of every
+node, so we load once into plain data and keep a map from field path to line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in a file, located for a person to find."""
+
+    file: str
+    line: int | None
+    column: int | None
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.line is not None:
+            where += f":{self.line}:{self.column}"
+        return f"{where}: {self.field or '(top level)'}: {self.reason}"
+
+
+class FileProblems(Exception):
+    """A file that could not be used, with every problem found in it."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+Positions = dict[tuple[Any, ...], tuple[int, int]]
+
+
+def _walk(node: yaml.Node, path: tuple[Any, ...], out: Positions) -> None:
+    out[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            name = key.value
+            out[path + (name,)] = (key.start_mark.line + 1, key.start_mark.column + 1)
+            _walk(value, path + (name,), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _walk(item, path + (i,), out)
+
+
+def load(path: Path) -> tuple[Any, Positions]:
+    """Read a YAML file into plain data plus the position of every field."""
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise FileProblems([Problem(name, None, None, "", f"cannot read file: {exc.strerror}")]) from exc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        col = mark.column + 1 if mark else None
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise FileProblems([Problem(name, line, col, "", f"not valid YAML: {reason}")]) from exc
+    positions: Positions = {}
+    if node is not None:
+        _walk(node, (), positions)
+    return ({} if data is None else data), positions
+
+
+def problems_from(exc: ValidationError, file: str, positions: Positions) -> list[Problem]:
+    """Turn pydantic's errors into located problems, nearest known line first."""
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        field = ".".join(str(p) for p in loc)
+        # A missing field has no line of its own: point at its parent.
+        probe = loc
+        while probe and probe not in positions:
+            probe = probe[:-1]
+        line, col = positions.get(probe, (None, None))
+        reason = err["msg"]
+        if err["type"] == "extra_forbidden":
+            reason = "unknown field (check the spelling)"
+        problems.append(Problem(file, line, col, field, reason))
+    return problems
+
+
+def validate(model: type[BaseModel], path: Path) -> BaseModel:
+    """Load and validate a YAML file against a pydantic model, or raise FileProblems."""
+    data, positions = load(path)
+    if not isinstance(data, dict):
+        raise FileProblems([Problem(str(path), 1, 1, "", "expected a mapping of keys at the top level")])
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise FileProblems(problems_from(exc, str(path), positions)) from exc
