@@ -45,7 +45,8 @@ Positions = dict[tuple[Any, ...], tuple[int, int]]
 
 
 def _walk(node: yaml.Node, path: tuple[Any, ...], out: Positions) -> None:
-    out[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    # A mapping key's own line wins over its value's: the key is what people look for.
+    out.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             name = key.value
@@ -81,15 +82,15 @@ def load(path: Path) -> tuple[Any, Positions]:
 def problems_from(exc: ValidationError, file: str, positions: Positions) -> list[Problem]:
     """Turn pydantic's errors into located problems, nearest known line first."""
     problems = []
-    for err in exc.errors():
+    for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
-        field = ".".join(str(p) for p in loc)
+        field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
         # A missing field has no line of its own: point at its parent.
         probe = loc
         while probe and probe not in positions:
             probe = probe[:-1]
         line, col = positions.get(probe, (None, None))
-        reason = err["msg"]
+        reason = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             reason = "unknown field (check the spelling)"
         problems.append(Problem(file, line, col, field, reason))

@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine (see README.md):
+#   make serve   run nnrouter on embedded defaults (SQLite, ./var/spool, AE NNROUTER on port 11112)
+#   make test    run the whole test suite (installs DCMTK, dicom3tools, Orthanc, PostgreSQL when missing)
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Real peers the tests start on loopback, from Debian's packages.
+APT_PACKAGES := dcmtk dicom3tools orthanc postgresql libgdcm-tools
+PEER_TOOLS := storescu storescp echoscu findscu wlmscpfs dcmj2pnm dciodvfy Orthanc gdcmconv
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+CONFIG_ARG := $(if $(CONFIG),--config $(CONFIG))
+
+.PHONY: serve test install peers
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(BIN)/nnrouter db upgrade $(CONFIG_ARG)
+	exec $(BIN)/nnrouter serve $(CONFIG_ARG)
+
+peers:
+	@missing=""; \
+	for t in $(PEER_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing test peers (missing:$$missing)"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+	fi
+
+test: peers install
+	$(BIN)/pytest $(PYTEST_ARGS)
