@@ -1,0 +1,86 @@
+"""The view classes nnrouter knows, and the DICOM codes each one maps to.
+
+The table is package data (``nnrouter/data/classes.csv``) rather than code so
+that a coding correction is a one-line data change, reviewed like any other.
+Results leave nnrouter as standard DICOM objects, so every class carries the
+codes those objects need: Body Part Examined, View Position, a SNOMED CT view
+code, a SNOMED CT anatomy code and the LOINC codes of procedures that order it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
+
+__all__ = ["Code", "ViewClass", "classes", "nncpr_labels"]
+
+SCT = "SCT"  # Coding Scheme Designator for SNOMED CT in DICOM
+LN = "LN"  # ... and for LOINC
+
+# A parenthetical holding a code ("axial (399284007 Merchant)") is an aside for
+# readers of the table, not part of the code meaning.
+_CODE_ASIDE = re.compile(r"\s*\([^)]*\d{6,}[^)]*\)")
+
+
+@dataclass(frozen=True)
+class Code:
+    value: str
+    scheme: str  # DICOM Coding Scheme Designator: "SCT" or "LN"
+    meaning: str = ""
+
+
+@dataclass(frozen=True)
+class ViewClass:
+    name: str
+    body_part_examined: str
+    view_position: str  # "" when DICOM has no View Position term for it
+    view_code: Code | None  # None where CID 4010 has no code (panoramic)
+    anatomy_code: Code
+    order_codes: tuple[Code, ...]  # LOINC procedures whose expected image this is
+    note: str
+    view_remark: str = ""  # what the table says beyond the code meaning, e.g. a patient position code
+
+
+def classes() -> dict[str, ViewClass]:
+    """All view classes by name, in table order. A fresh dict each call; the classes are immutable."""
+    return {c.name: c for c in _load()}
+
+
+def nncpr_labels() -> list[str]:
+    """The NNCPR classifier's output order, which differs from the table's."""
+    return list(_nncpr())
+
+
+@cache
+def _load() -> tuple[ViewClass, ...]:
+    text = files("nnrouter.data").joinpath("classes.csv").read_text(encoding="utf-8")
+    out = []
+    for row in csv.DictReader(io.StringIO(text)):
+        meaning, _, remark = (row["view_meaning"] or "").partition(";")
+        aside = " ".join(m.strip(" ()") for m in _CODE_ASIDE.findall(meaning))
+        meaning = _CODE_ASIDE.sub("", meaning).strip()
+        remark = "; ".join(s for s in (aside, remark.strip()) if s)
+        view = row["view_code_sct"].strip()
+        out.append(
+            ViewClass(
+                name=row["class"].strip(),
+                body_part_examined=row["body_part_examined"].strip(),
+                view_position=row["view_position"].strip(),
+                view_code=Code(view, SCT, meaning) if view else None,
+                anatomy_code=Code(row["anatomy_code_sct"].strip(), SCT),
+                order_codes=tuple(Code(c, LN) for c in row["order_loinc"].split()),
+                note=(row["note"] or "").strip(),
+                view_remark=remark,
+            )
+        )
+    return tuple(out)
+
+
+@cache
+def _nncpr() -> tuple[str, ...]:
+    text = files("nnrouter.data").joinpath("nncpr_classes.txt").read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
