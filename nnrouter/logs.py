@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from typing import Any
 
 import structlog
@@ -38,30 +39,45 @@ def _drop_phi(_logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any
 
 
 def setup(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
-    """Configure structlog and the stdlib loggers that libraries use."""
+    """Configure structlog, and route the stdlib loggers libraries use through it."""
     numeric = getattr(logging, level.upper())
+    stream = stream or sys.stderr
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _drop_phi,
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _drop_phi,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
-    # pynetdicom logs whole DIMSE messages (with identifiers) at debug/info;
-    # we write our own association lines, so keep it to warnings and above.
-    logging.basicConfig(stream=stream or sys.stderr, level=max(numeric, logging.WARNING))
-    logging.getLogger("pynetdicom").setLevel(max(numeric, logging.WARNING))
+    # Library log records become the same JSON lines as ours.
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processor=renderer,
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(numeric, logging.WARNING))
+    # pynetdicom logs whole DIMSE messages (identifiers included) at info and
+    # debug: keep its warnings (timeouts, aborts) only. pydicom's warnings
+    # about odd values quote the values, names included: silent unless debug.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("pydicom").setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.ERROR)
+    if numeric > logging.DEBUG:
+        warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+    logging.captureWarnings(True)
 
 
 def get(name: str) -> structlog.stdlib.BoundLogger:

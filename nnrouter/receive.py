@@ -346,7 +346,16 @@ class Receiver:
             peer=a.requestor.address,
         )
 
-    def on_closed(self, event: evt.Event) -> None:
+    def on_released(self, event: evt.Event) -> None:
+        self._log_association(event, "released")
+
+    def on_aborted(self, event: evt.Event) -> None:
+        # pynetdicom signals an abort after the connection has closed, and
+        # turns network failures and timeouts into aborts too, so released
+        # and aborted between them see every accepted association end.
+        self._log_association(event, "aborted")
+
+    def _log_association(self, event: evt.Event, ended: str) -> None:
         with self._assocs_lock:
             stats = self._assocs.pop(id(event.assoc), None)
         if stats is None:
@@ -360,7 +369,7 @@ class Receiver:
             bytes=stats.bytes,
             duration_s=round(time.monotonic() - stats.started, 3),
             statuses=stats.statuses,
-            ended="aborted" if event.assoc.is_aborted else "released",
+            ended=ended,
         )
 
     def on_echo(self, event: evt.Event) -> int:
@@ -445,7 +454,8 @@ class Receiver:
             (evt.EVT_REQUESTED, self.on_requested),
             (evt.EVT_ACCEPTED, self.on_accepted),
             (evt.EVT_REJECTED, self.on_rejected),
-            (evt.EVT_CONN_CLOSE, self.on_closed),
+            (evt.EVT_RELEASED, self.on_released),
+            (evt.EVT_ABORTED, self.on_aborted),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
         ]

@@ -260,3 +260,14 @@ def test_refuses_to_start_behind_migrations(node_factory):
     res = node.cli("serve", check=False)
     assert res.returncode == 2
     assert "nnrouter db upgrade" in res.stderr
+
+
+def test_association_line_says_how_it_ended(node_factory, tmp_path):
+    node = node_factory().start()
+    f = write_dx(tmp_path / "a.dcm", DXSpec(rows=32, columns=32))
+    assert _acked(peers.storescu(node.port, [f]).stderr) == 1
+    assert _acked(peers.storescu(node.port, [f], extra=["--abort"]).stderr) == 1
+    node.stop()
+    lines = [e for e in _log_events(node) if e.get("event") == "association"]
+    assert [e["ended"] for e in lines] == ["released", "aborted"]
+    assert all(e["instances"] == 1 and e["bytes"] > 0 and e["duration_s"] >= 0 for e in lines)
