@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from nnrouter import peers, synthetic
 
 
@@ -72,3 +74,51 @@ def ingest(count: int, rounds: int, rows: int, columns: int, workdir: Path | Non
             scp.stop()
         if own:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values), q)) if values else float("nan")
+
+
+def infer(model_dir: Path, files: list[Path], batches: list[int], images: int, providers: list[str] | None, max_side: int) -> int:
+    """Decode + preprocess + inference on real radiographs, per stage, at each batch size."""
+    from nnrouter.decode import DecodeError, decode_file
+    from nnrouter.runtime import Model
+
+    model = Model.load(model_dir, providers=providers)
+    usable = []
+    for f in files:
+        try:
+            decode_file(f, max_side=max_side)
+            usable.append(f)
+        except DecodeError:
+            continue
+    if not usable:
+        print("no decodable files")
+        return 2
+    print(f"model {model.card.name} {model.card.version} on {model.provider}; {len(usable)} distinct radiographs, "
+          f"{images} images per batch size (files repeated), decode max side {max_side}")
+    print(f"{'batch':>5} {'images/s':>9}  {'decode p50/p95 ms/img':>22}  {'preprocess p50/p95 ms/batch':>28}  {'infer p50/p95 ms/batch':>23}")
+    for bs in batches:
+        decode_ms: list[float] = []
+        pre_ms: list[float] = []
+        inf_ms: list[float] = []
+        order = [usable[i % len(usable)] for i in range(images)]
+        t_all = time.perf_counter()
+        for start in range(0, len(order), bs):
+            imgs = []
+            for f in order[start:start + bs]:
+                t0 = time.perf_counter()
+                imgs.append(decode_file(f, max_side=max_side).image)
+                decode_ms.append((time.perf_counter() - t0) * 1000)
+            if model.card.task == "classify":
+                model.classify(imgs)
+            else:
+                model.detect(imgs)
+            pre_ms.append(model.timings.preprocess_ms)
+            inf_ms.append(model.timings.infer_ms)
+        rate = len(order) / (time.perf_counter() - t_all)
+        print(f"{bs:>5} {rate:>9.1f}  {_pct(decode_ms, 50):>10.1f} / {_pct(decode_ms, 95):<9.1f}  "
+              f"{_pct(pre_ms, 50):>13.1f} / {_pct(pre_ms, 95):<12.1f}  {_pct(inf_ms, 50):>10.1f} / {_pct(inf_ms, 95):<10.1f}")
+    print("reference: NNCPR reports 0.21 s for one image")
+    return 0

@@ -10,6 +10,8 @@ import argparse
 import json
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,12 +70,13 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from nnrouter import receive
+    from nnrouter import classify, receive
     from nnrouter.spool import Spool
     from nnrouter.store import SchemaOutOfDate
 
     settings = _settings(args)
     logs.setup(settings.logging.level, settings.logging.format)
+    log = logs.get("nnrouter")
     store = _store(settings)
     try:
         store.require_current()
@@ -82,6 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     spool = Spool(settings.storage.path)
     server = receive.serve(settings, store, spool, block=False)
+    workers, stop_workers = classify.start_workers(settings, settings.workers.count)
 
     stop = {"now": False}
 
@@ -92,11 +96,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _stop)
     try:
         while not stop["now"]:
-            signal.pause()
+            time.sleep(1)
+            # A worker that died (a codec crash, out of memory) is replaced;
+            # its claimed instances come back when their lease runs out.
+            for i, proc in enumerate(workers):
+                if not proc.is_alive() and not stop["now"]:
+                    log.error("worker_died", worker=proc.name, exitcode=proc.exitcode)
+                    workers[i] = classify.spawn_worker(settings, stop_workers, proc.name)
     finally:
+        stop_workers.set()
         server.shutdown()
+        for proc in workers:
+            proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
         store.dispose()
-        logs.get("nnrouter").info("stopped")
+        log.info("stopped")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from nnrouter.classify import run_worker
+
+    settings = _settings(args)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    totals = run_worker(settings, stop, until_empty=args.until_empty)
+    if args.until_empty:
+        print(json.dumps(totals))
     return 0
 
 
@@ -193,6 +221,29 @@ def study_report(store, study_uid: str) -> dict[str, Any] | None:  # type: ignor
                             "image_laterality": i.image_laterality,
                             "calling_ae": i.calling_ae,
                             "received_at": i.received_at,
+                            "predictions": [
+                                {
+                                    "model": f"{p.model_name} {p.model_version}",
+                                    "label": p.label,
+                                    "score": round(p.score, 4),
+                                    "top5": p.top5,
+                                    "provider": p.provider,
+                                    "ms": {"decode": p.decode_ms, "preprocess": p.preprocess_ms, "infer": p.infer_ms},
+                                    "cam_path": p.cam_path,
+                                }
+                                for p in i.predictions
+                            ],
+                            "detections": [
+                                {
+                                    "model": f"{d.model_name} {d.model_version}",
+                                    "label": d.label,
+                                    "score": round(d.score, 4),
+                                    "box_px": d.box_px,
+                                    "box_mm": d.box_mm,
+                                    "corners_patient": d.corners_patient,
+                                }
+                                for d in i.detections
+                            ],
                         }
                         for i in se.instances
                     ],
@@ -219,6 +270,85 @@ def cmd_study_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- models ---
+
+
+def _model_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.glob("*/model.yaml"))
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from nnrouter.modelcard import ModelCardError, load_card
+
+    rows = []
+    for d in _model_dirs(args.dir):
+        try:
+            card = load_card(d)
+            rows.append({"path": str(d), "name": card.name, "version": card.version, "task": card.task,
+                         "labels": len(card.labels), "sha256": card.sha256[:12]})
+        except ModelCardError as exc:
+            rows.append({"path": str(d), "error": str(exc)})
+    if args.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            print(f"{r['path']}: " + (r["error"] if "error" in r else f"{r['name']} {r['version']} ({r['task']}, {r['labels']} labels, sha256 {r['sha256']}…)"))
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+def cmd_models_verify(args: argparse.Namespace) -> int:
+    from nnrouter.modelcard import ModelCardError, verify
+
+    dirs = args.models or _model_dirs(Path("models"))
+    bad = 0
+    for d in dirs:
+        try:
+            print(f"{d}: OK sha256 {verify(d)}")
+        except ModelCardError as exc:
+            bad += 1
+            print(f"{d}: {exc}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def read_image(path: Path, max_side: int):  # type: ignore[no-untyped-def]
+    """A DICOM file through the serving decode path, or a PNG/JPEG as 8-bit gray."""
+    import cv2
+
+    from nnrouter.decode import decode_file
+
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if img is None:
+            raise ValueError(f"{path}: not a readable image")
+        return img
+    return decode_file(path, max_side=max_side).image
+
+
+def cmd_models_run(args: argparse.Namespace) -> int:
+    from nnrouter.decode import DecodeError
+    from nnrouter.runtime import Model
+
+    model = Model.load(args.model, providers=args.providers)
+    status = 0
+    for f in args.files:
+        try:
+            img = read_image(f, 1024)
+        except (DecodeError, ValueError) as exc:
+            print(f"{f}: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        if model.card.task == "classify":
+            c = model.classify([img])[0]
+            top = "  ".join(f"{label} {score:.3f}" for label, score in c.top)
+            print(f"{f}: {c.label} ({c.score:.3f})  top-5: {top}  [{model.provider}]")
+        else:
+            found = model.detect([img])[0]
+            print(f"{f}: {len(found)} regions [{model.provider}]")
+            for d in found:
+                print(f"  {d.label:<8} {d.score:.3f}  box {[round(v, 1) for v in d.box]}")
+    return status
+
+
 def cmd_bench_ingest(args: argparse.Namespace) -> int:
     from nnrouter import bench
 
@@ -229,6 +359,26 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
         columns=args.columns,
         workdir=args.workdir,
     )
+
+
+def cmd_bench_infer(args: argparse.Namespace) -> int:
+    import importlib.resources
+
+    from nnrouter import bench
+    from nnrouter.send import expand
+
+    settings = _settings(args)
+    model = args.model or settings.models.classifier
+    if model is None:
+        print("no model: pass --model DIR or set models.classifier", file=sys.stderr)
+        return 2
+    files = expand(args.files) if args.files else []
+    if not files:
+        data = importlib.resources.files("data_store") / "data"
+        files = [Path(str(data / n)) for n in ("RG1_UNCI.dcm", "RG1_J2KR.dcm", "RG3_UNCR.dcm", "RG3_J2KI.dcm")]
+        shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom" / "good"
+        files += sorted(shared.glob("*.dcm"))
+    return bench.infer(model, files, args.batch, args.images, args.providers, settings.models.decode_max_side)
 
 
 # --- parser ---
@@ -255,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="sub", required=True)
     add(db, "upgrade", cmd_db_upgrade, "apply database migrations up to the newest")
 
-    add(sub, "serve", cmd_serve, "run the DICOM node (C-STORE / C-ECHO SCP)")
+    add(sub, "serve", cmd_serve, "run the DICOM node (C-STORE / C-ECHO SCP) and its workers")
+    wk = add(sub, "worker", cmd_worker, "decode and classify received instances (one worker process)")
+    wk.add_argument("--until-empty", action="store_true", help="exit when no work is left; print counts")
 
     for name, func, help in (
         ("echo", cmd_echo, "C-ECHO a DICOM node"),
@@ -277,6 +429,17 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("study_uid")
     show.add_argument("--json", action="store_true")
 
+    models = sub.add_parser("models", help="model cards and ONNX models").add_subparsers(dest="sub", required=True)
+    ml = add(models, "list", cmd_models_list, "list the models in a folder with their cards", config="none")
+    ml.add_argument("--dir", type=Path, default=Path("models"))
+    ml.add_argument("--json", action="store_true")
+    mv = add(models, "verify", cmd_models_verify, "check each model's sha256 against its card", config="none")
+    mv.add_argument("models", nargs="*", type=Path, metavar="MODEL_DIR")
+    mr = add(models, "run", cmd_models_run, "run a model on DICOM, PNG or JPEG files", config="none")
+    mr.add_argument("model", type=Path, metavar="MODEL_DIR")
+    mr.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    mr.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers, in order")
+
     bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(dest="sub", required=True)
     ing = add(bench, "ingest", cmd_bench_ingest, "C-STORE throughput: nnrouter vs DCMTK storescp", config="none")
     ing.add_argument("--count", type=int, default=20, help="files per round")
@@ -284,6 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--rows", type=int, default=2500)
     ing.add_argument("--columns", type=int, default=2048)
     ing.add_argument("--workdir", type=Path, default=None, help="where to write files (default: a temp folder)")
+    inf = add(bench, "infer", cmd_bench_infer, "decode + preprocess + inference speed per stage")
+    inf.add_argument("--model", type=Path, default=None, help="model folder (default: models.classifier)")
+    inf.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    inf.add_argument("--images", type=int, default=64, help="images per batch size")
+    inf.add_argument("--providers", nargs="+", default=None)
+    inf.add_argument("files", nargs="*", type=Path, help="DICOM files or folders (default: pydicom-data + ../shared good)")
     return p
 
 

@@ -56,6 +56,25 @@ class Dicom(_Section):
 class Storage(_Section):
     path: Path = Path("var/spool")
     min_free_mb: int = Field(1024, ge=0)
+    # What nnrouter makes from the images (class activation map overlays).
+    derived_path: Path = Path("var/derived")
+
+
+class Workers(_Section):
+    count: int = Field(1, ge=0)
+    batch_size: int = Field(16, ge=1)
+    max_wait_ms: int = Field(200, ge=0)
+    lease_s: float = Field(300, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    poll_ms: int = Field(500, ge=10)
+
+
+class Models(_Section):
+    classifier: Path | None = None
+    detector: Path | None = None
+    providers: list[str] | None = None
+    intra_op_threads: int = Field(0, ge=0)
+    decode_max_side: int = Field(1024, ge=64)
 
 
 class Database(_Section):
@@ -76,6 +95,8 @@ class Settings(BaseSettings):
 
     dicom: Dicom = Dicom()
     storage: Storage = Storage()
+    workers: Workers = Workers()
+    models: Models = Models()
     database: Database = Database()
     logging: Logging = Logging()
 
@@ -144,6 +165,34 @@ storage:
   path: var/spool
   # Below this much free space, C-STORE answers 0xA700 (out of resources).
   min_free_mb: 1024
+  # Class activation map overlays (PNG) that the workers make.
+  derived_path: var/derived
+
+workers:
+  # Worker processes that `nnrouter serve` starts to decode and classify
+  # (0 = none; run `nnrouter worker` elsewhere instead).
+  count: 1
+  # Instances per inference batch, and how long to wait to fill one.
+  batch_size: 16
+  max_wait_ms: 200
+  # A claimed instance returns to the queue if its worker dies: after this long.
+  lease_s: 300.0
+  # Inference failures before an instance is marked failed.
+  max_attempts: 3
+  # How often an idle worker looks for new instances.
+  poll_ms: 500
+
+models:
+  # Folders with model.onnx + model.yaml. No classifier: instances are only decoded.
+  classifier: null
+  detector: null
+  # onnxruntime execution providers in order of preference; null = CUDA when
+  # an NVIDIA driver is loaded, then CPU.
+  providers: null
+  # CPU threads per inference session (0 = onnxruntime decides).
+  intra_op_threads: 0
+  # Decoded images are shrunk to this longest side before the model sees them.
+  decode_max_side: 1024
 
 database:
   # SQLite (embedded, one machine) or PostgreSQL (several nodes):

@@ -158,7 +158,9 @@ class Node:
         self.home.mkdir(parents=True, exist_ok=True)
         cfg = {
             "dicom": {"ae_title": self.ae_title, "port": self.port, "bind": "127.0.0.1"},
-            "storage": {"path": str(self.spool), "min_free_mb": 50},
+            "storage": {"path": str(self.spool), "min_free_mb": 50, "derived_path": str(self.home / "derived")},
+            # Tests of the receive path look at rows before any worker does.
+            "workers": {"count": 0},
             "database": {"url": self.db_url},
             "logging": {"level": "info", "format": "json"},
         }

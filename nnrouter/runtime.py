@@ -245,9 +245,19 @@ class Model:
         )
 
 
+def _nvidia_driver_loaded() -> bool:
+    # onnxruntime-gpu lists CUDA as available on any machine, then prints an
+    # alarming error when its libraries find no driver; asking only where a
+    # driver is loaded keeps CPU-only logs clean.
+    return Path("/proc/driver/nvidia/version").exists()
+
+
 def _pick_providers(providers: Sequence[str] | None) -> list[str]:
     available = ort.get_available_providers()
-    wanted = list(providers) if providers is not None else list(DEFAULT_PROVIDERS)
+    if providers is None:
+        wanted = [p for p in DEFAULT_PROVIDERS if p != "CUDAExecutionProvider" or _nvidia_driver_loaded()]
+    else:
+        wanted = list(providers)
     chosen = [p for p in wanted if p in available]
     if not chosen:
         raise ValueError(f"none of the providers {wanted} is available; onnxruntime offers {available}")

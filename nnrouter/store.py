@@ -21,7 +21,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import (
     BigInteger,
+    JSON,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -86,9 +88,20 @@ class Series(Base):
 
 
 class InstanceState:
-    """States an instance moves through; each stage owns one transition."""
+    """States an instance moves through; each stage owns one transition.
+
+    received -> classifying (claimed by a worker, with a lease) -> classified
+    (or decoded, when no model is configured), or undecodable (the pixels
+    cannot be decoded: the reason says why), or failed (inference kept
+    failing after workers.max_attempts tries).
+    """
 
     RECEIVED = "received"
+    CLASSIFYING = "classifying"
+    CLASSIFIED = "classified"
+    DECODED = "decoded"
+    UNDECODABLE = "undecodable"
+    FAILED = "failed"
 
 
 class Instance(Base):
@@ -120,8 +133,60 @@ class Instance(Base):
     peer_host: Mapped[str | None] = mapped_column(String(64))
     received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    # Work-queue bookkeeping: who holds the instance, until when, how often tried.
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     series: Mapped[Series] = relationship(back_populates="instances")
+    predictions: Mapped[list[Prediction]] = relationship(back_populates="instance", order_by="Prediction.id")
+    detections: Mapped[list[Detection]] = relationship(back_populates="instance", order_by="Detection.id")
+
+
+class Prediction(Base):
+    """What the view classifier said about one instance."""
+
+    __tablename__ = "prediction"
+    __table_args__ = (UniqueConstraint("instance_id", "model_name", "model_version", name="uq_prediction_model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instance.id"), index=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(32))
+    provider: Mapped[str] = mapped_column(String(48))
+    # The top class, or "unknown" below the model's calibrated threshold.
+    label: Mapped[str] = mapped_column(String(64), index=True)
+    score: Mapped[float] = mapped_column(Float)
+    top5: Mapped[list] = mapped_column(JSON)  # [[label, score], ...] best first
+    decode_ms: Mapped[float] = mapped_column(Float)
+    preprocess_ms: Mapped[float] = mapped_column(Float)
+    infer_ms: Mapped[float] = mapped_column(Float)
+    cam_path: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    instance: Mapped[Instance] = relationship(back_populates="predictions")
+
+
+class Detection(Base):
+    """One region the detector found in one instance."""
+
+    __tablename__ = "detection"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instance.id"), index=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(32))
+    label: Mapped[str] = mapped_column(String(32), index=True)
+    score: Mapped[float] = mapped_column(Float)
+    # Box in pixels of the original image: x1, y1, x2, y2 (column, row).
+    box_px: Mapped[list] = mapped_column(JSON)
+    # The same box in millimetres on the detector plane, when the pixel spacing is known.
+    box_mm: Mapped[list | None] = mapped_column(JSON)
+    # Corners in patient coordinates (mm), for CT localizers with position and orientation.
+    corners_patient: Mapped[list | None] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    instance: Mapped[Instance] = relationship(back_populates="detections")
 
 
 # --- engine and sessions ----------------------------------------------------

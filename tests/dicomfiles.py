@@ -88,3 +88,21 @@ def raw_store(
         finally:
             _config.STORE_SEND_CHUNKED_DATASET = before
     return results
+
+
+def send_as_is(port: int, files: list[Path], aec: str = "NNROUTER") -> list[tuple[int | None, str]]:
+    """Send each file's data set bytes under the syntax its meta claims, even when that is a lie.
+
+    DCMTK's storescu refuses to send some broken files at all; a broken
+    modality would send them anyway.
+    """
+    results = []
+    for f in files:
+        ds = dcmread(f, force=True, stop_before_pixels=True)
+        results += raw_store(
+            port,
+            [(str(ds.SOPClassUID), str(ds.SOPInstanceUID).strip(), dataset_bytes(f))],
+            transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+            aec=aec,
+        )
+    return results
