@@ -13,10 +13,15 @@ CONFIG_ARG := $(if $(CONFIG),--config $(CONFIG))
 
 .PHONY: serve test install peers
 
+# The service needs the package alone; the tests also train and convert models.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test,train,convert]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -35,5 +40,5 @@ peers:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
 	fi
 
-test: peers install
+test: peers $(VENV)/.installed-test
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -266,6 +266,7 @@ class Worker:
                 label=c.label,
                 score=float(c.score),
                 top5=[[label, round(float(score), 6)] for label, score in c.top],
+                ood=None if c.ood is None else round(float(c.ood), 4),
                 decode_ms=round(item.decode_ms, 3),
                 # Batch time shared out equally: what one image cost.
                 preprocess_ms=round(timings.preprocess_ms / n, 3) if timings else 0.0,

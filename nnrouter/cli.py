@@ -227,6 +227,7 @@ def study_report(store, study_uid: str) -> dict[str, Any] | None:  # type: ignor
                                     "label": p.label,
                                     "score": round(p.score, 4),
                                     "top5": p.top5,
+                                    "ood": p.ood,
                                     "provider": p.provider,
                                     "ms": {"decode": p.decode_ms, "preprocess": p.preprocess_ms, "infer": p.infer_ms},
                                     "cam_path": p.cam_path,
@@ -381,6 +382,29 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
     return bench.infer(model, files, args.batch, args.images, args.providers, settings.models.decode_max_side)
 
 
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from nnrouter.train import TrainConfig, train
+
+    cfg = TrainConfig(epochs=args.epochs, per_class=args.per_class, seed=args.seed, size=args.size,
+                      batch_size=args.batch_size, threads=args.threads)
+    command = "nnrouter " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("nnrouter") else ""
+    result = train(args.dataset, args.out, cfg, name=args.name, version=args.version,
+                   command=command or f"nnrouter train classifier --dataset {args.dataset} --out {args.out} --seed {args.seed}")
+    print(f"wrote {result.out}: {len(result.labels)} classes, validation accuracy {result.val_accuracy:.3f} after {result.epochs_run} epochs")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from nnrouter.evaluate import evaluate
+    from nnrouter.send import expand
+
+    report = evaluate(args.model, args.dataset, split=args.split, external=expand(args.external) if args.external else None, out=args.out)
+    print(report.text())
+    if args.out:
+        print(f"wrote {args.out / 'report.json'} and {args.out / 'confusion.png'}")
+    return 0
+
+
 # --- parser ---
 
 
@@ -439,6 +463,26 @@ def build_parser() -> argparse.ArgumentParser:
     mr.add_argument("model", type=Path, metavar="MODEL_DIR")
     mr.add_argument("files", nargs="+", type=Path, metavar="FILE")
     mr.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers, in order")
+
+    tr = sub.add_parser("train", help="train models (needs the [train] extra)").add_subparsers(dest="sub", required=True)
+    tc = add(tr, "classifier", cmd_train_classifier, "fine-tune the view classifier and export ONNX with its card", config="none")
+    tc.add_argument("--dataset", type=Path, required=True, help="manifest CSV from `nnrouter dataset build`")
+    tc.add_argument("--out", type=Path, required=True, help="model folder to write")
+    tc.add_argument("--epochs", type=int, default=12)
+    tc.add_argument("--per-class", type=int, default=48, help="images drawn per class per epoch")
+    tc.add_argument("--batch-size", type=int, default=24)
+    tc.add_argument("--size", type=int, default=224)
+    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--threads", type=int, default=0)
+    tc.add_argument("--name", default="nnrouter-view")
+    tc.add_argument("--version", default="1")
+
+    ev = add(sub, "evaluate", cmd_evaluate, "accuracy, per-class figures, calibration, confusion matrix", config="none")
+    ev.add_argument("--model", type=Path, required=True)
+    ev.add_argument("--dataset", type=Path, required=True)
+    ev.add_argument("--split", choices=["val", "all"], default="val", help="the model's validation images, or all")
+    ev.add_argument("--external", nargs="*", type=Path, help="DICOM files or folders from other sources")
+    ev.add_argument("--out", type=Path, help="folder for report.json and confusion.png")
 
     bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(dest="sub", required=True)
     ing = add(bench, "ingest", cmd_bench_ingest, "C-STORE throughput: nnrouter vs DCMTK storescp", config="none")

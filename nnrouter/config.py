@@ -69,9 +69,22 @@ class Workers(_Section):
     poll_ms: int = Field(500, ge=10)
 
 
+_SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def _model_path(value: Path | None) -> Path | None:
+    """A relative model path is looked up where we run, then among the shipped models."""
+    if value is None or value.is_absolute() or value.exists():
+        return value
+    shipped = _SHIPPED_MODELS.parent / value
+    return shipped if shipped.exists() else value
+
+
 class Models(_Section):
-    classifier: Path | None = None
+    classifier: Path | None = Path("models/nnrouter-view")
     detector: Path | None = None
+
+    _find = field_validator("classifier", "detector")(_model_path)
     providers: list[str] | None = None
     intra_op_threads: int = Field(0, ge=0)
     decode_max_side: int = Field(1024, ge=64)
@@ -183,8 +196,9 @@ workers:
   poll_ms: 500
 
 models:
-  # Folders with model.onnx + model.yaml. No classifier: instances are only decoded.
-  classifier: null
+  # Folders with model.onnx + model.yaml (relative: where nnrouter runs, then
+  # the models shipped with it). null: instances are only decoded.
+  classifier: models/nnrouter-view
   detector: null
   # onnxruntime execution providers in order of preference; null = CUDA when
   # an NVIDIA driver is loaded, then CPU.

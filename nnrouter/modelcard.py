@@ -38,7 +38,7 @@ CARD_FILE = "model.yaml"
 MODEL_FILE = "model.onnx"
 
 # Output roles each task understands; anything else is a typo worth refusing.
-_CLASSIFY_ROLES = {"scores", "cam", "features"}
+_CLASSIFY_ROLES = {"scores", "cam", "features", "ood"}
 _DETECT_LAYOUTS = ({"predictions"}, {"boxes", "confs"})
 
 
@@ -117,6 +117,13 @@ class ModelCard(_Strict):
     metrics: dict[str, Any] = Field(default_factory=dict)
     limitations: list[str] = Field(default_factory=list)
     unknown_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    # An "ood" output (distance of the image's features from everything the
+    # model was trained on) above this is reported as "unknown", whatever the
+    # softmax says: softmax confidence does not mean "I have seen this before".
+    ood_threshold: float | None = Field(default=None, gt=0.0)
+    # Classes of the 30 that the model never saw: the router must not treat
+    # "not predicted" as "not present" for these.
+    not_covered: list[str] = Field(default_factory=list)
     temperature: float = Field(default=1.0, gt=0.0)
     conf_threshold: float = Field(default=0.25, ge=0.0, le=1.0)
     iou_threshold: float = Field(default=0.45, ge=0.0, le=1.0)
@@ -222,6 +229,7 @@ def write_card(card: ModelCard, model_dir: str | os.PathLike[str]) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a card is for everyone to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -159,8 +159,10 @@ class Node:
         cfg = {
             "dicom": {"ae_title": self.ae_title, "port": self.port, "bind": "127.0.0.1"},
             "storage": {"path": str(self.spool), "min_free_mb": 50, "derived_path": str(self.home / "derived")},
-            # Tests of the receive path look at rows before any worker does.
+            # Tests of the receive path look at rows before any worker does,
+            # and choose their models themselves.
             "workers": {"count": 0},
+            "models": {"classifier": None},
             "database": {"url": self.db_url},
             "logging": {"level": "info", "format": "json"},
         }

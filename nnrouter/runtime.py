@@ -36,6 +36,7 @@ class Classification:
     label: str  # top label, or "unknown" when its score is below the card's unknown_threshold
     score: float  # calibrated score of the top class, even when label is "unknown"
     cam: np.ndarray | None = None  # float32 [h, w] in [0, 1] over the whole original image
+    ood: float | None = None  # distance from the training data, when the model reports one
 
 
 @dataclass(frozen=True)
@@ -154,10 +155,10 @@ class Model:
         t0 = time.perf_counter()
         x, boxes = self.preprocess(images)
         t1 = time.perf_counter()
-        names = [card.outputs["scores"]] + ([card.outputs["cam"]] if "cam" in card.outputs else [])
-        outs = self._run(x, names)
+        roles = ["scores"] + [r for r in ("cam", "ood") if r in card.outputs]
+        outs = dict(zip(roles, self._run(x, [card.outputs[r] for r in roles])))
         t2 = time.perf_counter()
-        probs = self._calibrate(outs[0].reshape(len(images), -1))
+        probs = self._calibrate(outs["scores"].reshape(len(images), -1))
         k = min(TOP_K, probs.shape[1])
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         results = []
@@ -166,8 +167,11 @@ class Model:
             best_label, best = top[0]
             if card.unknown_threshold is not None and best < card.unknown_threshold:
                 best_label = UNKNOWN
-            cam = _cam(outs[1][i], int(idx[0]), boxes[i], card.input.size) if len(outs) > 1 else None
-            results.append(Classification(top=top, label=best_label, score=best, cam=cam))
+            ood = float(outs["ood"].reshape(len(images))[i]) if "ood" in outs else None
+            if ood is not None and card.ood_threshold is not None and ood > card.ood_threshold:
+                best_label = UNKNOWN
+            cam = _cam(outs["cam"][i], int(idx[0]), boxes[i], card.input.size) if "cam" in outs else None
+            results.append(Classification(top=top, label=best_label, score=best, cam=cam, ood=ood))
         t3 = time.perf_counter()
         self._time(len(images), t0, t1, t2, t3)
         return results

@@ -158,6 +158,8 @@ class Prediction(Base):
     label: Mapped[str] = mapped_column(String(64), index=True)
     score: Mapped[float] = mapped_column(Float)
     top5: Mapped[list] = mapped_column(JSON)  # [[label, score], ...] best first
+    # Distance from the training data in feature space (None: the model has no such output).
+    ood: Mapped[float | None] = mapped_column(Float)
     decode_ms: Mapped[float] = mapped_column(Float)
     preprocess_ms: Mapped[float] = mapped_column(Float)
     infer_ms: Mapped[float] = mapped_column(Float)
