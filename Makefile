@@ -11,7 +11,7 @@ PEER_TOOLS := storescu storescp echoscu findscu wlmscpfs dcmj2pnm dciodvfy Ortha
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CONFIG_ARG := $(if $(CONFIG),--config $(CONFIG))
 
-.PHONY: serve test install peers
+.PHONY: serve test install peers model
 
 # The service needs the package alone; the tests also train and convert models.
 $(VENV)/.installed: pyproject.toml
@@ -42,3 +42,12 @@ peers:
 
 test: peers $(VENV)/.installed-test
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Retrain the shipped view classifier from ../shared/data/radiographs, seed 0.
+SHARED ?= ../shared
+model: $(VENV)/.installed-test
+	mkdir -p var
+	$(BIN)/nnrouter dataset build --images $(SHARED)/data/radiographs --out var/radiographs.csv
+	$(BIN)/nnrouter train classifier --dataset var/radiographs.csv --out models/nnrouter-view --seed 0
+	$(BIN)/nnrouter evaluate --model models/nnrouter-view --dataset var/radiographs.csv \
+	  --external $(SHARED)/data/dicom/good --out var/evaluation --update-card

