@@ -99,6 +99,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     spool = Spool(settings.storage.path)
     server = receive.serve(settings, store, spool, block=False)
     workers, stop_workers = classify.start_workers(settings, settings.workers.count)
+    if settings.routing.rules is not None:
+        from nnrouter.route import spawn_router
+
+        workers.append(spawn_router(settings, stop_workers))
 
     stop = {"now": False}
 
@@ -115,7 +119,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             for i, proc in enumerate(workers):
                 if not proc.is_alive() and not stop["now"]:
                     log.error("worker_died", worker=proc.name, exitcode=proc.exitcode)
-                    workers[i] = classify.spawn_worker(settings, stop_workers, proc.name)
+                    if proc.name == "nnrouter-router":
+                        from nnrouter.route import spawn_router
+
+                        workers[i] = spawn_router(settings, stop_workers)
+                    else:
+                        workers[i] = classify.spawn_worker(settings, stop_workers, proc.name)
     finally:
         stop_workers.set()
         server.shutdown()
@@ -138,6 +147,165 @@ def cmd_worker(args: argparse.Namespace) -> int:
     totals = run_worker(settings, stop, until_empty=args.until_empty)
     if args.until_empty:
         print(json.dumps(totals))
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from nnrouter.route import run_router
+
+    settings = _settings(args)
+    if settings.routing.rules is None:
+        print("nnrouter: routing.rules is not set: nothing to route", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    run_router(settings, stop)
+    return 0
+
+
+# --- rules ---
+
+
+def cmd_rules_check(args: argparse.Namespace) -> int:
+    from nnrouter import rules
+
+    try:
+        rs = rules.load_rules(args.file)
+    except yamlfile.FileProblems as exc:
+        print(str(exc), file=sys.stderr)
+        print(f"{len(exc.problems)} problem(s); the file was not used", file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK ({len(rs.rules)} rules, {len(rs.destinations)} destinations)")
+    return 0
+
+
+def cmd_rules_schema(args: argparse.Namespace) -> int:
+    from nnrouter import rules
+
+    _print_json(rules.json_schema())
+    return 0
+
+
+def cmd_rules_test(args: argparse.Namespace) -> int:
+    """Dry run: what the rules would do with these studies; nothing is sent."""
+    import datetime as dt
+
+    from nnrouter import rules
+    from nnrouter.route import Router, header_facts
+    from nnrouter.send import expand
+
+    try:
+        ruleset = rules.load_rules(args.rules)
+    except yamlfile.FileProblems as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    now = dt.datetime.now(dt.timezone.utc)
+    studies: dict[str, rules.StudyFacts] = {}
+    if len(args.input) == 1 and not Path(args.input[0]).exists():
+        # A Study Instance UID in the store, with what the workers found.
+        from sqlalchemy import select
+
+        from nnrouter.store import Study
+
+        settings = _settings(args)
+        store = _store(settings)
+        router = Router(settings, store)
+        with store.read() as s:
+            study = s.execute(select(Study).where(Study.study_uid == args.input[0])).scalar_one_or_none()
+            if study is None:
+                print(f"no study {args.input[0]} in the store", file=sys.stderr)
+                return 1
+            studies[study.study_uid] = router.facts(s, study, now)
+    else:
+        grouped: dict[str, list] = {}
+        for f in expand([Path(p) for p in args.input]):
+            try:
+                h = header_facts(str(f))
+            except Exception as exc:
+                print(f"{f}: not DICOM ({exc})", file=sys.stderr)
+                continue
+            inst = rules.InstanceFacts(sop_instance_uid=str(h.get("SOPInstanceUID", f.name)), header=h,
+                                       modality=h.get("Modality"), label=None, score=None)
+            grouped.setdefault(str(h.get("StudyInstanceUID", "?")), []).append(inst)
+        for uid, insts in grouped.items():
+            studies[uid] = rules.StudyFacts(study_uid=uid, instances=tuple(insts), calling_aes=frozenset(args.calling_ae or []),
+                                            called_aes=frozenset(), mismatches=frozenset(), now=now)
+    for uid, facts in studies.items():
+        print(f"study {uid} ({len(facts.instances)} instances)")
+        print(rules.decide(ruleset, facts).text())
+        print()
+    return 0
+
+
+# --- outbox ---
+
+
+def _outbox_query(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from sqlalchemy import select
+
+    from nnrouter.store import Instance, Outbox, Series, Study
+
+    q = select(Outbox, Instance.sop_instance_uid, Study.study_uid).join(Instance, Instance.id == Outbox.instance_id) \
+        .join(Series, Series.id == Instance.series_id).join(Study, Study.id == Series.study_id)
+    if args.state:
+        q = q.where(Outbox.state.in_(args.state))
+    if args.destination:
+        q = q.where(Outbox.destination.in_(args.destination))
+    if args.study:
+        q = q.where(Study.study_uid == args.study)
+    return q.order_by(Outbox.id)
+
+
+def cmd_outbox_list(args: argparse.Namespace) -> int:
+    store = _store(_settings(args))
+    with store.read() as s:
+        rows = [
+            {"id": o.id, "destination": o.destination, "state": o.state, "attempts": o.attempts,
+             "next_attempt_at": o.next_attempt_at, "last_error": o.last_error, "rule": o.rule,
+             "sop_instance_uid": sop, "study_uid": study, "sent_at": o.sent_at}
+            for o, sop, study in s.execute(_outbox_query(args).limit(args.limit)).all()
+        ]
+    if args.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            print(f"{r['id']:>6} {r['state']:<8} {r['destination']:<16} tries {r['attempts']:<3} {r['sop_instance_uid']}"
+                  + (f"  {r['last_error']}" if r["last_error"] else ""))
+        print(f"{len(rows)} row(s)")
+    return 0
+
+
+def cmd_outbox_retry(args: argparse.Namespace) -> int:
+    from sqlalchemy import update
+
+    from nnrouter.store import Outbox, OutboxState, utcnow
+
+    if not args.state:
+        args.state = [OutboxState.DEAD, OutboxState.FAILED, OutboxState.HELD]
+    store = _store(_settings(args))
+    with store.write() as s:
+        ids = [o.id for o, _, _ in s.execute(_outbox_query(args)).all()]
+        if ids:
+            s.execute(update(Outbox).where(Outbox.id.in_(ids)).values(
+                state=OutboxState.PENDING, attempts=0, next_attempt_at=utcnow(), claimed_by=None, lease_until=None))
+    print(f"{len(ids)} deliveries queued again")
+    return 0
+
+
+def cmd_outbox_purge(args: argparse.Namespace) -> int:
+    from sqlalchemy import delete
+
+    from nnrouter.store import Outbox, OutboxState
+
+    if not args.state:
+        args.state = [OutboxState.SENT]
+    store = _store(_settings(args))
+    with store.write() as s:
+        ids = [o.id for o, _, _ in s.execute(_outbox_query(args)).all()]
+        if ids:
+            s.execute(delete(Outbox).where(Outbox.id.in_(ids)))
+    print(f"{len(ids)} outbox rows removed (states: {', '.join(args.state)})")
     return 0
 
 
@@ -186,6 +354,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         "database": store.engine.url.render_as_string(hide_password=True),
         "schema": {"current": store.current_revision(), "head": store.head_revision()},
         "instances": {"total": sum(counts.values()), "by_state": counts},
+        "outbox": store.outbox_counts(),
+        "rules": store.rules_status(),
     }
     if args.json:
         _print_json(report)
@@ -194,6 +364,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"instances: {report['instances']['total']}")
         for state, n in sorted(counts.items()):
             print(f"  {state:<16}{n}")
+        if report["outbox"]:
+            print("outbox: " + ", ".join(f"{d}: " + " ".join(f"{s} {n}" for s, n in sorted(v.items())) for d, v in sorted(report["outbox"].items())))
+        r = report["rules"]
+        if r.get("running"):
+            print(f"rules: running {r['running']['path']} ({r['running']['digest'][:12]}, loaded {r['running']['at']})")
+        if r.get("rejected"):
+            print(f"rules: REJECTED {r['rejected']['path']} at {r['rejected']['at']}:\n{r['rejected']['errors']}")
     return 0
 
 
@@ -201,18 +378,30 @@ def study_report(store, study_uid: str) -> dict[str, Any] | None:  # type: ignor
     """What the store knows about one study, as plain data (for JSON and tests)."""
     from sqlalchemy import select
 
-    from nnrouter.store import Study
+    from nnrouter.store import Outbox, RoutingDecision, Study
 
     with store.read() as s:
         study = s.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
         if study is None:
             return None
+        decision = s.execute(select(RoutingDecision).where(RoutingDecision.study_id == study.id)).scalar_one_or_none()
+        outbox: dict[int, list] = {}
+        for o in s.execute(select(Outbox).join(Outbox.instance).where(Outbox.instance_id.in_(
+                [i.id for se in study.series for i in se.instances]))).scalars():
+            outbox.setdefault(o.instance_id, []).append(
+                {"destination": o.destination, "state": o.state, "attempts": o.attempts, "rule": o.rule,
+                 "sent_at": o.sent_at, "last_error": o.last_error})
         return {
             "study_uid": study.study_uid,
             "accession_number": study.accession_number,
             "study_date": study.study_date,
             "study_description": study.study_description,
             "last_received_at": study.last_received_at,
+            "routing": None if decision is None else {
+                "decided_at": decision.decided_at, "rules_digest": decision.rules_digest,
+                "rules": decision.outcomes, "deliveries": decision.deliveries,
+                "hold": decision.hold, "discard": decision.discard,
+            },
             "series": [
                 {
                     "series_uid": se.series_uid,
@@ -258,6 +447,7 @@ def study_report(store, study_uid: str) -> dict[str, Any] | None:  # type: ignor
                                 }
                                 for d in i.detections
                             ],
+                            "deliveries": outbox.get(i.id, []),
                         }
                         for i in se.instances
                     ],
@@ -361,6 +551,18 @@ def cmd_models_run(args: argparse.Namespace) -> int:
             for d in found:
                 print(f"  {d.label:<8} {d.score:.3f}  box {[round(v, 1) for v in d.box]}")
     return status
+
+
+def cmd_models_import_nncpr(args: argparse.Namespace) -> int:
+    from nnrouter.nncpr import import_nncpr
+
+    try:
+        out = import_nncpr(args.pb, args.out, name=args.name, version=args.version)
+    except (ImportError, ValueError) as exc:
+        print(f"nnrouter: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out / 'model.onnx'} and {out / 'model.yaml'}")
+    return 0
 
 
 def cmd_bench_ingest(args: argparse.Namespace) -> int:
@@ -479,6 +681,31 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--aet", default="NNROUTER_SCU", help="our (calling) AE title")
         sp.add_argument("--aec", default="ANY-SCP", help="the peer's (called) AE title")
 
+    add(sub, "route", cmd_route, "run the router and forwarder alone (serve runs one when routing.rules is set)")
+
+    rl = sub.add_parser("rules", help="routing rules").add_subparsers(dest="sub", required=True)
+    rc = add(rl, "check", cmd_rules_check, "validate a rule file; every problem with file, line, column, field", config="none")
+    rc.add_argument("file", type=Path)
+    add(rl, "schema", cmd_rules_schema, "print the JSON Schema of rule files, for editors", config="none")
+    rtest = add(rl, "test", cmd_rules_test, "show what the rules would do with DICOM files or a stored study; sends nothing")
+    rtest.add_argument("--rules", type=Path, required=True)
+    rtest.add_argument("--calling-ae", nargs="*", help="calling AE titles to assume for files")
+    rtest.add_argument("input", nargs="+", help="DICOM files or folders, or a Study Instance UID in the store")
+
+    ob = sub.add_parser("outbox", help="deliveries to destinations").add_subparsers(dest="sub", required=True)
+    for name, func, help in (
+        ("list", cmd_outbox_list, "list deliveries"),
+        ("retry", cmd_outbox_retry, "queue failed, dead or held deliveries again"),
+        ("purge", cmd_outbox_purge, "remove delivery rows (default: sent ones)"),
+    ):
+        o = add(ob, name, func, help)
+        o.add_argument("--state", nargs="+", help="pending sending sent failed dead held")
+        o.add_argument("--destination", nargs="+")
+        o.add_argument("--study", help="Study Instance UID")
+        if name == "list":
+            o.add_argument("--limit", type=int, default=1000)
+            o.add_argument("--json", action="store_true")
+
     st = add(sub, "status", cmd_status, "counts of instances per state")
     st.add_argument("--json", action="store_true")
 
@@ -497,6 +724,11 @@ def build_parser() -> argparse.ArgumentParser:
     mr.add_argument("model", type=Path, metavar="MODEL_DIR")
     mr.add_argument("files", nargs="+", type=Path, metavar="FILE")
     mr.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers, in order")
+    mi = add(models, "import-nncpr", cmd_models_import_nncpr, "convert the published NNCPR frozen graph to ONNX with its card", config="none")
+    mi.add_argument("pb", type=Path, metavar="network.pb")
+    mi.add_argument("--out", type=Path, default=Path("models/nncpr"))
+    mi.add_argument("--name", default="nncpr")
+    mi.add_argument("--version", default="1.0")
 
     ds = sub.add_parser("dataset", help="training and evaluation data").add_subparsers(dest="sub", required=True)
     dsb = add(ds, "build", cmd_dataset_build, "write a dataset manifest (file,label,group,kind) and its summary")

@@ -90,6 +90,17 @@ class Models(_Section):
     decode_max_side: int = Field(1024, ge=64)
 
 
+class Routing(_Section):
+    # The routing rule file; null: nothing is forwarded.
+    rules: Path | None = None
+    # How often the router looks for complete studies and the forwarder for work.
+    tick_s: float = Field(1.0, gt=0)
+    # An idle association to a destination is released after this long.
+    idle_close_s: float = Field(10.0, gt=0)
+    # A delivery in flight when its forwarder died is retried after this long.
+    lease_s: float = Field(120.0, gt=0)
+
+
 class Database(_Section):
     url: str = "sqlite:///var/nnrouter.db"
 
@@ -110,6 +121,7 @@ class Settings(BaseSettings):
     storage: Storage = Storage()
     workers: Workers = Workers()
     models: Models = Models()
+    routing: Routing = Routing()
     database: Database = Database()
     logging: Logging = Logging()
 
@@ -207,6 +219,18 @@ models:
   intra_op_threads: 0
   # Decoded images are shrunk to this longest side before the model sees them.
   decode_max_side: 1024
+
+routing:
+  # Routing rules (YAML; see rules/examples/seed.yaml). null: nothing is forwarded.
+  # A changed file is reloaded; one that fails validation never replaces the
+  # running rules (the rejection is logged and shown by `nnrouter status`).
+  rules: null
+  # Seconds between looks for complete studies and for deliveries to make.
+  tick_s: 1.0
+  # Seconds before an idle association to a destination is released.
+  idle_close_s: 10.0
+  # Seconds before a delivery left in flight by a dead forwarder is retried.
+  lease_s: 120.0
 
 database:
   # SQLite (embedded, one machine) or PostgreSQL (several nodes):

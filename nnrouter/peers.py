@@ -100,17 +100,18 @@ def storescu(
 
 @dataclass
 class StoreSCP:
-    """DCMTK storescp accepting every transfer syntax, writing into ``folder``."""
+    """DCMTK storescp writing into ``folder``; every transfer syntax, or (accept_all False) uncompressed only."""
 
     folder: Path
     aet: str = "STORESCP"
     port: int = field(default_factory=free_port)
+    accept_all: bool = True
     proc: subprocess.Popen | None = None
 
     def start(self, extra: list[str] | None = None) -> StoreSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            ["storescp", "+xa", "-aet", self.aet, "-od", str(self.folder), *(extra or []), str(self.port)],
+            ["storescp", *(["+xa"] if self.accept_all else []), "-aet", self.aet, "-od", str(self.folder), *(extra or []), str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -212,3 +213,52 @@ class Node:
 def have(*tools: str) -> list[str]:
     """The tools from the list that are missing on this machine."""
     return [t for t in tools if shutil.which(t) is None]
+
+
+@dataclass
+class Orthanc:
+    """A real PACS (Debian's Orthanc) in a folder of its own; REST on loopback only."""
+
+    home: Path
+    aet: str = "ORTHANC"
+    port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> Orthanc:
+        import json
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        cfg = {
+            "Name": "nnrouter-test", "StorageDirectory": str(self.home / "db"), "IndexDirectory": str(self.home / "db"),
+            "DicomAet": self.aet, "DicomPort": self.port, "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": True,
+            "Plugins": [], "StableAge": 1,
+        }
+        (self.home / "orthanc.json").write_text(json.dumps(cfg))
+        log = open(self.home / "orthanc.log", "ab")
+        self.proc = subprocess.Popen(["Orthanc", str(self.home / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_port(self.port, proc=self.proc)
+        wait_port(self.http_port, proc=self.proc)
+        return self
+
+    def get(self, path: str):  # type: ignore[no-untyped-def]
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as rsp:
+            body = rsp.read()
+        return json.loads(body) if rsp.headers.get_content_type() == "application/json" else body
+
+    def count(self) -> int:
+        return int(self.get("/statistics")["CountInstances"])
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

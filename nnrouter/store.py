@@ -22,6 +22,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import (
     BigInteger,
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -169,6 +170,69 @@ class Prediction(Base):
     instance: Mapped[Instance] = relationship(back_populates="predictions")
 
 
+class RoutingDecision(Base):
+    """What the rules decided for a study, and why: one row per study."""
+
+    __tablename__ = "routing_decision"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), unique=True)
+    decided_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    rules_digest: Mapped[str] = mapped_column(String(64))
+    outcomes: Mapped[list] = mapped_column(JSON)  # [{rule, matched, why}]
+    deliveries: Mapped[list] = mapped_column(JSON)  # [{destination, rule, coerce}]
+    hold: Mapped[bool] = mapped_column(Boolean, default=False)
+    discard: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class OutboxState:
+    """pending -> sending -> sent | failed (retried later) -> dead; held waits for a person."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    DEAD = "dead"
+    HELD = "held"
+
+
+class Outbox(Base):
+    """One delivery: an instance to a destination. Sent at least once, recorded once."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (UniqueConstraint("instance_id", "destination", name="uq_outbox_instance_destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instance.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64), index=True)
+    rule: Mapped[str] = mapped_column(String(128))
+    coerce: Mapped[dict | None] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), default=OutboxState.PENDING, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    transfer_syntax_uid: Mapped[str | None] = mapped_column(String(64))  # as sent
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    instance: Mapped[Instance] = relationship()
+
+
+class RulesLoad(Base):
+    """Each attempt to load a rule file: what is running, and what was refused and why."""
+
+    __tablename__ = "rules_load"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    digest: Mapped[str] = mapped_column(String(64))
+    ok: Mapped[bool] = mapped_column(Boolean)
+    errors: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Detection(Base):
     """One region the detector found in one instance."""
 
@@ -279,6 +343,26 @@ class Store:
             )
 
     # --- small queries used by the CLI ---
+
+    def outbox_counts(self) -> dict[str, dict[str, int]]:
+        with self.read() as s:
+            rows = s.execute(select(Outbox.destination, Outbox.state, func.count()).group_by(Outbox.destination, Outbox.state)).all()
+        out: dict[str, dict[str, int]] = {}
+        for dest, state, n in rows:
+            out.setdefault(dest, {})[state] = n
+        return out
+
+    def rules_status(self) -> dict:
+        """The rule file running now, and a refused newer version if there is one."""
+        with self.read() as s:
+            ok = s.execute(select(RulesLoad).where(RulesLoad.ok.is_(True)).order_by(RulesLoad.id.desc()).limit(1)).scalar_one_or_none()
+            bad = s.execute(select(RulesLoad).where(RulesLoad.ok.is_(False)).order_by(RulesLoad.id.desc()).limit(1)).scalar_one_or_none()
+        out: dict = {}
+        if ok:
+            out["running"] = {"path": ok.path, "digest": ok.digest, "at": ok.at}
+        if bad and (ok is None or bad.id > ok.id):
+            out["rejected"] = {"path": bad.path, "digest": bad.digest, "at": bad.at, "errors": bad.errors}
+        return out
 
     def state_counts(self) -> dict[str, int]:
         with self.read() as s:

@@ -1,0 +1,289 @@
+"""Route: decide, per complete study, where its images go, and queue the deliveries.
+
+A study is routed once nothing has arrived for its quiet period and every
+instance has been looked at by a worker. The decision (which rules matched,
+why, which deliveries) is written with the outbox rows in one transaction, so
+a crash either leaves the study undecided or fully queued. Instances that
+arrive after the decision follow it. The rule file is reloaded when it
+changes; a file that fails validation never replaces the running rules.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.multival import MultiValue
+from pydicom.valuerep import PersonName
+from sqlalchemy import exists, func, select
+
+from nnrouter import logs, rules, yamlfile
+from nnrouter.config import Settings
+from nnrouter.store import (
+    Instance,
+    InstanceState,
+    Outbox,
+    OutboxState,
+    Prediction,
+    RoutingDecision,
+    RulesLoad,
+    Series,
+    Store,
+    Study,
+    utcnow,
+)
+
+log = logs.get("nnrouter.route")
+
+# The classify stage is done with an instance in these states.
+LOOKED_AT = (InstanceState.CLASSIFIED, InstanceState.DECODED, InstanceState.UNDECODABLE, InstanceState.FAILED)
+
+
+def header_facts(path: str) -> dict[str, Any]:
+    """Top-level attributes by keyword, as plain values, for tag conditions.
+
+    Patient attributes are included (a rule may need them) but never logged.
+    """
+    ds = dcmread(path, stop_before_pixels=True, force=True)
+    out: dict[str, Any] = {}
+    for elem in ds:
+        if not elem.keyword or elem.VR in ("SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"):
+            continue
+        value = elem.value
+        if isinstance(value, MultiValue):
+            value = [str(v) for v in value]
+        elif isinstance(value, PersonName):
+            value = str(value)
+        elif isinstance(value, bytes):
+            continue
+        out[elem.keyword] = value
+    return out
+
+
+@dataclass
+class Loaded:
+    ruleset: rules.RuleSet
+    digest: str
+    mtime: float
+
+
+class Router:
+    def __init__(self, settings: Settings, store: Store):
+        self.settings = settings
+        self.store = store
+        self.path: Path | None = settings.routing.rules
+        self.loaded: Loaded | None = None
+        self._seen: tuple[float, str] | None = None
+
+    # --- rules, reloaded safely ---
+
+    def reload(self) -> bool:
+        """Load the rule file if it changed; keep the running rules if it is invalid."""
+        if self.path is None:
+            return False
+        try:
+            mtime = self.path.stat().st_mtime
+            digest = rules.digest(self.path)
+        except OSError as exc:
+            if self._seen != (-1.0, str(exc)):
+                self._seen = (-1.0, str(exc))
+                self._record(False, "", f"{self.path}: cannot read: {exc.strerror or exc}")
+            return False
+        if self.loaded is not None and digest == self.loaded.digest:
+            return False
+        if self._seen == (mtime, digest):
+            return False  # this version was refused already
+        self._seen = (mtime, digest)
+        try:
+            ruleset = rules.load_rules(self.path)
+        except yamlfile.FileProblems as exc:
+            self._record(False, digest, str(exc))
+            log.error("rules_rejected", path=str(self.path), digest=digest[:12], problems=len(exc.problems),
+                      first=str(exc.problems[0]) if exc.problems else None, kept=self.loaded.digest[:12] if self.loaded else None)
+            return False
+        self.loaded = Loaded(ruleset, digest, mtime)
+        self._record(True, digest, None)
+        log.info("rules_loaded", path=str(self.path), digest=digest[:12], rules=len(ruleset.rules),
+                 destinations=len(ruleset.destinations))
+        return True
+
+    def _record(self, ok: bool, digest: str, errors: str | None) -> None:
+        with self.store.write() as s:
+            s.add(RulesLoad(path=str(self.path), digest=digest, ok=ok, errors=errors))
+
+    # --- deciding ---
+
+    def quiet_s(self, calling_aes: set[str]) -> float:
+        st = self.loaded.ruleset.settings if self.loaded else None
+        if st is None:
+            return 30.0
+        per_ae = [st.quiet_s_by_calling_ae[a] for a in calling_aes if a in st.quiet_s_by_calling_ae]
+        return max(per_ae) if per_ae else st.quiet_s
+
+    def facts(self, s, study: Study, now: dt.datetime) -> rules.StudyFacts:  # type: ignore[no-untyped-def]
+        rows = s.execute(
+            select(Instance).join(Series).where(Series.study_id == study.id).order_by(Instance.id)
+        ).scalars().all()
+        instances = []
+        for inst in rows:
+            pred = s.execute(
+                select(Prediction).where(Prediction.instance_id == inst.id).order_by(Prediction.id.desc()).limit(1)
+            ).scalar_one_or_none()
+            try:
+                header = header_facts(inst.path)
+            except Exception:  # an unreadable header still routes on what the store knows
+                header = {}
+            instances.append(
+                rules.InstanceFacts(
+                    sop_instance_uid=inst.sop_instance_uid,
+                    header=header,
+                    modality=inst.series.modality,
+                    label=pred.label if pred else None,
+                    score=pred.score if pred else None,
+                    regions=tuple((d.label, d.score) for d in inst.detections),
+                )
+            )
+        return rules.StudyFacts(
+            study_uid=study.study_uid,
+            instances=tuple(instances),
+            calling_aes=frozenset(i.calling_ae for i in rows if i.calling_ae),
+            called_aes=frozenset(i.called_ae for i in rows if i.called_ae),
+            mismatches=frozenset(),
+            now=now,
+        )
+
+    def ready_studies(self, s, now: dt.datetime) -> list[Study]:  # type: ignore[no-untyped-def]
+        """Undecided studies whose instances have all been looked at; quiet period checked by the caller."""
+        busy = (
+            select(Instance.id)
+            .join(Series)
+            .where(Series.study_id == Study.id, Instance.state.not_in(LOOKED_AT))
+        )
+        decided = select(RoutingDecision.id).where(RoutingDecision.study_id == Study.id)
+        return list(
+            s.execute(select(Study).where(~exists(busy), ~exists(decided)).order_by(Study.last_received_at)).scalars()
+        )
+
+    def tick(self, now: dt.datetime | None = None) -> dict[str, int]:
+        self.reload()
+        counts = {"decided": 0, "late": 0}
+        if self.loaded is None:
+            return counts
+        now = now or utcnow()
+        with self.store.read() as s:
+            candidates = self.ready_studies(s, now)
+            due = []
+            for study in candidates:
+                calling = {i for i in s.execute(
+                    select(Instance.calling_ae).join(Series).where(Series.study_id == study.id)).scalars() if i}
+                last = study.last_received_at if study.last_received_at.tzinfo else study.last_received_at.replace(tzinfo=dt.timezone.utc)
+                if (now - last).total_seconds() >= self.quiet_s(calling):
+                    due.append((study.id, self.facts(s, study, now)))
+        for study_id, facts in due:
+            self.decide(study_id, facts)
+            counts["decided"] += 1
+        counts["late"] = self.follow_decisions()
+        return counts
+
+    def decide(self, study_id: int, facts: rules.StudyFacts) -> rules.Decision:
+        decision = rules.decide(self.loaded.ruleset, facts)
+        deliveries = [] if decision.discard else [
+            {"destination": d.destination, "rule": d.rule, "coerce": d.coerce.model_dump() if d.coerce else None}
+            for d in decision.deliveries
+        ]
+        with self.store.write() as s:
+            if s.execute(select(RoutingDecision.id).where(RoutingDecision.study_id == study_id)).first():
+                return decision  # another router got there first
+            s.add(RoutingDecision(
+                study_id=study_id, rules_digest=self.loaded.digest,
+                outcomes=[{"rule": o.rule, "matched": o.matched, "why": o.why} for o in decision.outcomes],
+                deliveries=deliveries, hold=decision.hold, discard=decision.discard,
+            ))
+            s.flush()
+            n = self._queue(s, study_id, deliveries, decision.hold)
+        log.info("study_routed", study_uid=facts.study_uid, instances=len(facts.instances), deliveries=n,
+                 destinations=sorted({d["destination"] for d in deliveries}), hold=decision.hold, discard=decision.discard,
+                 matched=[o.rule for o in decision.outcomes if o.matched])
+        return decision
+
+    def _queue(self, s, study_id: int, deliveries: list[dict], hold: bool, only_new: bool = False) -> int:  # type: ignore[no-untyped-def]
+        """Outbox rows for the study's looked-at instances that do not have one yet."""
+        insts = s.execute(
+            select(Instance.id).join(Series).where(Series.study_id == study_id, Instance.state.in_(LOOKED_AT))
+        ).scalars().all()
+        n = 0
+        for inst_id in insts:
+            for d in deliveries:
+                if s.execute(select(Outbox.id).where(Outbox.instance_id == inst_id, Outbox.destination == d["destination"])).first():
+                    continue
+                s.add(Outbox(instance_id=inst_id, destination=d["destination"], rule=d["rule"], coerce=d["coerce"],
+                             state=OutboxState.HELD if hold else OutboxState.PENDING))
+                n += 1
+        return n
+
+    def follow_decisions(self) -> int:
+        """Instances that arrived after their study was decided follow the decision."""
+        with self.store.read() as s:
+            late = s.execute(
+                select(RoutingDecision.study_id, RoutingDecision.deliveries, RoutingDecision.hold)
+                .join(Series, Series.study_id == RoutingDecision.study_id)
+                .join(Instance, Instance.series_id == Series.id)
+                .where(
+                    Instance.state.in_(LOOKED_AT),
+                    func.json_array_length(RoutingDecision.deliveries) > 0,  # SQLite and PostgreSQL both have it
+                    ~exists(select(Outbox.id).where(Outbox.instance_id == Instance.id)),
+                )
+                .distinct()
+            ).all()
+        n = 0
+        for study_id, deliveries, hold in late:
+            with self.store.write() as s:
+                n += self._queue(s, study_id, deliveries, hold)
+        return n
+
+
+def run_router(settings: Settings, stop=None) -> None:  # type: ignore[no-untyped-def]
+    """The router process: decide complete studies, then deliver, every tick_s (APScheduler)."""
+    import threading
+
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from nnrouter.forward import Forwarder
+
+    logs.setup(settings.logging.level, settings.logging.format)
+    store = Store(settings.database.url)
+    store.require_current()
+    router = Router(settings, store)
+    forwarder = Forwarder(settings, store)
+    stop = stop or threading.Event()
+
+    def tick() -> None:
+        try:
+            router.tick()
+            if router.loaded is not None:
+                forwarder.tick(router.loaded.ruleset)
+        except Exception:  # one bad tick (database restart, say) must not end routing
+            log.exception("route_tick_failed")
+
+    sched = BackgroundScheduler(timezone="UTC")
+    sched.add_job(tick, "interval", seconds=settings.routing.tick_s, max_instances=1, coalesce=True,
+                  next_run_time=dt.datetime.now(dt.timezone.utc))
+    sched.start()
+    log.info("router_started", rules=str(settings.routing.rules), worker=forwarder.worker_id)
+    try:
+        stop.wait()
+    finally:
+        sched.shutdown(wait=True)
+        forwarder.close()
+        store.dispose()
+
+
+def spawn_router(settings: Settings, stop, name: str = "nnrouter-router"):  # type: ignore[no-untyped-def]
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(target=run_router, args=(settings, stop), name=name, daemon=True)
+    proc.start()
+    return proc
