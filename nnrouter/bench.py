@@ -122,3 +122,95 @@ def infer(model_dir: Path, files: list[Path], batches: list[int], images: int, p
               f"{_pct(pre_ms, 50):>13.1f} / {_pct(pre_ms, 95):<12.1f}  {_pct(inf_ms, 50):>10.1f} / {_pct(inf_ms, 95):<10.1f}")
     print("reference: NNCPR reports 0.21 s for one image")
     return 0
+
+
+def route(studies: int, images: int, rows: int, columns: int, workers: int, quiet_s: float, model: Path | None,
+          max_associations: int, workdir: Path | None) -> int:
+    """End to end: storescu -> nnrouter (keep, classify, route, forward) -> storescp, beside storescu -> storescp.
+
+    Both runs send the same files to the same kind of receiver in the same
+    invocation; the ratio is end-to-end images/s over direct images/s. The
+    receipt-to-delivery times come from the store (instance received_at to
+    outbox sent_at), so they include the quiet period that decides a study
+    is complete.
+    """
+    from sqlalchemy import select
+
+    from nnrouter.store import Instance, Outbox, OutboxState, Store
+
+    missing = peers.have("storescu", "storescp")
+    if missing:
+        print(f"missing DCMTK tools: {', '.join(missing)} (apt-get install dcmtk)")
+        return 2
+    own = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="nnrouter-bench-route-")) if own else Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    direct = dest = node = None
+    try:
+        print(f"generating {studies} studies x {images} DX images {rows}x{columns} 16-bit in {root} ...", flush=True)
+        files = [f for s in range(studies) for f in synthetic.write_series(root / "in" / f"s{s}", images, rows=rows, columns=columns)]
+        total = len(files)
+        size_mb = sum(f.stat().st_size for f in files) / 1e6
+        cfg = peers.storescu_config(files, root / "storescu.cfg")
+        pdu = ["--max-pdu", "131072"]
+
+        direct = peers.StoreSCP(root / "direct-out").start(pdu)
+        t_direct = _send(direct.port, files, direct.aet, cfg)
+        direct.stop()
+        print(f"direct   storescu -> storescp: {t_direct:7.2f} s", flush=True)
+
+        dest = peers.StoreSCP(root / "routed-out", aet="DEST").start(pdu)
+        rules_file = root / "rules.yaml"
+        rules_file.write_text(
+            "settings:\n"
+            f"  quiet_s: {quiet_s}\n"
+            "destinations:\n"
+            f"  - {{name: dest, ae_title: DEST, host: 127.0.0.1, port: {dest.port}, max_associations: {max_associations}}}\n"
+            "rules:\n"
+            "  - {name: everything, then: {forward: [dest]}}\n"
+        )
+        node = peers.Node(root / "nnrouter", settings={
+            "logging": {"level": "warning"},
+            "workers": {"count": workers},
+            "models": {"classifier": str(model) if model else None},
+            "routing": {"rules": str(rules_file), "tick_s": 0.2},
+        }).start()
+        time.sleep(2)  # the workers load their model and warm up before the clock starts
+        t0 = time.perf_counter()
+        _send(node.port, files, node.ae_title, cfg)
+        t_sent = time.perf_counter() - t0
+        store = Store(node.db_url)
+        try:
+            deadline = time.monotonic() + 3600
+            while True:
+                with store.read() as s:
+                    rows_ = s.execute(
+                        select(Instance.received_at, Outbox.sent_at, Outbox.state).join(Outbox, Outbox.instance_id == Instance.id)
+                    ).all()
+                sent = [r for r in rows_ if r.state == OutboxState.SENT]
+                dead = [r for r in rows_ if r.state == OutboxState.DEAD]
+                if len(sent) >= total or dead or time.monotonic() > deadline or node.proc.poll() is not None:
+                    break
+                time.sleep(0.2)
+            t_routed = time.perf_counter() - t0
+        finally:
+            store.dispose()
+        if len(sent) < total:
+            print(f"only {len(sent)}/{total} delivered ({len(dead)} dead); see {node.log_path}")
+            return 1
+        delays = [(r.sent_at - r.received_at).total_seconds() for r in sent]
+        print(f"through nnrouter: all received in {t_sent:7.2f} s, all delivered in {t_routed:7.2f} s", flush=True)
+        print()
+        print(f"{studies} studies x {images} images, {size_mb / total:.1f} MB each; {workers} worker(s), "
+              f"model {model or 'none'}, quiet period {quiet_s} s, {max_associations} association(s) to the destination")
+        print(f"  direct     {total / t_direct:7.2f} images/s  {size_mb / t_direct:8.1f} MB/s")
+        print(f"  nnrouter   {total / t_routed:7.2f} images/s  {size_mb / t_routed:8.1f} MB/s  (end to end, fsync'd, classified, routed)")
+        print(f"  receipt -> delivery: p50 {_pct(delays, 50):.2f} s, p95 {_pct(delays, 95):.2f} s, max {max(delays):.2f} s")
+        print(f"ratio nnrouter/direct: {t_direct / t_routed:.2f}")
+        return 0
+    finally:
+        for p in (node, dest, direct):
+            if p:
+                p.stop()
+        if own:
+            shutil.rmtree(root, ignore_errors=True)

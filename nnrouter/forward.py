@@ -14,12 +14,10 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
-import threading
 import time
 import uuid
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
@@ -33,19 +31,6 @@ from nnrouter.store import Instance, Outbox, OutboxState, Prediction, Store, utc
 log = logs.get("nnrouter.forward")
 
 MAX_CONTEXTS = 128
-_chunked = threading.Lock()
-
-
-@contextmanager
-def _send_as_stored() -> Iterator[None]:
-    """pynetdicom streams a file's data set unchanged only in this (module-wide) mode."""
-    with _chunked:
-        before = _config.STORE_SEND_CHUNKED_DATASET
-        _config.STORE_SEND_CHUNKED_DATASET = True
-        try:
-            yield
-        finally:
-            _config.STORE_SEND_CHUNKED_DATASET = before
 
 
 def ok_status(status: int) -> bool:
@@ -82,7 +67,13 @@ class Forwarder:
         self.settings = settings
         self.store = store
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        # One association per lane; a destination has max_associations lanes.
         self.links: dict[str, Link] = {}
+        # pynetdicom streams a file's data set unchanged (no decode, no
+        # re-encode) only in this mode. It is a pynetdicom-wide switch, set in
+        # the forwarder's own process; it changes nothing for data sets sent
+        # from memory (coerced or transcoded copies).
+        _config.STORE_SEND_CHUNKED_DATASET = True
 
     # --- the queue ---
 
@@ -139,15 +130,16 @@ class Forwarder:
 
     # --- associations ---
 
-    def _link(self, dest: rules.Destination, jobs: list[Job]) -> Link:
+    def _link(self, dest: rules.Destination, jobs: list[Job], lane: str) -> Link:
         pairs = {(j.sop_class_uid, j.transfer_syntax_uid) for j in jobs}
-        link = self.links.get(dest.name)
+        link = self.links.get(lane)
         if link is not None and (not link.assoc.is_established or not pairs <= link.pairs):
-            self._close(dest.name)
+            pairs |= link.pairs
+            self._close(lane)
             link = None
         if link is None:
-            link = self._open(dest, pairs | (self.links[dest.name].pairs if dest.name in self.links else set()))
-            self.links[dest.name] = link
+            link = self._open(dest, pairs)
+            self.links[lane] = link
         return link
 
     def _open(self, dest: rules.Destination, pairs: set[tuple[str, str]]) -> Link:
@@ -197,8 +189,7 @@ class Forwarder:
         """Status, error text, and the transfer syntax the instance went out in."""
         assoc = link.assoc
         if job.coerce is None and link.accepted(job.sop_class_uid, job.transfer_syntax_uid):
-            with _send_as_stored():
-                rsp = assoc.send_c_store(job.path)
+            rsp = assoc.send_c_store(job.path)
             ts = job.transfer_syntax_uid
         else:
             ds = dcmread(job.path)
@@ -221,7 +212,8 @@ class Forwarder:
         status = int(rsp.Status)
         return status, "" if ok_status(status) else f"status 0x{status:04X} {rsp.get('ErrorComment', '')}".strip(), ts
 
-    def deliver(self, dest: rules.Destination, jobs: list[Job]) -> dict[str, int]:
+    def deliver(self, dest: rules.Destination, jobs: list[Job], lane: str | None = None) -> dict[str, int]:
+        lane = lane or dest.name
         counts: dict[str, int] = {}
 
         def done(job: Job, ok: bool, error: str | None, ts: str | None = None) -> None:
@@ -232,7 +224,7 @@ class Forwarder:
                             state=state, error=error)
 
         try:
-            link = self._link(dest, jobs)
+            link = self._link(dest, jobs, lane)
         except (ConnectionError, OSError, RuntimeError) as exc:
             for job in jobs:
                 done(job, False, str(exc))
@@ -241,7 +233,7 @@ class Forwarder:
             if not link.assoc.is_established:
                 for rest in jobs[i:]:
                     done(rest, False, "association lost")
-                self.links.pop(dest.name, None)
+                self.links.pop(lane, None)
                 break
             try:
                 status, error, ts = self._send(link, job)
@@ -251,18 +243,41 @@ class Forwarder:
             done(job, status is not None and ok_status(status), error or None, ts)
         return counts
 
-    def tick(self, ruleset: rules.RuleSet, now: dt.datetime | None = None, batch: int = 32) -> dict[str, int]:
-        now = now or utcnow()
+    def drain(self, dest: rules.Destination, lane: str, batch: int, budget_s: float) -> dict[str, int]:
+        """Claim and send on one association until the queue is empty or the time budget is spent."""
         totals: dict[str, int] = {}
-        for dest in ruleset.destinations:
-            if not dest.open_at(now.astimezone()):
-                continue
-            jobs = self.claim(dest.name, batch, now)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < budget_s:
+            jobs = self.claim(dest.name, batch, utcnow())
             if not jobs:
-                continue
-            counts = self.deliver(dest, jobs)
-            log.info("forwarded", destination=dest.name, **counts)
+                break
+            counts = self.deliver(dest, jobs, lane)
+            log.info("forwarded", destination=dest.name, lane=lane, **counts)
             for k, v in counts.items():
                 totals[k] = totals.get(k, 0) + v
+            if set(counts) - {OutboxState.SENT}:
+                break  # failures wait for their retry time
+        return totals
+
+    def tick(self, ruleset: rules.RuleSet, now: dt.datetime | None = None, batch: int = 16,
+             budget_s: float | None = None) -> dict[str, int]:
+        """Send what is due to every open destination, on up to max_associations associations each.
+
+        Lanes of all destinations run at once, so a slow or unreachable
+        destination does not hold up the others.
+        """
+        now = now or utcnow()
+        budget = budget_s if budget_s is not None else 5 * self.settings.routing.tick_s
+        lanes = [
+            (dest, f"{dest.name}#{i}")
+            for dest in ruleset.destinations if dest.open_at(now.astimezone())
+            for i in range(dest.max_associations)
+        ]
+        totals: dict[str, int] = {}
+        if lanes:
+            with ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="forward") as pool:
+                for counts in pool.map(lambda dl: self.drain(dl[0], dl[1], batch, budget), lanes):
+                    for k, v in counts.items():
+                        totals[k] = totals.get(k, 0) + v
         self.close_idle()
         return totals
