@@ -6,8 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Real peers the tests start on loopback, from Debian's packages.
-APT_PACKAGES := dcmtk dicom3tools orthanc postgresql libgdcm-tools
-PEER_TOOLS := storescu storescp echoscu findscu wlmscpfs dcmj2pnm dciodvfy Orthanc gdcmconv
+APT_PACKAGES := dcmtk dicom3tools orthanc postgresql libgdcm-tools openssl
+PEER_TOOLS := storescu storescp echoscu findscu wlmscpfs dcmj2pnm dciodvfy Orthanc gdcmconv openssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CONFIG_ARG := $(if $(CONFIG),--config $(CONFIG))
 

@@ -38,6 +38,23 @@ def ok_status(status: int) -> bool:
     return status == 0x0000 or status in (0x0001, 0x0107, 0x0116) or status & 0xF000 == 0xB000
 
 
+def _tls_problem(ctx, host: str, port: int) -> str | None:  # type: ignore[no-untyped-def]
+    """Why a TLS handshake fails, in the words of the TLS library.
+
+    pynetdicom reports a failed handshake only as an aborted association;
+    the PACS engineer needs to know it was the certificate (or the protocol).
+    """
+    import ssl
+
+    try:
+        with socket.create_connection((host, port), timeout=10) as raw, ctx.wrap_socket(raw, server_hostname=host):
+            return None
+    except ssl.SSLError as exc:
+        return f"TLS: {exc.reason or exc}: {exc.verify_message}" if isinstance(exc, ssl.SSLCertVerificationError) else f"TLS: {exc}"
+    except OSError as exc:
+        return f"TLS: {exc}"
+
+
 @dataclass(frozen=True)
 class Job:
     outbox_id: int
@@ -166,6 +183,8 @@ class Forwarder:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
         if not assoc.is_established:
             why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
+            if tls is not None and not assoc.is_rejected:
+                why = _tls_problem(tls[0], dest.host, dest.port) or why
             raise ConnectionError(f"association with {dest.ae_title}@{dest.host}:{dest.port} failed ({why})")
         return Link(assoc, pairs)
 

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import tempfile
+import time
 from io import BytesIO
 from pathlib import Path
 
-import tempfile
+import cv2
+import numpy as np
+import pytest
 
 from pydicom import dcmread
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
+
+from nnrouter.synthetic import DXSpec, dx_dataset
 
 
 def dataset_bytes(path: Path) -> bytes:
@@ -106,3 +112,91 @@ def send_as_is(port: int, files: list[Path], aec: str = "NNROUTER") -> list[tupl
             aec=aec,
         )
     return results
+
+
+# --- real radiographs as a modality would send them ------------------------------
+
+RADIOGRAPHS = Path(__file__).resolve().parents[2] / "shared" / "data" / "radiographs"
+
+
+def png_study(png: Path, out: Path, *, modality: str, body_part: str = "", description: str = "",
+              study_uid: str | None = None, series_uid: str | None = None, **attrs) -> Path:  # type: ignore[no-untyped-def]
+    """A real radiograph from the shared PNGs wrapped as a DX instance, as a modality would send it.
+
+    ``attrs`` are set on the data set by keyword (AccessionNumber, RequestAttributesSequence, ...).
+    """
+    img = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE)
+    h, w = img.shape
+    spec = DXSpec(rows=h, columns=w, bits_stored=12, study_uid=study_uid or generate_uid(), study_description=description,
+                  series_uid=series_uid or generate_uid())
+    ds = dx_dataset(spec)
+    ds.PixelData = (img.astype(np.uint16) * 16).tobytes()
+    ds.Modality = modality
+    ds.BodyPartExamined = body_part
+    ds.ViewPosition = ""
+    del ds.ViewCodeSequence
+    del ds.AnatomicRegionSequence
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def first_png(label: str, n: int = 0) -> Path:
+    return sorted((RADIOGRAPHS / label).glob("*.png"))[n]
+
+
+def wait_for(check, timeout: float = 120, every: float = 0.5):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last is True:
+            return
+        time.sleep(every)
+    pytest.fail(f"timed out; last state: {last}")
+
+
+# --- worklist entries as DCMTK wlmscpfs reads them ---------------------------------
+
+
+def code_item(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def worklist_entry(path: Path, *, accession: str, study_uid: str, code: Dataset, description: str, modality: str,
+                   sps_description: str, patient_name: str, patient_id: str, station: list[str]) -> None:
+    """One worklist entry as wlmscpfs reads it: a DICOM file with every type 1 return key."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.AccessionNumber = accession
+    ds.ReferringPhysicianName = ""
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.StudyInstanceUID = study_uid
+    ds.RequestedProcedureID = "RP-" + accession
+    if description:
+        ds.RequestedProcedureDescription = description
+    ds.RequestedProcedureCodeSequence = [code]
+    ds.RequestedProcedurePriority = "ROUTINE"
+    ds.PlacerOrderNumberImagingServiceRequest = "PL-" + accession
+    ds.FillerOrderNumberImagingServiceRequest = "FL-" + accession
+    sps = Dataset()
+    sps.Modality = modality
+    sps.ScheduledStationAETitle = station
+    sps.ScheduledProcedureStepStartDate = "20240502"
+    sps.ScheduledProcedureStepStartTime = "091500"
+    sps.ScheduledPerformingPhysicianName = ""
+    sps.ScheduledProcedureStepDescription = sps_description
+    sps.ScheduledProcedureStepID = "SPS-" + accession
+    sps.ScheduledProtocolCodeSequence = [code_item("P1", "99LOCAL", sps_description)]
+    ds.ScheduledProcedureStepSequence = [sps]
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.31"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(path, enforce_file_format=True)

@@ -9,42 +9,21 @@ import subprocess
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import yaml
 from pydicom import dcmread
-from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from conftest import REPO, SHARED, needs, pydicom_data, shared_files
+from dicomfiles import first_png, png_study, wait_for
 from nnrouter import peers
 from nnrouter.store import Outbox, OutboxState, Store
-from nnrouter.synthetic import DXSpec, dx_dataset
 
 pytestmark = [needs("storescu", "storescp", "Orthanc"), pytest.mark.slow]
 
 RADIOGRAPHS = SHARED / "data" / "radiographs"
 SHIPPED = REPO / "models" / "nnrouter-view"
-
-
-def png_study(png: Path, out: Path, *, modality: str, body_part: str = "", description: str = "") -> Path:
-    """A real radiograph from the shared PNGs wrapped as a DX instance, as a modality would send it."""
-    img = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE)
-    h, w = img.shape
-    ds = dx_dataset(DXSpec(rows=h, columns=w, bits_stored=12, study_uid=generate_uid(), study_description=description))
-    ds.PixelData = (img.astype(np.uint16) * 16).tobytes()
-    ds.Modality = modality
-    ds.BodyPartExamined = body_part
-    ds.ViewPosition = ""
-    del ds.ViewCodeSequence
-    del ds.AnatomicRegionSequence
-    ds.save_as(out, enforce_file_format=True)
-    return out
-
-
-def first_png(label: str) -> Path:
-    return sorted((RADIOGRAPHS / label).glob("*.png"))[0]
 
 
 def seed_rules(path: Path, ports: dict[str, int], quiet_s: float = 1.0) -> Path:
@@ -65,17 +44,6 @@ def outbox(node: peers.Node) -> list[Outbox]:
             return list(s.execute(select(Outbox).order_by(Outbox.id)).scalars())
     finally:
         store.dispose()
-
-
-def wait_for(check, timeout: float = 120, every: float = 0.5):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last is True:
-            return
-        time.sleep(every)
-    pytest.fail(f"timed out; last state: {last}")
 
 
 @pytest.fixture
@@ -240,3 +208,56 @@ def test_rule_file_with_a_typo_keeps_the_old_rules_routing(node_factory, storesc
     wait_for(lambda: len(_files(storescp.folder)) == 2 or len(_files(storescp.folder)))
     check = subprocess.run([sys.executable, "-m", "nnrouter", "rules", "check", str(rules_file)], capture_output=True, text=True)
     assert check.returncode == 1 and "foward" in check.stderr
+
+
+def _tls_files(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+    folder.mkdir(parents=True, exist_ok=True)
+    f = {n: folder / n for n in ("ca.key", "ca.pem", "server.key", "server.pem", "client.key", "client.pem", "other-ca.key", "other-ca.pem")}
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    for ca in ("ca", "other-ca"):
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=nnrouter test {ca}",
+            "-keyout", f"{ca}.key", "-out", f"{ca}.pem")
+    for who, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout", f"{who}.key", "-out", f"{who}.csr")
+        (folder / f"{who}.ext").write_text(ext + "\n")
+        run("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+            "-extfile", f"{who}.ext", "-out", f"{who}.pem")
+    return f
+
+
+@needs("openssl")
+def test_tls_destination_with_client_certificate(node_factory, tmp_path):
+    """DICOM over TLS to a storescp that demands our certificate; a wrong CA fails clearly and loses nothing."""
+    tls = _tls_files(tmp_path / "tls")
+    scp = peers.StoreSCP(tmp_path / "tls-out", aet="TLSSCP").start(
+        ["+tls", str(tls["server.key"]), str(tls["server.pem"]), "+cf", str(tls["ca.pem"]), "-rc"])
+    rules_file = tmp_path / "routes.yaml"
+    dest = {"name": "secure", "ae_title": "TLSSCP", "host": "127.0.0.1", "port": scp.port,
+            "retry": {"max_retries": 1000, "first_delay_s": 0.5, "multiplier": 1, "max_delay_s": 0.5},
+            "tls": {"enabled": True, "ca": str(tls["other-ca.pem"]), "cert": str(tls["client.pem"]), "key": str(tls["client.key"])}}
+    rules = {"settings": {"quiet_s": 0.5}, "destinations": [dest], "rules": [{"name": "all", "then": {"forward": ["secure"]}}]}
+    rules_file.write_text(yaml.safe_dump(rules))
+    node = node_factory(settings={
+        "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 100},
+        "routing": {"rules": str(rules_file), "tick_s": 0.3},
+    }).start()
+    try:
+        from nnrouter.synthetic import write_series
+
+        files = write_series(tmp_path / "in", 3, rows=64, columns=64)
+        assert peers.storescu(node.port, files).stderr.count("Received Store Response (Success)") == 3
+        # We do not trust the server's CA: no delivery, a reason, and the rows wait.
+        wait_for(lambda: any(o.last_error and "CERTIFICATE_VERIFY_FAILED" in o.last_error for o in outbox(node))
+                 or [(o.state, o.last_error) for o in outbox(node)])
+        assert _files(scp.folder) == []
+        dest["tls"]["ca"] = str(tls["ca.pem"])
+        rules_file.write_text(yaml.safe_dump(rules))
+        wait_for(lambda: all(o.state == OutboxState.SENT for o in outbox(node)) or [o.state for o in outbox(node)], timeout=60)
+        got = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in _files(scp.folder)}
+        assert got == {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    finally:
+        scp.stop()
