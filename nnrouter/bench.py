@@ -28,15 +28,23 @@ def _send(port: int, files: list[Path], aec: str, cfg: tuple[Path, str]) -> floa
     return elapsed
 
 
-def ingest(count: int, rounds: int, rows: int, columns: int, workdir: Path | None) -> int:
-    """C-STORE throughput, DCMTK storescu -> {storescp, nnrouter}, alternating."""
+def _workdir(workdir: Path | None, prefix: str) -> tuple[Path | None, bool]:
+    """Where a benchmark writes (a temp folder it owns unless given one); None when DCMTK is missing."""
     missing = peers.have("storescu", "storescp")
     if missing:
         print(f"missing DCMTK tools: {', '.join(missing)} (apt-get install dcmtk)")
-        return 2
+        return None, False
     own = workdir is None
-    root = Path(tempfile.mkdtemp(prefix="nnrouter-bench-")) if own else Path(workdir)
+    root = Path(tempfile.mkdtemp(prefix=prefix)) if own else Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
+    return root, own
+
+
+def ingest(count: int, rounds: int, rows: int, columns: int, workdir: Path | None) -> int:
+    """C-STORE throughput, DCMTK storescu -> {storescp, nnrouter}, alternating."""
+    root, own = _workdir(workdir, "nnrouter-bench-")
+    if root is None:
+        return 2
     scp = node = None
     try:
         print(f"generating {rounds} x {count} DX files {rows}x{columns} 16-bit in {root} ...", flush=True)
@@ -138,13 +146,9 @@ def route(studies: int, images: int, rows: int, columns: int, workers: int, quie
 
     from nnrouter.store import Instance, Outbox, OutboxState, Store
 
-    missing = peers.have("storescu", "storescp")
-    if missing:
-        print(f"missing DCMTK tools: {', '.join(missing)} (apt-get install dcmtk)")
+    root, own = _workdir(workdir, "nnrouter-bench-route-")
+    if root is None:
         return 2
-    own = workdir is None
-    root = Path(tempfile.mkdtemp(prefix="nnrouter-bench-route-")) if own else Path(workdir)
-    root.mkdir(parents=True, exist_ok=True)
     direct = dest = node = None
     try:
         print(f"generating {studies} studies x {images} DX images {rows}x{columns} 16-bit in {root} ...", flush=True)

@@ -99,10 +99,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     spool = Spool(settings.storage.path)
     server = receive.serve(settings, store, spool, block=False)
     workers, stop_workers = classify.start_workers(settings, settings.workers.count)
-    if settings.routing.rules is not None:
+    if settings.routing.rules is not None or settings.orders.procedures is not None:
         from nnrouter.route import spawn_router
 
         workers.append(spawn_router(settings, stop_workers))
+    mllp = None
+    if settings.orders.hl7 is not None:
+        from nnrouter import hl7, orders
+
+        def keep_order(order: orders.Order) -> None:
+            with store.write() as s:
+                orders.save(s, order)
+
+        mllp = hl7.MLLPServer(settings.orders.hl7.bind, settings.orders.hl7.port, keep_order).start()
 
     stop = {"now": False}
 
@@ -128,6 +137,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         stop_workers.set()
         server.shutdown()
+        if mllp is not None:
+            mllp.stop()
         for proc in workers:
             proc.join(10)
             if proc.is_alive():
@@ -190,8 +201,9 @@ def cmd_rules_schema(args: argparse.Namespace) -> int:
 def cmd_rules_test(args: argparse.Namespace) -> int:
     """Dry run: what the rules would do with these studies; nothing is sent."""
     import datetime as dt
+    from dataclasses import replace
 
-    from nnrouter import rules
+    from nnrouter import mismatch, orders, rules
     from nnrouter.route import Router, header_facts
     from nnrouter.send import expand
 
@@ -216,7 +228,14 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
             if study is None:
                 print(f"no study {args.input[0]} in the store", file=sys.stderr)
                 return 1
-            studies[study.study_uid] = router.facts(s, study, now)
+            # The order check as the router would run it now, on the orders kept so far (nothing is written).
+            check = router.order_check
+            check.reload()
+            findings = orders.check(check.orders_of(s, study) if check.book else [], mismatch.seen(s, study.id),
+                                    check.book, check.covered)
+            for f in findings:
+                print(f"flag {f.severity} {f.kind}: {f.reason}")
+            studies[study.study_uid] = replace(router.facts(s, study, now), mismatches=frozenset(f.kind for f in findings))
     else:
         grouped: dict[str, list] = {}
         for f in expand([Path(p) for p in args.input]):
@@ -374,16 +393,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def flag_dict(f) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    return {"kind": f.kind, "severity": f.severity, "reason": f.reason, "sop_instance_uid": f.sop_instance_uid,
+            "evidence": f.evidence, "at": f.created_at}
+
+
 def study_report(store, study_uid: str) -> dict[str, Any] | None:  # type: ignore[no-untyped-def]
     """What the store knows about one study, as plain data (for JSON and tests)."""
     from sqlalchemy import select
 
-    from nnrouter.store import Outbox, RoutingDecision, Study
+    from nnrouter import orders
+    from nnrouter.store import Flag, Outbox, RoutingDecision, Study
 
     with store.read() as s:
         study = s.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
         if study is None:
             return None
+        flags = [flag_dict(f) for f in s.execute(select(Flag).where(Flag.study_id == study.id).order_by(Flag.id)).scalars()]
+        found = [
+            {"source": o.source, "accession_number": o.accession_number, "requested_procedure_id": o.requested_procedure_id,
+             "codes": [[c.value, c.scheme, c.meaning] for c in o.codes], "description": o.description,
+             "laterality": o.laterality, "control": o.control}
+            for o in orders.stored_for(s, study.accession_number, study.study_uid)
+        ]
         decision = s.execute(select(RoutingDecision).where(RoutingDecision.study_id == study.id)).scalar_one_or_none()
         outbox: dict[int, list] = {}
         for o in s.execute(select(Outbox).join(Outbox.instance).where(Outbox.instance_id.in_(
@@ -397,6 +429,9 @@ def study_report(store, study_uid: str) -> dict[str, Any] | None:  # type: ignor
             "study_date": study.study_date,
             "study_description": study.study_description,
             "last_received_at": study.last_received_at,
+            "checked_at": study.checked_at,
+            "orders": found,
+            "flags": flags,
             "routing": None if decision is None else {
                 "decided_at": decision.decided_at, "rules_digest": decision.rules_digest,
                 "rules": decision.outcomes, "deliveries": decision.deliveries,
@@ -467,10 +502,167 @@ def cmd_study_show(args: argparse.Namespace) -> int:
         _print_json(report)
     else:
         print(f"study {report['study_uid']}  accession {report['accession_number'] or '-'}")
+        for f in report["flags"]:
+            print(f"  flag {f['severity']:<7} {f['kind']}: {f['reason']}")
         for se in report["series"]:
             print(f"  series {se['series_uid']}  {se['modality'] or '-'}  {se['body_part_examined'] or '-'}")
             for i in se["instances"]:
                 print(f"    {i['sop_instance_uid']}  v{i['version']}  {i['state']}  {i['path']}")
+    return 0
+
+
+def cmd_mismatches(args: argparse.Namespace) -> int:
+    """Flagged studies, newest check first: what a QA technologist works through."""
+    from sqlalchemy import select
+
+    from nnrouter.store import Flag, Study
+
+    settings = _settings(args)
+    store = _store(settings)
+    query = select(Flag, Study.study_uid, Study.accession_number).join(Study, Study.id == Flag.study_id)
+    kinds = args.kind or None
+    if kinds:
+        query = query.where(Flag.kind.in_(kinds))
+    elif not args.all:
+        from nnrouter.orders import FlagKind
+
+        query = query.where(Flag.kind.in_(FlagKind.MISMATCHES))
+    if args.study:
+        query = query.where(Study.study_uid == args.study)
+    with store.read() as s:
+        rows = s.execute(query.order_by(Flag.created_at.desc(), Flag.id).limit(args.limit)).all()
+    out = [{"study_uid": uid, "accession_number": acc, **flag_dict(f)} for f, uid, acc in rows]
+    if args.json:
+        _print_json(out)
+    else:
+        for r in out:
+            print(f"{r['study_uid']}  {r['accession_number'] or '-':<12} {r['severity']:<7} {r['kind']:<20} {r['reason']}")
+        if not out:
+            print("no flagged studies")
+    return 0
+
+
+def study_views(s, study):  # type: ignore[no-untyped-def]
+    """A stored study as the hanging-protocol layout takes it; None without a usable Study Date."""
+    import re
+
+    from sqlalchemy import select
+
+    from nnrouter import hanging
+    from nnrouter.codes import classes
+    from nnrouter.store import current_instances, latest_prediction
+
+    if not re.fullmatch(r"\d{8}", study.study_date or ""):
+        return None
+    known = classes()
+    images, parts = [], set()
+    for inst in current_instances(s, study.id):
+        series = inst.series
+        if series.body_part_examined:
+            parts.add(series.body_part_examined)
+        pred = latest_prediction(s, inst.id)
+        side = (inst.image_laterality or "").upper()
+        number = int(inst.instance_number) if (inst.instance_number or "").strip().lstrip("-").isdigit() else None
+        images.append(hanging.ImageView(
+            sop_instance_uid=inst.sop_instance_uid, series_uid=series.series_uid,
+            label=(pred.label if pred.label in known else hanging.UNKNOWN) if pred else None,
+            score=min(max(pred.score, 0.0), 1.0) if pred else None,
+            laterality=side if side in ("L", "R") else None, instance_number=number,
+        ))
+    return hanging.StudyViews(study.study_uid, study.study_date, study.accession_number or "", frozenset(parts), tuple(images))
+
+
+def cmd_hang(args: argparse.Namespace) -> int:
+    """The layout for one study, with the newest earlier study of the same patient and body part beside it."""
+    from sqlalchemy import select
+
+    from nnrouter import hanging
+    from nnrouter.store import Study
+
+    settings = _settings(args)
+    with _store(settings).read() as s:
+        study = s.execute(select(Study).where(Study.study_uid == args.study_uid)).scalar_one_or_none()
+        if study is None:
+            print(f"no study {args.study_uid} in the store", file=sys.stderr)
+            return 1
+        current = study_views(s, study)
+        if current is None:
+            print(f"study {args.study_uid} has no Study Date: cannot order it among priors", file=sys.stderr)
+            return 1
+        prior = None
+        if study.patient_id:
+            others = s.execute(select(Study).where(Study.patient_id == study.patient_id, Study.id != study.id)).scalars()
+            prior = hanging.pick_prior(current, [v for v in (study_views(s, o) for o in others) if v is not None])
+    _print_json(hanging.layout(current, prior).to_dict())
+    return 0
+
+
+def cmd_hang_protocols(args: argparse.Namespace) -> int:
+    """Write the generic Hanging Protocol instances, and store them to a destination if asked."""
+    from nnrouter import hanging
+
+    if args.send and not args.rules:
+        print("--send names a destination of a rule file: give --rules FILE too", file=sys.stderr)
+        return 2
+    paths = hanging.write_protocols(args.out, creator=args.creator, version=args.version)
+    print(f"wrote {len(paths)} Hanging Protocol instances to {args.out}")
+    if args.send:
+        from nnrouter import rules
+        from nnrouter.send import SendError, send
+
+        try:
+            ruleset = rules.load_rules(args.rules)
+        except yamlfile.FileProblems as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        dest = next((d for d in ruleset.destinations if d.name == args.send), None)
+        if dest is None:
+            print(f"no destination {args.send!r} in {args.rules}", file=sys.stderr)
+            return 1
+        try:
+            outcomes = send(dest.host, dest.port, paths, dest.calling_ae, dest.ae_title)
+        except SendError as exc:
+            print(f"nnrouter: {exc}", file=sys.stderr)
+            return 1
+        bad = [o for o in outcomes if o.status != 0]
+        print(f"stored {len(outcomes) - len(bad)} of {len(outcomes)} at {dest.ae_title}@{dest.host}:{dest.port}")
+        for o in bad:
+            print(f"  {o.path}: {o.comment or o.status}", file=sys.stderr)
+        return 1 if bad else 0
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The study's Comprehensive SR, written to a file (the router makes the same one when a rule asks)."""
+    from sqlalchemy import select
+
+    from nnrouter import report
+    from nnrouter.route import study_findings
+    from nnrouter.store import Study
+
+    settings = _settings(args)
+    with _store(settings).read() as s:
+        study = s.execute(select(Study).where(Study.study_uid == args.study_uid)).scalar_one_or_none()
+        findings = study_findings(s, study.id) if study else None
+    if findings is None:
+        print(f"no study {args.study_uid} with readable instances in the store", file=sys.stderr)
+        return 1
+    out = report.write_sr(report.build_sr(findings), args.out)
+    print(f"wrote {out}: {len(findings.images)} images, {len(findings.flags)} flags")
+    return 0
+
+
+def cmd_procedures_check(args: argparse.Namespace) -> int:
+    from nnrouter.procedures import load_procedures
+
+    try:
+        book = load_procedures(args.file)
+    except yamlfile.FileProblems as exc:
+        for p in exc.problems:
+            print(p, file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK, {len(book.spec.procedures)} procedures"
+          + (" plus the single-view codes of classes.csv" if book.spec.class_codes else ""))
     return 0
 
 
@@ -595,6 +787,15 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
         shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom" / "good"
         files += sorted(shared.glob("*.dcm"))
     return bench.infer(model, files, args.batch, args.images, args.providers, settings.models.decode_max_side)
+
+
+def cmd_bench_route(args: argparse.Namespace) -> int:
+    from nnrouter import bench
+
+    settings = _settings(args)
+    model = None if args.no_model else (args.model or settings.models.classifier)
+    return bench.route(args.studies, args.images, args.rows, args.columns, args.workers, args.quiet_s, model,
+                       args.max_associations, args.workdir)
 
 
 def cmd_dataset_build(args: argparse.Namespace) -> int:
@@ -760,6 +961,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, help="folder for report.json and confusion.png")
     ev.add_argument("--update-card", action="store_true", help="write the figures into the model card")
 
+    mm = add(sub, "mismatches", cmd_mismatches, "studies whose images are not what was ordered")
+    mm.add_argument("--kind", nargs="+", help="only these flags (default: the mismatches, not uncertain/unmapped)")
+    mm.add_argument("--all", action="store_true", help="every flag, uncertain and unmapped included")
+    mm.add_argument("--study", help="one study")
+    mm.add_argument("--limit", type=int, default=200)
+    mm.add_argument("--json", action="store_true")
+    hg = add(sub, "hang", cmd_hang, "hanging-protocol layout of a study, as JSON")
+    hg.add_argument("study_uid")
+    hgp = add(sub, "hang-protocols", cmd_hang_protocols, "write (and store) the generic DICOM Hanging Protocol instances",
+              config="none")
+    hgp.add_argument("--out", type=Path, required=True, help="folder for the .dcm files")
+    hgp.add_argument("--creator", default="NNROUTER")
+    hgp.add_argument("--version", default="1")
+    hgp.add_argument("--send", metavar="DESTINATION", help="also store them to this destination of the rule file")
+    hgp.add_argument("--rules", type=Path, help="the rule file that names the destination")
+    rp = add(sub, "report", cmd_report, "write a study's Comprehensive SR (what nnrouter found)")
+    rp.add_argument("study_uid")
+    rp.add_argument("--out", type=Path, required=True)
+    proc = sub.add_parser("procedures", help="what each ordered procedure should produce").add_subparsers(dest="sub", required=True)
+    pc = add(proc, "check", cmd_procedures_check, "validate a procedures file", config="none")
+    pc.add_argument("file", type=Path)
+
     bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(dest="sub", required=True)
     ing = add(bench, "ingest", cmd_bench_ingest, "C-STORE throughput: nnrouter vs DCMTK storescp", config="none")
     ing.add_argument("--count", type=int, default=20, help="files per round")
@@ -773,6 +996,17 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--images", type=int, default=64, help="images per batch size")
     inf.add_argument("--providers", nargs="+", default=None)
     inf.add_argument("files", nargs="*", type=Path, help="DICOM files or folders (default: pydicom-data + ../shared good)")
+    rt = add(bench, "route", cmd_bench_route, "end to end: storescu -> nnrouter -> storescp vs direct")
+    rt.add_argument("--studies", type=int, default=5)
+    rt.add_argument("--images", type=int, default=4, help="images per study")
+    rt.add_argument("--rows", type=int, default=2500)
+    rt.add_argument("--columns", type=int, default=2048)
+    rt.add_argument("--workers", type=int, default=2, help="classify worker processes")
+    rt.add_argument("--quiet-s", type=float, default=1.0, help="the routing quiet period")
+    rt.add_argument("--max-associations", type=int, default=1, help="associations to the destination (storescp takes one at a time)")
+    rt.add_argument("--model", type=Path, default=None, help="classifier (default: models.classifier)")
+    rt.add_argument("--no-model", action="store_true", help="route without classifying")
+    rt.add_argument("--workdir", type=Path, default=None)
     return p
 
 

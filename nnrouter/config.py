@@ -72,8 +72,8 @@ class Workers(_Section):
 _SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
-def _model_path(value: Path | None) -> Path | None:
-    """A relative model path is looked up where we run, then among the shipped models."""
+def _shipped(value: Path | None) -> Path | None:
+    """A relative path (a model, rules/procedures.yaml) is looked up where we run, then among what ships with nnrouter."""
     if value is None or value.is_absolute() or value.exists():
         return value
     shipped = _SHIPPED_MODELS.parent / value
@@ -84,7 +84,7 @@ class Models(_Section):
     classifier: Path | None = Path("models/nnrouter-view")
     detector: Path | None = None
 
-    _find = field_validator("classifier", "detector")(_model_path)
+    _find = field_validator("classifier", "detector")(_shipped)
     providers: list[str] | None = None
     intra_op_threads: int = Field(0, ge=0)
     decode_max_side: int = Field(1024, ge=64)
@@ -99,6 +99,33 @@ class Routing(_Section):
     idle_close_s: float = Field(10.0, gt=0)
     # A delivery in flight when its forwarder died is retried after this long.
     lease_s: float = Field(120.0, gt=0)
+
+
+class Worklist(_Section):
+    """A Modality Worklist SCP, asked for the order of each study by accession number."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    ae_title: str = Field(min_length=1, max_length=16)
+    calling_ae: str = Field("NNROUTER", min_length=1, max_length=16)
+    timeout_s: float = Field(10.0, gt=0)
+
+
+class Hl7(_Section):
+    """The HL7 v2 (ORM^O01, OMI^O23) listener over MLLP."""
+
+    bind: str = "0.0.0.0"
+    port: int = Field(2575, ge=0, le=65535)
+
+
+class Orders(_Section):
+    # What each procedure expects (view classes and counts); null: no
+    # ordered-vs-performed check, only header-vs-pixel flags.
+    procedures: Path | None = Path("rules/procedures.yaml")
+    worklist: Worklist | None = None
+    hl7: Hl7 | None = None
+
+    _find = field_validator("procedures")(_shipped)
 
 
 class Database(_Section):
@@ -122,6 +149,7 @@ class Settings(BaseSettings):
     workers: Workers = Workers()
     models: Models = Models()
     routing: Routing = Routing()
+    orders: Orders = Orders()
     database: Database = Database()
     logging: Logging = Logging()
 
@@ -231,6 +259,24 @@ routing:
   idle_close_s: 10.0
   # Seconds before a delivery left in flight by a dead forwarder is retried.
   lease_s: 120.0
+
+orders:
+  # What each ordered procedure should produce (rules/procedures.yaml, edited
+  # like the routing rules). null: no ordered-vs-performed check.
+  procedures: rules/procedures.yaml
+  # A Modality Worklist SCP to ask for each study's order by accession
+  # number (C-FIND). null: orders come from the images and HL7 only.
+  worklist: null
+  #  host: ris.example
+  #  port: 104
+  #  ae_title: RIS_MWL
+  #  calling_ae: NNROUTER
+  #  timeout_s: 10
+  # HL7 v2 ORM^O01 / OMI^O23 over MLLP: a listener that ACKs and keeps orders.
+  # null: off.
+  hl7: null
+  #  bind: 0.0.0.0
+  #  port: 2575
 
 database:
   # SQLite (embedded, one machine) or PostgreSQL (several nodes):

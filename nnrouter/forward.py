@@ -26,7 +26,7 @@ from sqlalchemy import and_, or_, select, update
 
 from nnrouter import logs, rules
 from nnrouter.config import Settings
-from nnrouter.store import Instance, Outbox, OutboxState, Prediction, Store, utcnow
+from nnrouter.store import Instance, Outbox, OutboxState, Store, latest_prediction, utcnow
 
 log = logs.get("nnrouter.forward")
 
@@ -124,8 +124,9 @@ class Forwarder:
             ).all()
             jobs = []
             for ob, inst in rows:
-                pred = s.execute(select(Prediction.label).where(Prediction.instance_id == inst.id).order_by(Prediction.id.desc()).limit(1)).scalar()
-                jobs.append(Job(ob.id, inst.id, inst.path, inst.sop_class_uid, inst.transfer_syntax_uid, ob.coerce, pred, ob.attempts))
+                pred = latest_prediction(s, inst.id)
+                jobs.append(Job(ob.id, inst.id, inst.path, inst.sop_class_uid, inst.transfer_syntax_uid, ob.coerce,
+                                pred.label if pred else None, ob.attempts))
             return jobs
 
     def _finish(self, job: Job, dest: rules.Destination, ok: bool, error: str | None, ts: str | None = None) -> str:

@@ -44,6 +44,17 @@ def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = 
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
 
 
+def terminate(proc: subprocess.Popen | None, wait: float = 15) -> None:
+    """Stop a peer politely (SIGTERM), then for sure (SIGKILL) if it has not gone within ``wait`` s."""
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def storescu_config(files: list[Path], path: Path) -> tuple[Path, str]:
     """A storescu profile proposing, per SOP class, each file's own syntax first.
 
@@ -119,13 +130,7 @@ class StoreSCP:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
 
 @dataclass
@@ -197,13 +202,7 @@ class Node:
             self.proc.wait()
 
     def stop(self) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         return self.proc.returncode if self.proc else None
 
     def log_lines(self) -> list[str]:
@@ -217,12 +216,19 @@ def have(*tools: str) -> list[str]:
 
 @dataclass
 class Orthanc:
-    """A real PACS (Debian's Orthanc) in a folder of its own; REST on loopback only."""
+    """A real PACS (Debian's Orthanc) in a folder of its own; REST on loopback only.
+
+    ``modalities`` (name -> [AE title, host, port]) become its DicomModalities,
+    the peers it may query or send to; ``config`` is merged into its
+    configuration last.
+    """
 
     home: Path
     aet: str = "ORTHANC"
     port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
+    modalities: dict | None = None
+    config: dict = field(default_factory=dict)
     proc: subprocess.Popen | None = None
 
     def start(self) -> Orthanc:
@@ -235,6 +241,9 @@ class Orthanc:
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": True,
             "Plugins": [], "StableAge": 1,
         }
+        if self.modalities:
+            cfg["DicomModalities"] = self.modalities
+        cfg.update(self.config)
         (self.home / "orthanc.json").write_text(json.dumps(cfg))
         log = open(self.home / "orthanc.log", "ab")
         self.proc = subprocess.Popen(["Orthanc", str(self.home / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
@@ -251,14 +260,59 @@ class Orthanc:
             body = rsp.read()
         return json.loads(body) if rsp.headers.get_content_type() == "application/json" else body
 
+    def post(self, path: str, body):  # type: ignore[no-untyped-def]
+        """POST ``body`` as JSON (or bytes as given); the answer as JSON, or bytes."""
+        import json
+        import urllib.request
+
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method="POST")
+        with urllib.request.urlopen(req, timeout=60) as rsp:
+            out = rsp.read()
+        return json.loads(out) if rsp.headers.get_content_type() == "application/json" else out
+
     def count(self) -> int:
         return int(self.get("/statistics")["CountInstances"])
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
+
+
+def dciodvfy(path: Path) -> list[str]:
+    """dicom3tools' verdict on a file we made: its error lines (warnings are not errors).
+
+    dciodvfy checks the object against the IOD and module definitions of the
+    standard; an empty list means it found nothing it calls an error.
+    """
+    res = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, timeout=60)
+    out = res.stdout + res.stderr
+    return [line for line in out.splitlines() if line.startswith("Error")]
+
+
+@dataclass
+class Wlmscpfs:
+    """DCMTK's worklist SCP over a folder of .wl files, answering as ``aet``."""
+
+    db: Path
+    aet: str = "RISWL"
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def folder(self) -> Path:
+        """Where the .wl files go: wlmscpfs looks in a subfolder named after the called AE title."""
+        return self.db / self.aet
+
+    def start(self) -> Wlmscpfs:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "lockfile").touch()  # wlmscpfs locks it while searching; without it every query fails
+        log = open(self.db / "wlmscpfs.log", "ab")
+        # -csk: return the files' Specific Character Set, so UTF-8 names arrive as names.
+        self.proc = subprocess.Popen(["wlmscpfs", "-v", "-csk", "-dfp", str(self.db), str(self.port)],
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        terminate(self.proc)

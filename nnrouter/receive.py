@@ -6,6 +6,7 @@ instance means. The handler stays thin because pynetdicom runs one thread per
 association under Python's GIL: it parses the header (never the pixels),
 writes the encoded bytes as they came (no decode, no re-encode), fsyncs, commits
 the rows and only then answers success. Pixels are a worker's job.
+The same AE answers C-FIND over the store (``nnrouter.query``).
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
-from nnrouter import logs
+from nnrouter import hanging, logs
 from nnrouter.config import Settings
+from nnrouter.query import TRANSFER_SYNTAXES as QUERY_TRANSFER_SYNTAXES
+from nnrouter.query import Query
 from nnrouter.spool import Spool
-from nnrouter.store import Instance, Series, Store, Study, utcnow
+from nnrouter.store import Instance, InstanceState, Series, Store, Study, utcnow
 
 log = logs.get("nnrouter.receive")
 
@@ -235,6 +238,8 @@ class Receiver:
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._assocs: dict[int, _AssocStats] = {}
         self._assocs_lock = threading.Lock()
+        self.query = Query(store)
+        self._protocols: list[Dataset] | None = None
 
     # --- the durable keep ---
 
@@ -280,6 +285,19 @@ class Receiver:
                 raise
         return Kept(instance_id, version, duplicate=False)
 
+    def keep_created(self, ds: Dataset, calling_ae: str) -> Kept:
+        """Keep an object nnrouter made (an SR) like a received one, so it can be forwarded and queried."""
+        from pydicom.filewriter import dcmwrite
+
+        buf = BytesIO()
+        dcmwrite(buf, ds, enforce_file_format=True)
+        raw = buf.getvalue()
+        meta_len = 132 + 12 + int.from_bytes(raw[140:144], "little")  # preamble, DICM, group length element
+        header = parse_header(ds, "", "")
+        return self.keep(header, raw[:meta_len], memoryview(raw)[meta_len:], origin=dict(
+            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), calling_ae=calling_ae, called_ae=None,
+            peer_host=None, state=InstanceState.CREATED))
+
     def _record(
         self, header: Header, dest, size: int, digest: str, version: int, origin: dict[str, Any]
     ) -> int:  # type: ignore[no-untyped-def]
@@ -288,7 +306,8 @@ class Receiver:
             study_id = _insert_ignore(
                 s, Study, {"study_uid": header.study_uid, **header.study, "created_at": now, "last_received_at": now}, "study_uid"
             )
-            s.query(Study).filter(Study.id == study_id).update({"last_received_at": now})
+            if origin.get("state") != InstanceState.CREATED:  # our own SR does not restart the quiet period
+                s.query(Study).filter(Study.id == study_id).update({"last_received_at": now})
             series_id = _insert_ignore(
                 s, Series, {"series_uid": header.series_uid, "study_id": study_id, **header.series, "created_at": now}, "series_uid"
             )
@@ -371,6 +390,14 @@ class Receiver:
             statuses=stats.statuses,
             ended=ended,
         )
+
+    def on_find(self, event: evt.Event):  # type: ignore[no-untyped-def]
+        """Hanging Protocol queries get the generic protocols; the Q/R models query the store."""
+        if str(event.request.AffectedSOPClassUID) == hanging.HANGING_PROTOCOL_FIND:
+            if self._protocols is None:
+                self._protocols = hanging.generic_protocols()
+            return hanging.handle_find(event, self._protocols)
+        return self.query.handle_find(event)
 
     def on_echo(self, event: evt.Event) -> int:
         return SUCCESS
@@ -458,11 +485,12 @@ class Receiver:
             (evt.EVT_ABORTED, self.on_aborted),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_C_FIND, self.on_find),
         ]
 
 
 def make_ae(settings: Settings) -> AE:
-    """An AE that accepts every storage SOP class in the syntaxes we keep."""
+    """An AE that accepts every storage SOP class in the syntaxes we keep, and the FIND models."""
     d = settings.dicom
     ae = AE(ae_title=d.ae_title)
     ae.require_called_aet = True
@@ -474,6 +502,10 @@ def make_ae(settings: Settings) -> AE:
     ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES)
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+    for uid in (*Query.contexts(), hanging.HANGING_PROTOCOL_FIND):
+        ae.add_supported_context(uid, QUERY_TRANSFER_SYNTAXES)
+    # Hanging protocols are stored to us like images (a viewer's own, or ours sent back).
+    ae.add_supported_context(hanging.HANGING_PROTOCOL_STORAGE, ACCEPTED_TRANSFER_SYNTAXES)
     return ae
 
 

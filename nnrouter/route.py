@@ -22,7 +22,9 @@ from sqlalchemy import exists, func, select
 
 from nnrouter import logs, rules, yamlfile
 from nnrouter.config import Settings
+from nnrouter.mismatch import OrderCheck
 from nnrouter.store import (
+    Flag,
     Instance,
     InstanceState,
     Outbox,
@@ -33,13 +35,16 @@ from nnrouter.store import (
     Series,
     Store,
     Study,
+    current_instances,
+    latest_prediction,
     utcnow,
 )
 
 log = logs.get("nnrouter.route")
 
 # The classify stage is done with an instance in these states.
-LOOKED_AT = (InstanceState.CLASSIFIED, InstanceState.DECODED, InstanceState.UNDECODABLE, InstanceState.FAILED)
+LOOKED_AT = (InstanceState.CLASSIFIED, InstanceState.DECODED, InstanceState.UNDECODABLE, InstanceState.FAILED,
+             InstanceState.CREATED)
 
 
 def header_facts(path: str) -> dict[str, Any]:
@@ -63,6 +68,11 @@ def header_facts(path: str) -> dict[str, Any]:
     return out
 
 
+def _utc(ts: dt.datetime) -> dt.datetime:
+    """SQLite hands back naive datetimes; they were written in UTC."""
+    return ts if ts.tzinfo else ts.replace(tzinfo=dt.timezone.utc)
+
+
 @dataclass
 class Loaded:
     ruleset: rules.RuleSet
@@ -77,6 +87,7 @@ class Router:
         self.path: Path | None = settings.routing.rules
         self.loaded: Loaded | None = None
         self._seen: tuple[float, str] | None = None
+        self.order_check = OrderCheck(settings, store)
 
     # --- rules, reloaded safely ---
 
@@ -124,14 +135,11 @@ class Router:
         return max(per_ae) if per_ae else st.quiet_s
 
     def facts(self, s, study: Study, now: dt.datetime) -> rules.StudyFacts:  # type: ignore[no-untyped-def]
-        rows = s.execute(
-            select(Instance).join(Series).where(Series.study_id == study.id).order_by(Instance.id)
-        ).scalars().all()
+        """What the rules look at: every current instance's header, prediction and regions."""
+        rows = current_instances(s, study.id)
         instances = []
         for inst in rows:
-            pred = s.execute(
-                select(Prediction).where(Prediction.instance_id == inst.id).order_by(Prediction.id.desc()).limit(1)
-            ).scalar_one_or_none()
+            pred = latest_prediction(s, inst.id)
             try:
                 header = header_facts(inst.path)
             except Exception:  # an unreadable header still routes on what the store knows
@@ -146,54 +154,79 @@ class Router:
                     regions=tuple((d.label, d.score) for d in inst.detections),
                 )
             )
+        flags = s.execute(select(Flag.kind).where(Flag.study_id == study.id)).scalars()
         return rules.StudyFacts(
             study_uid=study.study_uid,
             instances=tuple(instances),
             calling_aes=frozenset(i.calling_ae for i in rows if i.calling_ae),
             called_aes=frozenset(i.called_ae for i in rows if i.called_ae),
-            mismatches=frozenset(),
+            mismatches=frozenset(flags),
             now=now,
         )
 
-    def ready_studies(self, s, now: dt.datetime) -> list[Study]:  # type: ignore[no-untyped-def]
-        """Undecided studies whose instances have all been looked at; quiet period checked by the caller."""
+    def ready_studies(self, s) -> list[Study]:  # type: ignore[no-untyped-def]
+        """Undecided studies whose instances have all been looked at; completeness is checked by the caller.
+
+        Without rules there is nothing to decide; studies are still checked
+        against their orders, once.
+        """
         busy = (
             select(Instance.id)
             .join(Series)
             .where(Series.study_id == Study.id, Instance.state.not_in(LOOKED_AT))
         )
         decided = select(RoutingDecision.id).where(RoutingDecision.study_id == Study.id)
-        return list(
-            s.execute(select(Study).where(~exists(busy), ~exists(decided)).order_by(Study.last_received_at)).scalars()
-        )
+        query = select(Study).where(~exists(busy), ~exists(decided))
+        if self.loaded is None:
+            query = query.where(Study.checked_at.is_(None))
+        return list(s.execute(query.order_by(Study.last_received_at)).scalars())
 
     def tick(self, now: dt.datetime | None = None) -> dict[str, int]:
         self.reload()
-        counts = {"decided": 0, "late": 0}
-        if self.loaded is None:
-            return counts
+        self.order_check.reload()
+        counts = {"checked": 0, "decided": 0, "late": 0, "failed": 0}
         now = now or utcnow()
         with self.store.read() as s:
-            candidates = self.ready_studies(s, now)
-            due = []
-            for study in candidates:
+            ready = self.ready_studies(s)
+        self.order_check.prepare(ready)
+        due = []
+        with self.store.read() as s:
+            for study in ready:
                 calling = {i for i in s.execute(
                     select(Instance.calling_ae).join(Series).where(Series.study_id == study.id)).scalars() if i}
-                last = study.last_received_at if study.last_received_at.tzinfo else study.last_received_at.replace(tzinfo=dt.timezone.utc)
-                if (now - last).total_seconds() >= self.quiet_s(calling):
-                    due.append((study.id, self.facts(s, study, now)))
-        for study_id, facts in due:
-            self.decide(study_id, facts)
-            counts["decided"] += 1
-        counts["late"] = self.follow_decisions()
+                last = _utc(study.last_received_at)
+                # Every ordered view is here: no reason to wait out the quiet period.
+                if (now - last).total_seconds() >= self.quiet_s(calling) or self.order_check.complete(s, study):
+                    due.append(study)
+        for study in due:
+            try:
+                self.order_check.run(study)
+                counts["checked"] += 1
+                if self.loaded is not None:
+                    with self.store.read() as s:
+                        facts = self.facts(s, study, now)
+                    self.decide(study, facts)
+                    counts["decided"] += 1
+            except Exception as exc:  # one study that cannot be routed must not hold up the others
+                counts["failed"] += 1
+                log.error("study_route_failed", study_uid=study.study_uid, error=f"{type(exc).__name__}: {exc}"[:300])
+        if self.loaded is not None:
+            counts["late"] = self.follow_decisions()
         return counts
 
-    def decide(self, study_id: int, facts: rules.StudyFacts) -> rules.Decision:
+    def decide(self, study: Study, facts: rules.StudyFacts) -> rules.Decision:
+        study_id = study.id
         decision = rules.decide(self.loaded.ruleset, facts)
         deliveries = [] if decision.discard else [
-            {"destination": d.destination, "rule": d.rule, "coerce": d.coerce.model_dump() if d.coerce else None}
+            {"destination": d.destination, "rule": d.rule, "coerce": d.coerce.model_dump() if d.coerce else None,
+             "report": d.report}
             for d in decision.deliveries
         ]
+        if any(d["report"] for d in deliveries):
+            # Made before the decision is recorded, with UIDs and time from the
+            # study: a second router, or this one after a crash, makes the same
+            # bytes, which the store keeps once.
+            self.make_report(study)
         with self.store.write() as s:
             if s.execute(select(RoutingDecision.id).where(RoutingDecision.study_id == study_id)).first():
                 return decision  # another router got there first
@@ -209,18 +242,49 @@ class Router:
                  matched=[o.rule for o in decision.outcomes if o.matched])
         return decision
 
-    def _queue(self, s, study_id: int, deliveries: list[dict], hold: bool, only_new: bool = False) -> int:  # type: ignore[no-untyped-def]
-        """Outbox rows for the study's looked-at instances that do not have one yet."""
-        insts = s.execute(
-            select(Instance.id).join(Series).where(Series.study_id == study_id, Instance.state.in_(LOOKED_AT))
-        ).scalars().all()
+    def make_report(self, study: Study) -> str | None:
+        """The study's Comprehensive SR, kept in the spool and the store like a received instance."""
+        from pydicom.uid import generate_uid
+
+        from nnrouter import report
+        from nnrouter.receive import Receiver
+        from nnrouter.spool import Spool
+
+        with self.store.read() as s:
+            findings = study_findings(s, study.id)
+        if findings is None:
+            return None
+        when = _utc(study.last_received_at)
+        sr = report.build_sr(
+            findings,
+            series_uid=generate_uid(entropy_srcs=[study.study_uid, "nnrouter SR series"]),
+            instance_uid=generate_uid(entropy_srcs=[study.study_uid, "nnrouter SR", self.loaded.digest if self.loaded else ""]),
+            now=when,
+        )
+        kept = Receiver(self.settings, self.store, Spool(self.settings.storage.path)).keep_created(
+            sr, self.settings.dicom.ae_title)
+        log.info("report_made", study_uid=str(sr.StudyInstanceUID), sop_instance_uid=str(sr.SOPInstanceUID),
+                 images=len(findings.images), flags=len(findings.flags), duplicate=kept.duplicate)
+        return str(sr.SOPInstanceUID)
+
+    def _queue(self, s, study_id: int, deliveries: list[dict], hold: bool) -> int:  # type: ignore[no-untyped-def]
+        """Outbox rows for the study's current, looked-at instances that do not have one yet.
+
+        nnrouter's own SR goes only where a delivery asked for the report,
+        and as it was made (no coercion).
+        """
         n = 0
-        for inst_id in insts:
+        for inst in current_instances(s, study_id, created=True):
+            if inst.state not in LOOKED_AT:
+                continue
+            own = inst.state == InstanceState.CREATED
             for d in deliveries:
-                if s.execute(select(Outbox.id).where(Outbox.instance_id == inst_id, Outbox.destination == d["destination"])).first():
+                if own and not d.get("report"):
                     continue
-                s.add(Outbox(instance_id=inst_id, destination=d["destination"], rule=d["rule"], coerce=d["coerce"],
-                             state=OutboxState.HELD if hold else OutboxState.PENDING))
+                if s.execute(select(Outbox.id).where(Outbox.instance_id == inst.id, Outbox.destination == d["destination"])).first():
+                    continue
+                s.add(Outbox(instance_id=inst.id, destination=d["destination"], rule=d["rule"],
+                             coerce=None if own else d["coerce"], state=OutboxState.HELD if hold else OutboxState.PENDING))
                 n += 1
         return n
 
@@ -233,6 +297,7 @@ class Router:
                 .join(Instance, Instance.series_id == Series.id)
                 .where(
                     Instance.state.in_(LOOKED_AT),
+                    Instance.state != InstanceState.CREATED,  # the SR is queued with its decision
                     func.json_array_length(RoutingDecision.deliveries) > 0,  # SQLite and PostgreSQL both have it
                     ~exists(select(Outbox.id).where(Outbox.instance_id == Instance.id)),
                 )
@@ -243,6 +308,45 @@ class Router:
             with self.store.write() as s:
                 n += self._queue(s, study_id, deliveries, hold)
         return n
+
+
+def study_findings(s, study_id: int):  # type: ignore[no-untyped-def]
+    """What nnrouter found in a study, as the SR builder takes it; None for a study with no images."""
+    from nnrouter import report
+
+    from nnrouter.codes import classes
+
+    known = classes()
+    headers, images = [], []
+    for inst in current_instances(s, study_id):
+        try:
+            headers.append(dcmread(inst.path, stop_before_pixels=True, force=True))
+        except Exception:
+            continue  # an unreadable file cannot be referenced by the SR
+        pred = latest_prediction(s, inst.id)
+        if pred is None:
+            continue
+        images.append(report.ImageFinding(
+            sop_instance_uid=inst.sop_instance_uid, label=pred.label if pred.label in known else report.UNKNOWN,
+            score=min(max(pred.score, 0.0), 1.0),
+            # A box squeezed to a line at the image edge has no area to report.
+            regions=tuple(report.Region(d.label, min(max(d.score, 0.0), 1.0), tuple(d.box_px)) for d in inst.detections
+                          if d.box_px[2] > d.box_px[0] and d.box_px[3] > d.box_px[1]),
+        ))
+    if not headers:
+        return None
+    flags = s.execute(select(Flag).where(Flag.study_id == study_id).order_by(Flag.id)).scalars().all()
+    model = s.execute(
+        select(Prediction.model_name, Prediction.model_version).join(Instance).join(Series)
+        .where(Series.study_id == study_id).limit(1)
+    ).first()
+    uids = {h.SOPInstanceUID for h in headers}
+    return report.StudyFindings(
+        instances=tuple(headers), images=tuple(images),
+        flags=tuple(report.MismatchFlag(f.kind, f.severity, f.reason, f.sop_instance_uid if f.sop_instance_uid in uids else None)
+                    for f in flags),
+        algorithm_name=model[0] if model else "nnrouter", algorithm_version=model[1] if model else "none",
+    )
 
 
 def run_router(settings: Settings, stop=None) -> None:  # type: ignore[no-untyped-def]

@@ -41,6 +41,7 @@ from pydantic import (
 from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 
 from nnrouter import codes, yamlfile
+from nnrouter.orders import FlagKind
 
 __all__ = [
     "Coerce", "Condition", "Decision", "Delivery", "Destination", "InstanceFacts", "RetryPolicy", "RouteSettings",
@@ -325,11 +326,14 @@ def _mismatch(value: Any) -> list[str] | Literal["any"]:
     value = _listify(value)
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise ValueError('expected "any" or a list of mismatch flags')
+    unknown = [v for v in value if v not in FlagKind.ALL]
+    if unknown:
+        raise ValueError(f"unknown flag {', '.join(map(repr, unknown))}; the flags are {', '.join(FlagKind.ALL)}")
     return value
 
 
 Mismatch = Annotated[Any, PlainValidator(_mismatch), WithJsonSchema(
-    {"anyOf": [{"const": "any"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]})]
+    {"anyOf": [{"const": "any"}, {"type": "array", "items": {"enum": list(FlagKind.ALL)}, "minItems": 1}]})]
 
 
 class Condition(_Model):
@@ -408,6 +412,7 @@ class Then(_Model):
     forward: Names = Field([], description="destination names")
     coerce: Coerce | None = None
     hold: bool = Field(False, description="queue the deliveries held until someone releases them")
+    report: bool = Field(False, description="also send nnrouter's findings as a Comprehensive SR in the study")
     discard: bool = False
 
     @model_validator(mode="after")
@@ -418,6 +423,8 @@ class Then(_Model):
             raise ValueError("then does nothing: give forward, hold or discard")
         if self.coerce is not None and not self.forward:
             raise ValueError("coerce changes forwarded copies: give forward too")
+        if self.report and not self.forward:
+            raise ValueError("report goes with forwarded studies: give forward too")
         return self
 
 
@@ -590,6 +597,7 @@ class Delivery:
     destination: str
     coerce: Coerce | None
     rule: str
+    report: bool = False  # nnrouter's Comprehensive SR of the study goes along
 
 
 @dataclass(frozen=True)
@@ -615,6 +623,7 @@ class Decision:
                 what = (["fill view attributes from the prediction"] if d.coerce.fill_from_prediction else []) + \
                        [f"set {k}" for k in d.coerce.set]
                 extra = f"; coerce: {', '.join(what)}" if what else ""
+            extra += "; with nnrouter's SR" if d.report else ""
             lines.append(f"  -> {d.destination} (rule {d.rule}{extra})")
         if self.hold:
             lines.append(f"hold: yes (rule {', '.join(self.hold_rules)}); deliveries wait for release")
@@ -731,7 +740,8 @@ def _eval(c: Condition, s: StudyFacts) -> tuple[bool, str]:
         state = "present" if r.present else "absent"
         return ok, f"region {r.label} >= {r.min_score:.2f} {state} (found on {n} of {_plural(total)}): {_yes(ok)}"
     if c.mismatch is not None:
-        flags = sorted(s.mismatches if c.mismatch == "any" else s.mismatches & set(c.mismatch))
+        # "any" means a real mismatch; `uncertain` and `unmapped_procedure` are asked for by name.
+        flags = sorted(s.mismatches & set(FlagKind.MISMATCHES if c.mismatch == "any" else c.mismatch))
         ok = bool(flags)
         asked = "any mismatch" if c.mismatch == "any" else f"mismatch {', '.join(c.mismatch)}"
         return ok, f"{asked} (study: {', '.join(sorted(s.mismatches)) or 'none'}): {_yes(ok)}"
@@ -776,7 +786,7 @@ def decide(rules: RuleSet, study: StudyFacts) -> Decision:
     deliveries: dict[str, Delivery] = {}
     for rule in matched:
         for dest in rule.then.forward:
-            deliveries.setdefault(dest, Delivery(dest, rule.then.coerce, rule.name))
+            deliveries.setdefault(dest, Delivery(dest, rule.then.coerce, rule.name, rule.then.report))
     hold_rules = tuple(r.name for r in matched if r.then.hold)
     return Decision(tuple(outcomes), tuple(deliveries.values()), bool(hold_rules), False, hold_rules)
 

@@ -68,6 +68,8 @@ class Study(Base):
     referring_physician: Mapped[str | None] = mapped_column(String(324))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # When the ordered-vs-performed check last ran (its flags are in `flag`).
+    checked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
 
@@ -103,6 +105,8 @@ class InstanceState:
     DECODED = "decoded"
     UNDECODABLE = "undecodable"
     FAILED = "failed"
+    # Made by nnrouter itself (the study's SR): never classified, forwarded where a rule asks.
+    CREATED = "created"
 
 
 class Instance(Base):
@@ -255,6 +259,54 @@ class Detection(Base):
     instance: Mapped[Instance] = relationship(back_populates="detections")
 
 
+class OrderRequest(Base):
+    """An order (requested procedure) from the images, a worklist or HL7; see ``nnrouter.orders``.
+
+    ``key`` makes a re-sent order an update, not a second order: the source,
+    accession number and requested procedure (or placer order) number.
+    Patient fields are kept for linking and never logged.
+    """
+
+    __tablename__ = "order_request"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    source: Mapped[str] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
+    study_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    requested_procedure_id: Mapped[str | None] = mapped_column(String(64))
+    placer_order_number: Mapped[str | None] = mapped_column(String(64))
+    filler_order_number: Mapped[str | None] = mapped_column(String(64))
+    codes: Mapped[list] = mapped_column(JSON)  # [[value, scheme, meaning], ...]
+    description: Mapped[str | None] = mapped_column(String(256))
+    laterality: Mapped[str | None] = mapped_column(String(1))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    control: Mapped[str] = mapped_column(String(4), default="NW")  # CA: cancelled
+    scheduled_at: Mapped[str | None] = mapped_column(String(32))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class Flag(Base):
+    """One finding of the ordered-vs-performed check; a study's flags are replaced on each check."""
+
+    __tablename__ = "flag"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    severity: Mapped[str] = mapped_column(String(8))  # info | warning | error
+    reason: Mapped[str] = mapped_column(Text)
+    # The evidence: which instance, what the model said, what was expected.
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    evidence: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    study: Mapped[Study] = relationship()
+
+
 # --- engine and sessions ----------------------------------------------------
 
 
@@ -284,10 +336,11 @@ class Store:
             db_path = url.split("///", 1)[-1]
             if db_path and db_path != ":memory:":
                 Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(url, connect_args={"timeout": 30})
+            # hide_parameters: a failed statement's message must not carry patient names into the log.
+            self.engine: Engine = create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, hide_parameters=True)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = threading.Lock() if self.is_sqlite else None
 
@@ -368,6 +421,35 @@ class Store:
         with self.read() as s:
             rows = s.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()
         return {state: n for state, n in rows}
+
+
+def latest_prediction(s: Session, instance_id: int) -> Prediction | None:
+    """What the classifier said last about an instance (a newer model's word wins)."""
+    return s.execute(
+        select(Prediction).where(Prediction.instance_id == instance_id).order_by(Prediction.id.desc()).limit(1)
+    ).scalar_one_or_none()
+
+
+def current_instances(s: Session, study_id: int, *, created: bool = False) -> list[Instance]:
+    """The newest version of each SOP instance of a study, oldest first.
+
+    A re-sent instance with other content keeps both versions on disk; the
+    study is what the newest says. nnrouter's own objects (its SR) only when
+    ``created`` is set.
+    """
+    newest = (
+        select(Instance.sop_instance_uid, func.max(Instance.version).label("version"))
+        .join(Series).where(Series.study_id == study_id).group_by(Instance.sop_instance_uid).subquery()
+    )
+    query = (
+        select(Instance)
+        .join(newest, (Instance.sop_instance_uid == newest.c.sop_instance_uid) & (Instance.version == newest.c.version))
+        .join(Series).where(Series.study_id == study_id)
+        .order_by(Instance.id)
+    )
+    if not created:
+        query = query.where(Instance.state != InstanceState.CREATED)
+    return list(s.execute(query).scalars())
 
 
 class SchemaOutOfDate(RuntimeError):

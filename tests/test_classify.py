@@ -237,7 +237,9 @@ def test_serve_runs_workers_and_replaces_a_dead_one(node_factory, tmp_path):
     models.mkdir()
     node = node_factory(
         settings={"models": {"classifier": str(make_model(models))},
-                  "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 50, "lease_s": 2}}
+                  "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 50, "lease_s": 2},
+                  # No router process: the only children are workers.
+                  "orders": {"procedures": None}}
     ).start()
     _send(node, write_series(tmp_path / "a", 3, rows=64, columns=64), tmp_path)
     _wait_states(node, InstanceState.CLASSIFIED, 3)

@@ -107,6 +107,11 @@ def test_seed_rules_route_a_mixed_day(node_factory, peers_up, tmp_path):
     differ |= {e.keyword for e in chest_orig if e.keyword and e.keyword not in pacs_chest}
     assert differ <= {"BodyPartExamined", "ViewPosition", "ViewCodeSequence"}, differ
     assert pacs_chest.PixelData == chest_orig.PixelData
+    # Coercion adds no dciodvfy error to what the modality sent.
+    if not peers.have("dciodvfy"):
+        coerced = tmp_path / "pacs_chest.dcm"
+        coerced.write_bytes(orthanc.get(f"/instances/{next(i for i, c in zip(orth_id, copies) if c is pacs_chest)}/file"))
+        assert set(peers.dciodvfy(coerced)) <= set(peers.dciodvfy(pydicom_data("RG1_UNCI.dcm")))
 
     show = json.loads(node.cli("study", "show", chest_orig.StudyInstanceUID, "--json").stdout)
     assert show["routing"] and any(r["matched"] for r in show["routing"]["rules"])

@@ -13,7 +13,7 @@ import yaml
 from pydantic import ValidationError
 from pydicom import Dataset
 
-from conftest import REPO
+from conftest import REPO, needs
 from nnrouter import rules
 from nnrouter.rules import Coerce, Destination, InstanceFacts, RetryPolicy, RuleSet, StudyFacts, TimeWindow
 from nnrouter.yamlfile import FileProblems
@@ -252,7 +252,7 @@ def test_seed_one_unknown_image_also_goes_to_qa(seed):
 
 
 def test_seed_mismatch_flag_goes_to_qa(seed):
-    d = rules.decide(seed, study(inst("knee_ap", 0.9), mismatches={"body_part"}))
+    d = rules.decide(seed, study(inst("knee_ap", 0.9), mismatches={"wrong_body_part"}))
     assert sent(d) == ["qa", "pacs"]
     assert "body_part" in next(o.why for o in d.outcomes if o.rule == "unknown_or_flagged_to_qa")
 
@@ -372,10 +372,10 @@ def test_tag_conditions():
 def test_all_any_and_ae_titles():
     rs = ruleset({"name": "r", "when": {"all": [
         {"calling_ae": ["CR_ROOM1", "DX_ED"]},
-        {"any": [{"called_ae": "NNROUTER"}, {"mismatch": ["laterality"]}]},
+        {"any": [{"called_ae": "NNROUTER"}, {"mismatch": ["laterality_conflict"]}]},
     ]}, "then": {"forward": ["a"]}})
     assert rules.decide(rs, study(inst(), calling={"DX_ED"}, called={"NNROUTER"})).deliveries
-    assert rules.decide(rs, study(inst(), calling={"DX_ED"}, called={"OTHER"}, mismatches={"laterality"})).deliveries
+    assert rules.decide(rs, study(inst(), calling={"DX_ED"}, called={"OTHER"}, mismatches={"laterality_conflict"})).deliveries
     d = rules.decide(rs, study(inst(), calling={"CT_1"}, called={"NNROUTER"}))
     assert not d.deliveries
     assert "calling AE in CR_ROOM1, DX_ED (study: CT_1): no" in d.outcomes[0].why
@@ -461,3 +461,38 @@ def test_set_converts_for_the_vr():
     assert ds["Rows"].VR == "US"
     # The owner round-trips the spec through the outbox as JSON.
     assert Coerce(**json.loads(json.dumps(spec.model_dump()))) == spec
+
+
+@needs("dciodvfy")
+@pytest.mark.parametrize("label", ["chest_lateral", "knee_ap", "panoramic_radiograph", "hand_oblique"])
+def test_coerced_copies_pass_dciodvfy(tmp_path, label):
+    """A forwarded copy with view attributes filled from the prediction is still a valid DX object."""
+    from nnrouter import peers
+    from nnrouter.synthetic import DXSpec, dx_dataset
+
+    ds = dx_dataset(DXSpec(rows=64, columns=64))
+    ds.BodyPartExamined = ""
+    ds.ViewPosition = ""
+    del ds.ViewCodeSequence
+    changed = rules.coerce(ds, rules.Coerce(fill_from_prediction=True), label)
+    assert "BodyPartExamined" in changed
+    out = tmp_path / "coerced.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    assert peers.dciodvfy(out) == []
+
+
+def test_rules_test_cli_on_files_sends_nothing(tmp_path):
+    """The dry run groups files by study and prints each rule's verdict and the deliveries."""
+    import subprocess
+    import sys
+
+    from nnrouter.synthetic import write_series
+
+    files = write_series(tmp_path / "in", 2, rows=32, columns=32)
+    res = subprocess.run([sys.executable, "-m", "nnrouter", "rules", "test", "--rules", str(REPO / "rules" / "examples" / "seed.yaml"),
+                          str(tmp_path / "in")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("study ") == 1 and "(2 instances)" in res.stdout
+    # Not classified: no chest prediction, so the chest rule does not match; the PACS still gets it.
+    assert "-> pacs (rule everything_to_pacs" in res.stdout
+    assert "-     chest_to_lines_tubes_ai: predicted chest_pa_ap/chest_lateral >= 0.50 on 0 of 2 images" in res.stdout

@@ -11,7 +11,7 @@ from sqlalchemy import inspect, select
 from nnrouter.config import load
 from nnrouter.receive import Header, Receiver
 from nnrouter.spool import Spool
-from nnrouter.store import Instance, SchemaOutOfDate, Series, Store, Study
+from nnrouter.store import Instance, SchemaOutOfDate, Series, Store, Study, current_instances
 
 
 def _header(study: str, series: str, sop: str) -> Header:
@@ -55,6 +55,10 @@ def test_keep_is_idempotent_and_versions_changed_content(store, tmp_path):
         assert [open(r.path, "rb").read() for r in rows] == [b"METADATA-1", b"METADATA-2"]
         assert s.execute(select(Study)).scalar_one().accession_number == "A1"
         assert s.execute(select(Series)).scalar_one().modality == "DX"
+        # The study is what the newest version says: later stages count each instance once.
+        other = receiver.keep(_header(study, series, generate_uid()), b"META", memoryview(b"OTHER"), origin)
+        study_id = s.execute(select(Study.id)).scalar_one()
+        assert [(i.id, i.version) for i in current_instances(s, study_id)] == [(changed.instance_id, 2), (other.instance_id, 1)]
 
 
 def test_concurrent_senders_of_one_study(store, tmp_path):
