@@ -19,6 +19,7 @@ from pydicom import dcmread
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 from sqlalchemy import exists, func, select
+from sqlalchemy.orm import aliased
 
 from nnrouter import logs, rules, yamlfile
 from nnrouter.config import Settings
@@ -289,7 +290,8 @@ class Router:
         return n
 
     def follow_decisions(self) -> int:
-        """Instances that arrived after their study was decided follow the decision."""
+        """Instances that arrived after their study was decided follow the decision; the flags are redone."""
+        newer = aliased(Instance)
         with self.store.read() as s:
             late = s.execute(
                 select(RoutingDecision.study_id, RoutingDecision.deliveries, RoutingDecision.hold)
@@ -300,13 +302,24 @@ class Router:
                     Instance.state != InstanceState.CREATED,  # the SR is queued with its decision
                     func.json_array_length(RoutingDecision.deliveries) > 0,  # SQLite and PostgreSQL both have it
                     ~exists(select(Outbox.id).where(Outbox.instance_id == Instance.id)),
+                    # A version replaced by a newer one is not sent.
+                    ~exists(select(newer.id).where(newer.sop_instance_uid == Instance.sop_instance_uid,
+                                                   newer.version > Instance.version)),
                 )
                 .distinct()
             ).all()
         n = 0
         for study_id, deliveries, hold in late:
             with self.store.write() as s:
-                n += self._queue(s, study_id, deliveries, hold)
+                queued = self._queue(s, study_id, deliveries, hold)
+            n += queued
+            if queued:
+                try:
+                    with self.store.read() as s:
+                        study = s.get(Study, study_id)
+                    self.order_check.run(study)
+                except Exception as exc:  # the deliveries are queued; stale flags are no reason to stop
+                    log.error("study_recheck_failed", study_id=study_id, error=f"{type(exc).__name__}: {exc}"[:300])
         return n
 
 

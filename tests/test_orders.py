@@ -284,6 +284,14 @@ def test_orders_flags_route_to_qa_with_an_sr(tmp_path: Path):
         for p in qa.folder.iterdir():
             if dcmread(p, stop_before_pixels=True).Modality == "SR":
                 assert peers.dciodvfy(p) == [], p
+        # A's lateral comes late: it follows A's decision (QA and PACS), and A's flags are redone.
+        late = png_study(first_png("chest_lateral", 1), files / "a2.dcm", modality="DX", study_uid=study_a,
+                         AccessionNumber="ACC_A", RequestAttributesSequence=[_request("XR Chest 2 Views", "ACC_A")])
+        assert peers.storescu(node.port, [late], aec=node.ae_title, aet="DX1").returncode == 0
+        wait_for(lambda: (len(list(qa.folder.iterdir())), len(list(pacs.folder.iterdir()))) == (5, 5)
+                 or (len(list(qa.folder.iterdir())), len(list(pacs.folder.iterdir()))), timeout=60)
+        wait_for(lambda: show(study_a)["flags"] == [] or show(study_a)["flags"], timeout=30)
+        assert show(study_a)["routing"]["decided_at"] == sa["routing"]["decided_at"]  # decided once
         # No patient name or ID in the log at info level.
         log = node.log_path.read_text()
         for phi in ("TEST^KNEE", "PIDB77", "WL^TEST", "SYNTHETIC^PATIENT", "SYN0001"):
