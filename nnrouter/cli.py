@@ -374,7 +374,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         "schema": {"current": store.current_revision(), "head": store.head_revision()},
         "instances": {"total": sum(counts.values()), "by_state": counts},
         "outbox": store.outbox_counts(),
-        "rules": store.rules_status(),
+        "rules": store.rules_status("rules"),
+        "procedures": store.rules_status("procedures"),
     }
     if args.json:
         _print_json(report)
@@ -385,11 +386,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  {state:<16}{n}")
         if report["outbox"]:
             print("outbox: " + ", ".join(f"{d}: " + " ".join(f"{s} {n}" for s, n in sorted(v.items())) for d, v in sorted(report["outbox"].items())))
-        r = report["rules"]
-        if r.get("running"):
-            print(f"rules: running {r['running']['path']} ({r['running']['digest'][:12]}, loaded {r['running']['at']})")
-        if r.get("rejected"):
-            print(f"rules: REJECTED {r['rejected']['path']} at {r['rejected']['at']}:\n{r['rejected']['errors']}")
+        for what in ("rules", "procedures"):
+            r = report[what]
+            if r.get("running"):
+                print(f"{what}: running {r['running']['path']} ({r['running']['digest'][:12]}, loaded {r['running']['at']})")
+            if r.get("rejected"):
+                print(f"{what}: REJECTED {r['rejected']['path']} at {r['rejected']['at']}:\n{r['rejected']['errors']}")
     return 0
 
 

@@ -18,7 +18,7 @@ from pydicom import dcmread
 from nnrouter import logs, orders, rules, yamlfile
 from nnrouter.config import Settings
 from nnrouter.procedures import ProcedureBook, load_procedures
-from nnrouter.store import Flag, Store, Study, current_instances, latest_prediction, utcnow
+from nnrouter.store import Flag, RulesLoad, Store, Study, current_instances, latest_prediction, utcnow
 
 log = logs.get("nnrouter.mismatch")
 
@@ -90,10 +90,17 @@ class OrderCheck:
         try:
             self.book = load_procedures(path)
         except yamlfile.FileProblems as exc:
+            self._record(str(path), digest, False, str(exc))
             log.error("procedures_rejected", path=str(path), problems=len(exc.problems),
                       first=str(exc.problems[0]) if exc.problems else None, kept=bool(self.book))
             return
+        self._record(str(path), digest, True, None)
         log.info("procedures_loaded", path=str(path), digest=digest[:12], procedures=len(self.book.spec.procedures))
+
+    def _record(self, path: str, digest: str, ok: bool, errors: str | None) -> None:
+        """Shown by `nnrouter status`, beside the routing rules."""
+        with self.store.write() as s:
+            s.add(RulesLoad(kind="procedures", path=path, digest=digest, ok=ok, errors=errors))
 
     # --- finding the orders ---
 

@@ -225,11 +225,13 @@ class Outbox(Base):
 
 
 class RulesLoad(Base):
-    """Each attempt to load a rule file: what is running, and what was refused and why."""
+    """Each attempt to load an admin-edited file: what is running, and what was refused and why."""
 
     __tablename__ = "rules_load"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # "rules" (routing rules) or "procedures" (rules/procedures.yaml)
+    kind: Mapped[str] = mapped_column(String(16), default="rules", server_default="rules")
     path: Mapped[str] = mapped_column(Text)
     digest: Mapped[str] = mapped_column(String(64))
     ok: Mapped[bool] = mapped_column(Boolean)
@@ -405,11 +407,12 @@ class Store:
             out.setdefault(dest, {})[state] = n
         return out
 
-    def rules_status(self) -> dict:
-        """The rule file running now, and a refused newer version if there is one."""
+    def rules_status(self, kind: str = "rules") -> dict:
+        """The file of this kind running now, and a refused newer version if there is one."""
         with self.read() as s:
-            ok = s.execute(select(RulesLoad).where(RulesLoad.ok.is_(True)).order_by(RulesLoad.id.desc()).limit(1)).scalar_one_or_none()
-            bad = s.execute(select(RulesLoad).where(RulesLoad.ok.is_(False)).order_by(RulesLoad.id.desc()).limit(1)).scalar_one_or_none()
+            mine = select(RulesLoad).where(RulesLoad.kind == kind)
+            ok = s.execute(mine.where(RulesLoad.ok.is_(True)).order_by(RulesLoad.id.desc()).limit(1)).scalar_one_or_none()
+            bad = s.execute(mine.where(RulesLoad.ok.is_(False)).order_by(RulesLoad.id.desc()).limit(1)).scalar_one_or_none()
         out: dict = {}
         if ok:
             out["running"] = {"path": ok.path, "digest": ok.digest, "at": ok.at}

@@ -299,3 +299,25 @@ def test_orders_flags_route_to_qa_with_an_sr(tmp_path: Path):
     finally:
         for peer in (node, qa, pacs, wl):
             peer.stop()
+
+
+def test_a_broken_procedures_file_shows_in_status(node_factory, tmp_path: Path):
+    """Like a rule file: the router keeps running, and `nnrouter status` says what is wrong and where."""
+    import json
+
+    from dicomfiles import wait_for
+
+    bad = tmp_path / "procedures.yaml"
+    bad.write_text("procedures:\n  - name: knees\n    patterns: ['knee']\n    expect: {knee_front: 1}\n")
+    node = node_factory(settings={"orders": {"procedures": str(bad)}, "routing": {"tick_s": 0.2}}).start()
+
+    def rejected() -> bool | dict:
+        status = json.loads(node.cli("status", "--json").stdout)
+        return bool(status["procedures"].get("rejected")) or status["procedures"]
+    wait_for(rejected, timeout=30)
+    errors = json.loads(node.cli("status", "--json").stdout)["procedures"]["rejected"]["errors"]
+    assert "procedures.yaml:4:" in errors and "knee_front" in errors
+    bad.write_text(bad.read_text().replace("knee_front", "knee_ap"))
+    wait_for(lambda: json.loads(node.cli("status", "--json").stdout)["procedures"].get("running") is not None
+             and not json.loads(node.cli("status", "--json").stdout)["procedures"].get("rejected") or "not yet", timeout=30)
+    assert node.proc.poll() is None
