@@ -74,9 +74,11 @@ def setup(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
     # debug: keep its warnings (timeouts, aborts) only. pydicom's warnings
     # about odd values quote the values, names included: silent unless debug.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("pydicom").setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.ERROR)
+    # highdicom's (building the SR) quote patient names the same way.
+    for quoting in ("pydicom", "highdicom"):
+        logging.getLogger(quoting).setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.ERROR)
     if numeric > logging.DEBUG:
-        warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+        warnings.filterwarnings("ignore", module=r"(pydicom|highdicom)(\..*)?")
     logging.captureWarnings(True)
 
 

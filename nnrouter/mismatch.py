@@ -70,7 +70,8 @@ class OrderCheck:
         self._book_seen: str | None = None
         self.covered = covered_classes(settings)
         self._worklist_next: dict[str, float] = {}  # study UID -> when to ask again
-        self._headers_read: set[str] = set()
+        self._worklist_down_until = 0.0
+        self._headers_read: dict[str, set[int]] = {}  # study UID -> instance ids whose orders are kept
 
     def reload(self) -> None:
         """procedures.yaml, reloaded on change; an invalid edit keeps the running book."""
@@ -104,31 +105,35 @@ class OrderCheck:
 
     # --- finding the orders ---
 
-    def prepare(self, studies: list[Study]) -> None:
-        """Before a tick looks at them: ask the worklist, and read image orders, once per study.
+    def prepare(self, studies: list[Study], prune: bool = True) -> None:
+        """Before a tick looks at them: ask the worklist, and read each new instance's order, once.
 
         Runs outside any read session (the worklist is a network call) and
         keeps what it finds at once, so the answer is there on later ticks.
         """
-        ready = {st.study_uid for st in studies}
-        self._headers_read &= ready
-        self._worklist_next = {k: v for k, v in self._worklist_next.items() if k in ready}
+        if prune:  # forget studies that are no longer waiting (decided, or busy again)
+            ready = {st.study_uid for st in studies}
+            self._worklist_next = {k: v for k, v in self._worklist_next.items() if k in ready}
+            self._headers_read = {k: v for k, v in self._headers_read.items() if k in ready}
         for study in studies:
             try:
                 with self.store.read() as s:
                     kept = orders.stored_for(s, study.accession_number, study.study_uid)
-                    first = next(iter(current_instances(s, study.id)), None)
+                    fresh = [(i.id, i.path) for i in current_instances(s, study.id)
+                             if i.id not in self._headers_read.get(study.study_uid, set())]
                 if not any(o.source != orders.OrderSource.IMAGE for o in kept):
                     self._ask_worklist(study)
-                if not kept and study.study_uid not in self._headers_read and first is not None:
-                    self._headers_read.add(study.study_uid)
-                    self.keep_image_orders([first.path])
+                if fresh:  # every image's request: the study is complete only against all of them
+                    self.keep_image_orders([path for _, path in fresh])
+                    self._headers_read.setdefault(study.study_uid, set()).update(i for i, _ in fresh)
             except Exception as exc:  # the check runs again when the study is due; routing goes on
-                log.error("orders_not_found", study_uid=study.study_uid, error=f"{type(exc).__name__}: {exc}"[:300])
+                log.error("orders_not_found", study_uid=study.study_uid, error=type(exc).__name__)
 
     def _ask_worklist(self, study: Study) -> None:
         wl = self.settings.orders.worklist
-        if wl is None or not study.accession_number or self._worklist_next.get(study.study_uid, 0.0) > time.monotonic():
+        now = time.monotonic()
+        if (wl is None or not study.accession_number or self._worklist_down_until > now
+                or self._worklist_next.get(study.study_uid, 0.0) > now):
             return
         from nnrouter import worklist
 
@@ -136,7 +141,8 @@ class OrderCheck:
             found = worklist.query(wl.host, wl.port, calling_ae=wl.calling_ae, called_ae=wl.ae_title,
                                    accession_number=study.accession_number, timeout=wl.timeout_s)
         except worklist.WorklistError as exc:
-            self._worklist_next[study.study_uid] = time.monotonic() + WORKLIST_RETRY_S
+            # One failure pauses the worklist for every study: a dead RIS must not cost a timeout per study per tick.
+            self._worklist_down_until = time.monotonic() + WORKLIST_RETRY_S
             log.warning("worklist_failed", study_uid=study.study_uid, error=str(exc), retry_s=WORKLIST_RETRY_S)
             return
         self._worklist_next[study.study_uid] = time.monotonic() + (WORKLIST_AGAIN_S if not found else float("inf"))
@@ -173,9 +179,7 @@ class OrderCheck:
 
     def run(self, study: Study) -> list[orders.Finding]:
         """Check one due study and replace its flags."""
-        with self.store.read() as s:
-            paths = [i.path for i in current_instances(s, study.id)]
-        self.keep_image_orders(paths)  # every image's request, not just the first one's
+        self.prepare([study], prune=False)  # a late image's order too
         with self.store.read() as s:
             found = self.orders_of(s, study)
             findings = orders.check(found if self.book else [], seen(s, study.id), self.book, self.covered)

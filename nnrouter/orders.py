@@ -116,6 +116,9 @@ def from_header(ds) -> list[Order]:  # type: ignore[no-untyped-def]
 
 def key(order: Order) -> str:
     """What makes a re-sent order the same order: an update, not a second one."""
+    if order.source == OrderSource.HL7 and (order.placer_order_number or order.filler_order_number):
+        # A placer's order number names its order for life: a cancel or change may carry nothing else.
+        return f"hl7:order:{order.placer_order_number or ''}:{order.filler_order_number or ''}"[:200]
     ident = order.requested_procedure_id or order.placer_order_number or order.filler_order_number \
         or "|".join(f"{c.scheme}:{c.value}" for c in order.codes) or (order.description or "")
     # Orders read from images belong to their study: modalities reuse accession numbers.
@@ -174,6 +177,17 @@ _FRONTAL = {"AP", "PA", "FRONTAL"}
 _LATERAL = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}
 
 
+# Header body parts that contain a class's part: a finger on a HAND film is no conflict.
+_CONTAINS = {"FINGER": {"HAND"}, "HIP": {"PELVIS"}, "JAW": {"HEAD", "SKULL"}, "CSPINE": {"SPINE", "NECK"},
+             "TSPINE": {"SPINE"}, "LSPINE": {"SPINE"}, "KNEE": {"LEG", "LOWERLIMB"}, "ANKLE": {"LEG", "FOOT"},
+             "WRIST": {"HAND", "ARM"}, "ELBOW": {"ARM", "UPPERLIMB"}, "SHOULDER": {"ARM", "UPPERLIMB"},
+             "CHEST": {"THORAX"}}
+
+
+def _same_part(header: str, class_part: str) -> bool:
+    return header == class_part or header in _CONTAINS.get(class_part, set())
+
+
 def _body_part(value: str | None) -> str | None:
     if not value:
         return None
@@ -195,9 +209,13 @@ def _class_family(class_name: str) -> str | None:
     return f if f in ("frontal", "lateral") else None
 
 
+# HL7 ORC-1 codes after which an order no longer stands: cancel / discontinue requests and their confirmations.
+ENDED = ("CA", "CR", "OC", "DC", "DR", "OD")
+
+
 def _active(orders: list[Order]) -> list[Order]:
-    """Orders still standing: not cancelled (CA), discontinued (DC) or cancelled as requested (OC)."""
-    return [o for o in orders if o.control not in ("CA", "OC", "DC")]
+    """Orders still standing."""
+    return [o for o in orders if o.control not in ENDED]
 
 
 def check(orders: list[Order], seen: list[Seen], book, covered: set[str] | None = None) -> list[Finding]:  # type: ignore[no-untyped-def]
@@ -218,7 +236,7 @@ def check(orders: list[Order], seen: list[Seen], book, covered: set[str] | None 
             continue
         vc = classes[s.label]
         hb = _body_part(s.body_part_examined)
-        if hb and hb != _body_part(vc.body_part_examined):
+        if hb and not _same_part(hb, _body_part(vc.body_part_examined)):
             findings.append(Finding(
                 FlagKind.HEADER_CONFLICT, "warning",
                 f"header says Body Part Examined {s.body_part_examined!r}, the image looks like {s.label} ({s.score:.2f})",
@@ -344,12 +362,17 @@ def save(session, order: Order) -> int:  # type: ignore[no-untyped-def]
         "laterality": order.laterality, "modality": order.modality, "scheduled_at": order.scheduled_at,
         "patient_id": order.patient_id, "patient_name": order.patient_name,
     }
+    # What was asked for changes as one: a new description without a side means no side.
+    procedure = ("description", "laterality")
+    replaces_procedure = bool(order.codes or order.description)
     for name, value in values.items():
-        if value:
-            setattr(row, name, str(value)[:OrderRequest.__table__.c[name].type.length])
-    if order.codes:
+        if value or (replaces_procedure and name in procedure):
+            setattr(row, name, str(value)[:OrderRequest.__table__.c[name].type.length] if value else None)
+    if order.codes or order.description:
         row.codes = [[c.value, c.scheme, c.meaning] for c in order.codes]
-    row.control = order.control[:4]
+    # An ended order stays ended, unless a new order or a change brings it back.
+    if row.control not in ENDED or order.control in ("NW", "XO"):
+        row.control = order.control[:4]
     session.flush()
     return row.id
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -444,6 +445,11 @@ def _header(ds: Dataset) -> Dataset:
     for keyword in _TYPE2:
         if keyword not in out:
             setattr(out, keyword, "")
+    # Modalities write "MALE", "m" or "1980"; the SR takes only the standard's values, else empty (Type 2).
+    sex = str(out.get("PatientSex", "") or "").strip().upper()[:1]
+    out.PatientSex = sex if sex in ("M", "F", "O") else ""
+    if not re.fullmatch(r"\d{8}", str(out.get("PatientBirthDate", "") or "")) or str(out.PatientBirthDate) == "00000000":
+        out.PatientBirthDate = ""
     return out
 
 

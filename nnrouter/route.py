@@ -210,9 +210,14 @@ class Router:
                     counts["decided"] += 1
             except Exception as exc:  # one study that cannot be routed must not hold up the others
                 counts["failed"] += 1
-                log.error("study_route_failed", study_uid=study.study_uid, error=f"{type(exc).__name__}: {exc}"[:300])
+                # The type only: messages from DICOM libraries quote the values (names, birth dates).
+                log.error("study_route_failed", study_uid=study.study_uid, error=type(exc).__name__)
+                log.debug("study_route_failed_detail", study_uid=study.study_uid, error=str(exc)[:500])
         if self.loaded is not None:
-            counts["late"] = self.follow_decisions()
+            try:
+                counts["late"] = self.follow_decisions()
+            except Exception as exc:  # late images wait for the next tick; deciding and forwarding go on
+                log.error("follow_decisions_failed", error=type(exc).__name__)
         return counts
 
     def decide(self, study: Study, facts: rules.StudyFacts) -> rules.Decision:
@@ -227,7 +232,10 @@ class Router:
             # Made before the decision is recorded, with UIDs and time from the
             # study: a second router, or this one after a crash, makes the same
             # bytes, which the store keeps once.
-            self.make_report(study)
+            try:
+                self.make_report(study)
+            except Exception as exc:  # the images still go; the SR is what is missing, and the log says so
+                log.error("report_failed", study_uid=study.study_uid, error=type(exc).__name__)
         with self.store.write() as s:
             if s.execute(select(RoutingDecision.id).where(RoutingDecision.study_id == study_id)).first():
                 return decision  # another router got there first
@@ -293,8 +301,9 @@ class Router:
         """Instances that arrived after their study was decided follow the decision; the flags are redone."""
         newer = aliased(Instance)
         with self.store.read() as s:
-            late = s.execute(
-                select(RoutingDecision.study_id, RoutingDecision.deliveries, RoutingDecision.hold)
+            # DISTINCT over the study id only: PostgreSQL has no equality for json columns.
+            late_ids = (
+                select(RoutingDecision.study_id)
                 .join(Series, Series.study_id == RoutingDecision.study_id)
                 .join(Instance, Instance.series_id == Series.id)
                 .where(
@@ -307,6 +316,10 @@ class Router:
                                                    newer.version > Instance.version)),
                 )
                 .distinct()
+            )
+            late = s.execute(
+                select(RoutingDecision.study_id, RoutingDecision.deliveries, RoutingDecision.hold)
+                .where(RoutingDecision.study_id.in_(late_ids))
             ).all()
         n = 0
         for study_id, deliveries, hold in late:
@@ -319,7 +332,7 @@ class Router:
                         study = s.get(Study, study_id)
                     self.order_check.run(study)
                 except Exception as exc:  # the deliveries are queued; stale flags are no reason to stop
-                    log.error("study_recheck_failed", study_id=study_id, error=f"{type(exc).__name__}: {exc}"[:300])
+                    log.error("study_recheck_failed", study_id=study_id, error=type(exc).__name__)
         return n
 
 
@@ -378,12 +391,19 @@ def run_router(settings: Settings, stop=None) -> None:  # type: ignore[no-untype
     stop = stop or threading.Event()
 
     def tick() -> None:
+        # Deciding and delivering fail apart: a study that cannot be decided must not stop deliveries.
+        # Exception types only: messages may quote patient data.
         try:
             router.tick()
+        except Exception as exc:  # a database restart, say: try again next tick
+            log.error("route_tick_failed", error=type(exc).__name__)
+            log.debug("route_tick_failed_detail", exc_info=True)
+        try:
             if router.loaded is not None:
                 forwarder.tick(router.loaded.ruleset)
-        except Exception:  # one bad tick (database restart, say) must not end routing
-            log.exception("route_tick_failed")
+        except Exception as exc:
+            log.error("forward_tick_failed", error=type(exc).__name__)
+            log.debug("forward_tick_failed_detail", exc_info=True)
 
     sched = BackgroundScheduler(timezone="UTC")
     sched.add_job(tick, "interval", seconds=settings.routing.tick_s, max_instances=1, coalesce=True,

@@ -321,3 +321,35 @@ def test_a_broken_procedures_file_shows_in_status(node_factory, tmp_path: Path):
     wait_for(lambda: json.loads(node.cli("status", "--json").stdout)["procedures"].get("running") is not None
              and not json.loads(node.cli("status", "--json").stdout)["procedures"].get("rejected") or "not yet", timeout=30)
     assert node.proc.poll() is None
+
+
+def test_order_updates_keep_cancels_and_replace_the_procedure(tmp_path: Path):
+    """HL7 updates arrive partial: a cancel may carry only the order number; a change replaces the procedure."""
+    from dataclasses import replace
+
+    from nnrouter.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store.upgrade()
+    first = Order(source="hl7", accession_number="ACC7", placer_order_number="PL7", description="XR HAND LEFT",
+                  laterality="L", codes=(Code("H2", "99LOCAL", "Hand 2V"),))
+    with store.write() as s:
+        orders.save(s, first)
+        # The change drops the side: the old "L" must not linger and raise a laterality conflict.
+        orders.save(s, replace(first, control="XO", description="XR HAND", laterality=None, codes=()))
+        # A cancel with the order number only (no accession, no procedure) reaches the same order.
+        orders.save(s, Order(source="hl7", accession_number=None, placer_order_number="PL7", control="CA"))
+        # A status message afterwards does not bring it back.
+        orders.save(s, Order(source="hl7", accession_number=None, placer_order_number="PL7", control="SC"))
+    with store.read() as s:
+        (o,) = orders.stored_for(s, "ACC7", None)
+    store.dispose()
+    assert (o.description, o.laterality, o.codes, o.control) == ("XR HAND", None, (), "CA")
+    assert orders.check([o], [seen("1", "chest_pa_ap")], BOOK) == []  # a cancelled order expects nothing
+
+
+def test_header_naming_a_containing_part_is_no_conflict():
+    for header, label in (("HAND", "finger_ap"), ("PELVIS", "oblique_view_of_Lauenstein"), ("SKULL", "panoramic_radiograph"),
+                          ("SPINE", "lumbar_spine_ap")):
+        assert orders.check([], [Seen("1", label, 0.99, True, body_part_examined=header)], BOOK) == [], (header, label)
+    assert kinds(orders.check([], [Seen("1", "finger_ap", 0.99, True, body_part_examined="FOOT")], BOOK)) == ["header_conflict"]

@@ -267,6 +267,16 @@ def test_missing_type2_patient_attributes_still_give_a_valid_header(tmp_path):
     assert sr.PatientBirthDate == "" and sr.ReferringPhysicianName == ""
 
 
+@pytest.mark.parametrize("sex, birth, want", [("MALE", "1980", ("M", "")), ("f", "00000000", ("F", "")), ("X", "19700101", ("", "19700101"))])
+def test_modality_spellings_of_sex_and_birth_date_do_not_stop_the_sr(tmp_path, sex, birth, want):
+    """Real modalities write these; the SR carries the standard value or leaves the Type 2 attribute empty."""
+    findings = _flags_only(tmp_path)
+    for ds in findings.instances:
+        ds.PatientSex, ds.PatientBirthDate = sex, birth
+    sr = build_sr(findings, now=NOW)
+    assert (sr.PatientSex, sr.PatientBirthDate) == want
+
+
 def test_invalid_inputs_are_refused_on_creation(tmp_path):
     findings = _chest(tmp_path / "a")
     pa = findings.instances[0]

@@ -266,3 +266,25 @@ def test_tls_destination_with_client_certificate(node_factory, tmp_path):
         assert got == {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
     finally:
         scp.stop()
+
+
+def test_late_instances_follow_the_decision_on_each_database(node_factory, storescp, database_url, tmp_path):
+    """Decide, then a late image of the same study: it follows, on SQLite and on PostgreSQL alike."""
+    rules_file = tmp_path / "routes.yaml"
+    rules_file.write_text(yaml.safe_dump({
+        "settings": {"quiet_s": 0.5},
+        "destinations": [{"name": "archive", "ae_title": storescp.aet, "host": "127.0.0.1", "port": storescp.port}],
+        "rules": [{"name": "everything", "then": {"forward": ["archive"]}}],
+    }))
+    node = node_factory(database_url=database_url, settings={
+        "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 100},
+        "routing": {"rules": str(rules_file), "tick_s": 0.2},
+    }).start()
+    from nnrouter.synthetic import write_series
+
+    files = write_series(tmp_path / "in", 3, rows=64, columns=64)
+    assert peers.storescu(node.port, files[:2]).returncode == 0
+    wait_for(lambda: len(_files(storescp.folder)) == 2 or [(o.state, o.last_error) for o in outbox(node)], timeout=60)
+    assert peers.storescu(node.port, files[2:]).returncode == 0
+    wait_for(lambda: len(_files(storescp.folder)) == 3 or [(o.state, o.last_error) for o in outbox(node)], timeout=60)
+    assert not [line for line in node.log_lines() if '"level": "error"' in line]
