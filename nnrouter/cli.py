@@ -178,14 +178,22 @@ def cmd_route(args: argparse.Namespace) -> int:
 # --- rules ---
 
 
-def cmd_rules_check(args: argparse.Namespace) -> int:
+def _load_rules(path: Path, *, verdict: bool = False):  # type: ignore[no-untyped-def]
+    """The rule file, or None after printing every problem with file, line and field."""
     from nnrouter import rules
 
     try:
-        rs = rules.load_rules(args.file)
+        return rules.load_rules(path)
     except yamlfile.FileProblems as exc:
         print(str(exc), file=sys.stderr)
-        print(f"{len(exc.problems)} problem(s); the file was not used", file=sys.stderr)
+        if verdict:
+            print(f"{len(exc.problems)} problem(s); the file was not used", file=sys.stderr)
+        return None
+
+
+def cmd_rules_check(args: argparse.Namespace) -> int:
+    rs = _load_rules(args.file, verdict=True)
+    if rs is None:
         return 1
     print(f"{args.file}: OK ({len(rs.rules)} rules, {len(rs.destinations)} destinations)")
     return 0
@@ -207,10 +215,8 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     from nnrouter.route import Router, header_facts
     from nnrouter.send import expand
 
-    try:
-        ruleset = rules.load_rules(args.rules)
-    except yamlfile.FileProblems as exc:
-        print(str(exc), file=sys.stderr)
+    ruleset = _load_rules(args.rules)
+    if ruleset is None:
         return 1
     now = dt.datetime.now(dt.timezone.utc)
     studies: dict[str, rules.StudyFacts] = {}
@@ -548,8 +554,6 @@ def study_views(s, study):  # type: ignore[no-untyped-def]
     """A stored study as the hanging-protocol layout takes it; None without a usable Study Date."""
     import re
 
-    from sqlalchemy import select
-
     from nnrouter import hanging
     from nnrouter.codes import classes
     from nnrouter.store import current_instances, latest_prediction
@@ -609,13 +613,10 @@ def cmd_hang_protocols(args: argparse.Namespace) -> int:
     paths = hanging.write_protocols(args.out, creator=args.creator, version=args.version)
     print(f"wrote {len(paths)} Hanging Protocol instances to {args.out}")
     if args.send:
-        from nnrouter import rules
         from nnrouter.send import SendError, send
 
-        try:
-            ruleset = rules.load_rules(args.rules)
-        except yamlfile.FileProblems as exc:
-            print(exc, file=sys.stderr)
+        ruleset = _load_rules(args.rules)
+        if ruleset is None:
             return 1
         dest = next((d for d in ruleset.destinations if d.name == args.send), None)
         if dest is None:

@@ -21,7 +21,8 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _ae_title(value: str) -> str:
+def valid_ae_title(value: str) -> str:
+    """An AE title as DICOM allows it (PS3.5 AE): used for our own, our peers' and the rule files' titles."""
     value = value.strip()
     if not 1 <= len(value) <= 16:
         raise ValueError("an AE title has 1 to 16 characters")
@@ -36,7 +37,7 @@ class AllowedPeer(_Section):
     ae_title: str
     host: str | None = None
 
-    _check_ae = field_validator("ae_title")(_ae_title)
+    _check_ae = field_validator("ae_title")(valid_ae_title)
 
 
 class Dicom(_Section):
@@ -50,7 +51,7 @@ class Dicom(_Section):
     dimse_timeout_s: float = Field(60, gt=0)
     network_timeout_s: float = Field(60, gt=0)
 
-    _check_ae = field_validator("ae_title")(_ae_title)
+    _check_ae = field_validator("ae_title")(valid_ae_title)
 
 
 class Storage(_Section):
@@ -106,9 +107,11 @@ class Worklist(_Section):
 
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
-    ae_title: str = Field(min_length=1, max_length=16)
-    calling_ae: str = Field("NNROUTER", min_length=1, max_length=16)
+    ae_title: str
+    calling_ae: str = "NNROUTER"
     timeout_s: float = Field(10.0, gt=0)
+
+    _check_ae = field_validator("ae_title", "calling_ae")(valid_ae_title)
 
 
 class Hl7(_Section):

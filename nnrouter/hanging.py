@@ -43,8 +43,10 @@ from pydicom.sr.codedict import Collection
 from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
+from nnrouter import dimse
 from nnrouter.codes import Code, ViewClass
 from nnrouter.codes import classes as view_classes
+from nnrouter.query import wildcard_match
 
 __all__ = [
     "HANGING_PROTOCOL_STORAGE",
@@ -900,7 +902,7 @@ def _match_element(vr: str, wanted: list[str], have: list[str]) -> bool:
         lo, _, hi = _split_range(vr, w)
         return any((not lo or h[: len(lo)] >= lo) and (not hi or h[: len(hi)] <= hi) for h in have)
     if "*" in w or "?" in w:
-        return any(_wildcard(w, h) for h in have)
+        return any(wildcard_match(w, h) for h in have)
     return any(h == w for h in have)
 
 
@@ -919,12 +921,6 @@ def _split_range(vr: str, w: str) -> tuple[str, str, str]:
         # Offsets are not compared: protocols carry none.
         return re.sub(r"[+\-]\d{4}$", "", lo), "-", re.sub(r"[+\-]\d{4}$", "", hi)
     return w.partition("-")
-
-
-def _wildcard(pattern: str, value: str) -> bool:
-    """DICOM wildcard matching: * any run, ? one character, everything else literal and case-sensitive."""
-    rx = "".join(".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in pattern)
-    return re.fullmatch(rx, value, flags=re.DOTALL) is not None
 
 
 def _response(query: Dataset, target: Dataset) -> Dataset:
@@ -974,13 +970,6 @@ def _copy(item: Dataset) -> Dataset:
     return new
 
 
-def _status(code: int, comment: str) -> Dataset:
-    s = Dataset()
-    s.Status = code
-    s.ErrorComment = comment[:64]
-    return s
-
-
 def handle_find(event: Any, protocols: Iterable[Dataset] | Any) -> Iterator[tuple[Any, Dataset | None]]:
     """pynetdicom EVT_C_FIND handler for the Hanging Protocol model.
 
@@ -991,18 +980,18 @@ def handle_find(event: Any, protocols: Iterable[Dataset] | Any) -> Iterator[tupl
     that cannot be decoded; 0xFE00 when the SCU cancels.
     """
     if event.request.AffectedSOPClassUID != HANGING_PROTOCOL_FIND:
-        yield _status(0xA900, f"not the Hanging Protocol FIND model: {event.request.AffectedSOPClassUID}"), None
+        yield dimse.status(0xA900, f"not the Hanging Protocol FIND model: {event.request.AffectedSOPClassUID}"), None
         return
     try:
         identifier = event.identifier
     except Exception as exc:  # noqa: BLE001 - any decoding failure is the peer's
-        yield _status(0xC000, f"identifier could not be decoded: {type(exc).__name__}"), None
+        yield dimse.status(0xC000, f"identifier could not be decoded: {type(exc).__name__}"), None
         return
     try:
         source = protocols() if callable(protocols) else protocols
         matches = list(find(identifier, source))
     except QueryError as exc:
-        yield _status(0xA900, str(exc)), None
+        yield dimse.status(0xA900, str(exc)), None
         return
     for m in matches:
         if event.is_cancelled:

@@ -13,7 +13,13 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pydicom.multival import MultiValue
+from sqlalchemy import and_, or_, select
+
 from nnrouter.codes import Code, classes as view_classes
+from nnrouter.hanging import family
+from nnrouter.laterality import laterality_from_text
+from nnrouter.store import OrderRequest
 
 
 class OrderSource:
@@ -52,8 +58,6 @@ class Order:
 
 def text_of(ds, keyword: str) -> str:  # type: ignore[no-untyped-def]
     """An attribute as plain text ("" when absent); several values joined with a backslash."""
-    from pydicom.multival import MultiValue
-
     value = ds.get(keyword)
     if value is None:
         return ""
@@ -84,8 +88,6 @@ def from_header(ds) -> list[Order]:  # type: ignore[no-untyped-def]
     Requested Procedure Code Sequence, the Procedure Code Sequence or a
     Study Description. Nothing requested at all gives no order.
     """
-    from nnrouter.laterality import laterality_from_text
-
     accession = _text(ds, "AccessionNumber")
     study_uid = _text(ds, "StudyInstanceUID")
     orders = []
@@ -203,8 +205,6 @@ def _header_family(view_position: str | None) -> str | None:
 
 def _class_family(class_name: str) -> str | None:
     """frontal / lateral for a view class, as the hanging protocols order them; None for the others."""
-    from nnrouter.hanging import family
-
     f = family(class_name)
     return f if f in ("frontal", "lateral") else None
 
@@ -346,10 +346,6 @@ def save(session, order: Order) -> int:  # type: ignore[no-untyped-def]
     status change often carries no procedure code, and must not erase it.
     Values are cut to their columns' widths (PostgreSQL refuses longer ones).
     """
-    from sqlalchemy import select
-
-    from nnrouter.store import OrderRequest
-
     k = key(order)
     row = session.execute(select(OrderRequest).where(OrderRequest.key == k)).scalar_one_or_none()
     if row is None:
@@ -389,10 +385,6 @@ def from_row(row) -> Order:  # type: ignore[no-untyped-def]
 
 def stored_for(session, accession_number: str | None, study_uid: str | None) -> list[Order]:  # type: ignore[no-untyped-def]
     """The orders kept for a study, linked by accession number or Study Instance UID."""
-    from sqlalchemy import and_, or_, select
-
-    from nnrouter.store import OrderRequest
-
     links = []
     if accession_number:  # an order read from another study's images is that study's
         links.append(and_(OrderRequest.accession_number == accession_number, OrderRequest.source != OrderSource.IMAGE))

@@ -110,7 +110,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 
-from nnrouter import logs
+from nnrouter import dimse, logs
 from nnrouter.codes import classes
 from nnrouter.store import Flag, Instance, Prediction, Series, Store, Study
 
@@ -756,13 +756,13 @@ class Query:
             identifier = event.identifier
         except Exception as exc:  # pydicom raises many types on garbage
             log.warning("query_refused", model=model, calling_ae=calling_ae, reason=f"cannot decode identifier: {type(exc).__name__}")
-            yield _status(UNABLE_TO_PROCESS, "cannot decode identifier"), None
+            yield dimse.status(UNABLE_TO_PROCESS, "cannot decode identifier"), None
             return
         try:
             request = parse_request(identifier, sop_class)
         except BadIdentifier as exc:
             log.warning("query_refused", model=model, calling_ae=calling_ae, reason=str(exc))
-            yield _status(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
+            yield dimse.status(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
             return
         try:
             answers, truncated = self.find(request)
@@ -771,11 +771,11 @@ class Query:
             # The message of the driver only: SQLAlchemy's own would quote the bound values.
             reason = f"{type(orig).__name__}: {str(orig).splitlines()[0] if str(orig) else ''}"
             log.error("query_failed", model=model, query_level=request.level, calling_ae=calling_ae, error=reason[:200])
-            yield _status(DATABASE_ERROR, f"database error: {reason}"), None
+            yield dimse.status(DATABASE_ERROR, f"database error: {reason}"), None
             return
         except Exception as exc:
             log.error("query_failed", model=model, query_level=request.level, calling_ae=calling_ae, error=type(exc).__name__)
-            yield _status(UNABLE_TO_PROCESS, f"unable to process: {type(exc).__name__}"), None
+            yield dimse.status(UNABLE_TO_PROCESS, f"unable to process: {type(exc).__name__}"), None
             return
         sent = 0
         cancelled = False
@@ -932,11 +932,3 @@ class Query:
         for keyword in asked:
             _put(item, keyword, found[keyword])
         return Sequence([item])
-
-
-def _status(code: int, comment: str) -> Dataset:
-    ds = Dataset()
-    ds.Status = code
-    ds.ErrorComment = comment[:64]  # LO
-    return ds
-

@@ -26,11 +26,11 @@ from pynetdicom import AE, evt
 from pynetdicom.dsutils import decode
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
-from nnrouter import hanging, logs
+from nnrouter import dimse, hanging, logs
 from nnrouter.config import Settings
 from nnrouter.query import TRANSFER_SYNTAXES as QUERY_TRANSFER_SYNTAXES
 from nnrouter.query import Query
@@ -69,15 +69,6 @@ PROCESSING_FAILURE = 0x0110
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 
 _STRIPES = 64
-
-
-def _status(code: int, comment: str) -> Dataset:
-    """A C-STORE response status with an Error Comment saying what is wrong."""
-    ds = Dataset()
-    ds.Status = code
-    # Error Comment is LO: 64 characters at most.
-    ds.ErrorComment = comment[:64]
-    return ds
 
 
 class Refused(Exception):
@@ -411,7 +402,7 @@ class Receiver:
             if status == SUCCESS:
                 stats.instances += 1
                 stats.bytes += len(event.request.DataSet.getbuffer())
-        return SUCCESS if status == SUCCESS else _status(status, reason)
+        return SUCCESS if status == SUCCESS else dimse.status(status, reason)
 
     def _store(self, event: evt.Event) -> tuple[int, str]:
         req = event.request

@@ -41,6 +41,7 @@ from pydantic import (
 from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 
 from nnrouter import codes, yamlfile
+from nnrouter.config import valid_ae_title
 from nnrouter.orders import FlagKind
 
 __all__ = [
@@ -126,12 +127,17 @@ def _keyword(value: str) -> str:
     return value
 
 
-def _testable_keyword(value: str) -> str:
+def _plain_keyword(value: str, use: str) -> str:
+    """A keyword of a text or number attribute: what rules can test and `set` can write."""
     value = _keyword(value)
     vr = dictionary_VR(tag_for_keyword(value))
     if set(vr.split(" or ")) & _UNTESTABLE_VRS:
-        raise ValueError(f"{value} is a {vr} attribute; rules can test text and number attributes only")
+        raise ValueError(f"{value} is a {vr} attribute; {use} text and number attributes only")
     return value
+
+
+def _testable_keyword(value: str) -> str:
+    return _plain_keyword(value, "rules can test")
 
 
 def _class_names(value: list[str]) -> list[str]:
@@ -222,15 +228,6 @@ class Tls(_Model):
         return self
 
 
-def _ae_title(value: str) -> str:
-    value = value.strip()
-    if not 1 <= len(value) <= 16:
-        raise ValueError("an AE title has 1 to 16 characters")
-    if "\\" in value or any(ord(c) < 32 for c in value):
-        raise ValueError("an AE title may not contain backslash or control characters")
-    return value
-
-
 def _uid(value: str) -> str:
     value = value.strip()
     if len(value) > 64 or not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+", value):
@@ -252,7 +249,7 @@ class Destination(_Model):
     retry: RetryPolicy = RetryPolicy()
     windows: list[TimeWindow] = Field([], description="when sending is allowed; empty: always")
 
-    _check_ae = field_validator("ae_title", "calling_ae")(_ae_title)
+    _check_ae = field_validator("ae_title", "calling_ae")(valid_ae_title)
 
     @field_validator("transfer_syntaxes")
     @classmethod
@@ -383,11 +380,7 @@ def _set_value(keyword: str, value: str) -> Any:
 
 
 def _settable_keyword(value: str) -> str:
-    value = _keyword(value)
-    vr = dictionary_VR(tag_for_keyword(value))
-    if set(vr.split(" or ")) & _UNTESTABLE_VRS:
-        raise ValueError(f"{value} is a {vr} attribute; `set` takes text and number attributes only")
-    return value
+    return _plain_keyword(value, "`set` takes")
 
 
 def _to_str(value: Any) -> Any:

@@ -15,7 +15,6 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
 from nnrouter import logs
-from nnrouter.codes import Code
 from nnrouter.laterality import laterality_from_text
 from nnrouter.orders import Order, OrderSource, codes_of, text_of
 

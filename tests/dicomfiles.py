@@ -200,3 +200,17 @@ def worklist_entry(path: Path, *, accession: str, study_uid: str, code: Dataset,
     ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.31"
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.save_as(path, enforce_file_format=True)
+
+
+def node_rows(node, model) -> list:  # type: ignore[no-untyped-def]
+    """Every row of one table in a node's store, oldest first."""
+    from sqlalchemy import select
+
+    from nnrouter.store import Store
+
+    store = Store(node.db_url)
+    try:
+        with store.read() as s:
+            return list(s.execute(select(model).order_by(model.id)).scalars())
+    finally:
+        store.dispose()

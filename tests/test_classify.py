@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import signal
 import subprocess
@@ -11,17 +10,16 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 from pydicom import dcmread
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from conftest import needs, pydicom_data, shared_files
 from dicomfiles import send_as_is
 from nnrouter import peers
 from nnrouter.classify import Queue, Worker, patient_corners
 from nnrouter.config import load
-from nnrouter.store import Detection, Instance, InstanceState, Prediction, Store
+from nnrouter.store import Instance, InstanceState, Store
 from nnrouter.synthetic import write_series
 from test_detect import detector
 from test_runtime import make_model

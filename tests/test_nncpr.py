@@ -335,21 +335,19 @@ def test_refuses_what_is_not_nncpr(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a frozen TensorFlow graph"):
         import_nncpr(junk, tmp_path / "a")
 
-    graph = tf.Graph()
-    with graph.as_default():
-        x = tf.compat.v1.placeholder(tf.float32, [None, 299, 299, 3], name="input")
-        tf.nn.softmax(tf.reduce_mean(x, axis=[1, 2]), name="final_result")
-    wrong_size = tmp_path / "inception.pb"
-    wrong_size.write_bytes(graph.as_graph_def().SerializeToString())
+    def tiny_graph(path: Path, side: int, output: str) -> Path:
+        graph = tf.Graph()
+        with graph.as_default():
+            x = tf.compat.v1.placeholder(tf.float32, [None, side, side, 3], name="input")
+            tf.nn.softmax(tf.reduce_mean(x, axis=[1, 2]), name=output)
+        path.write_bytes(graph.as_graph_def().SerializeToString())
+        return path
+
+    wrong_size = tiny_graph(tmp_path / "inception.pb", 299, "final_result")
     with pytest.raises(ValueError, match=r"shape \[None, 299, 299, 3\]"):
         import_nncpr(wrong_size, tmp_path / "b")
 
-    graph = tf.Graph()
-    with graph.as_default():
-        x = tf.compat.v1.placeholder(tf.float32, [None, 224, 224, 3], name="input")
-        tf.nn.softmax(tf.reduce_mean(x, axis=[1, 2]), name="probabilities")
-    renamed = tmp_path / "renamed.pb"
-    renamed.write_bytes(graph.as_graph_def().SerializeToString())
+    renamed = tiny_graph(tmp_path / "renamed.pb", 224, "probabilities")
     with pytest.raises(ValueError, match="no node named 'final_result'"):
         import_nncpr(renamed, tmp_path / "c")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

@@ -8,17 +8,15 @@ import json
 import subprocess
 from pathlib import Path
 
-import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from sqlalchemy import select
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from conftest import SHARED_DICOM, needs, needs_shared, pydicom_data, shared_files
-from dicomfiles import by_sop_uid, dataset_bytes, raw_store, send_as_is
+from conftest import needs, needs_shared, pydicom_data, shared_files
+from dicomfiles import dataset_bytes, node_rows, raw_store, send_as_is
 from nnrouter import peers
-from nnrouter.store import Instance, Store
+from nnrouter.store import Instance
 from nnrouter.synthetic import DXSpec, dx_dataset, write_dx
 
 pytestmark = needs("storescu", "storescp", "echoscu")
@@ -27,12 +25,7 @@ PYDICOM_DATA = ["RG1_UNCI.dcm", "RG1_J2KR.dcm", "RG3_UNCR.dcm", "RG3_J2KI.dcm"]
 
 
 def _instances(node: peers.Node) -> list[Instance]:
-    store = Store(node.db_url)
-    try:
-        with store.read() as s:
-            return list(s.execute(select(Instance).order_by(Instance.id)).scalars())
-    finally:
-        store.dispose()
+    return node_rows(node, Instance)
 
 
 def _encode(ds, implicit: bool = False) -> bytes:

@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import yaml
 from pydicom import dcmread
-from sqlalchemy import select
 
 from conftest import REPO, SHARED, needs, pydicom_data, shared_files
-from dicomfiles import first_png, png_study, wait_for
+from dicomfiles import first_png, node_rows, png_study, wait_for
 from nnrouter import peers
-from nnrouter.store import Outbox, OutboxState, Store
+from nnrouter.store import Outbox, OutboxState
 
 pytestmark = [needs("storescu", "storescp", "Orthanc"), pytest.mark.slow]
 
@@ -38,12 +37,7 @@ def seed_rules(path: Path, ports: dict[str, int], quiet_s: float = 1.0) -> Path:
 
 
 def outbox(node: peers.Node) -> list[Outbox]:
-    store = Store(node.db_url)
-    try:
-        with store.read() as s:
-            return list(s.execute(select(Outbox).order_by(Outbox.id)).scalars())
-    finally:
-        store.dispose()
+    return node_rows(node, Outbox)
 
 
 @pytest.fixture

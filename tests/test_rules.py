@@ -488,7 +488,7 @@ def test_rules_test_cli_on_files_sends_nothing(tmp_path):
 
     from nnrouter.synthetic import write_series
 
-    files = write_series(tmp_path / "in", 2, rows=32, columns=32)
+    write_series(tmp_path / "in", 2, rows=32, columns=32)
     res = subprocess.run([sys.executable, "-m", "nnrouter", "rules", "test", "--rules", str(REPO / "rules" / "examples" / "seed.yaml"),
                           str(tmp_path / "in")], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
