@@ -211,7 +211,7 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     import datetime as dt
     from dataclasses import replace
 
-    from nnrouter import mismatch, orders, rules
+    from nnrouter import rules
     from nnrouter.route import Router, header_facts
     from nnrouter.send import expand
 
@@ -237,8 +237,7 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
             # The order check as the router would run it now, on the orders kept so far (nothing is written).
             check = router.order_check
             check.reload()
-            findings = orders.check(check.orders_of(s, study) if check.book else [], mismatch.seen(s, study.id),
-                                    check.book, check.covered)
+            _, findings = check.findings(s, study)
             for f in findings:
                 print(f"flag {f.severity} {f.kind}: {f.reason}")
             studies[study.study_uid] = replace(router.facts(s, study, now), mismatches=frozenset(f.kind for f in findings))
@@ -556,17 +555,19 @@ def study_views(s, study):  # type: ignore[no-untyped-def]
 
     from nnrouter import hanging
     from nnrouter.codes import classes
-    from nnrouter.store import current_instances, latest_prediction
+    from nnrouter.store import current_instances, latest_predictions
 
     if not re.fullmatch(r"\d{8}", study.study_date or ""):
         return None
     known = classes()
     images, parts = [], set()
-    for inst in current_instances(s, study.id):
+    rows = current_instances(s, study.id)
+    predictions = latest_predictions(s, (i.id for i in rows))
+    for inst in rows:
         series = inst.series
         if series.body_part_examined:
             parts.add(series.body_part_examined)
-        pred = latest_prediction(s, inst.id)
+        pred = predictions.get(inst.id)
         side = (inst.image_laterality or "").upper()
         number = int(inst.instance_number) if (inst.instance_number or "").strip().lstrip("-").isdigit() else None
         images.append(hanging.ImageView(

@@ -177,12 +177,8 @@ def load(path: Path | str | None = None) -> Settings:
     if path is None:
         data, positions, name = {}, {}, "(defaults)"
     else:
-        data, positions = yamlfile.load(Path(path))
+        data, positions = yamlfile.load_mapping(Path(path))
         name = str(path)
-        if not isinstance(data, dict):
-            raise yamlfile.FileProblems(
-                [yamlfile.Problem(name, 1, 1, "", "expected a mapping of keys at the top level")]
-            )
     try:
         return Settings(**data)
     except ValidationError as exc:

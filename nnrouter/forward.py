@@ -26,11 +26,11 @@ from sqlalchemy import and_, or_, select, update
 
 from nnrouter import logs, rules
 from nnrouter.config import Settings
-from nnrouter.store import Instance, Outbox, OutboxState, Store, latest_prediction, utcnow
+from nnrouter.send import MAX_CONTEXTS
+from nnrouter.store import Instance, Outbox, OutboxState, Store, latest_predictions, utcnow
 
 log = logs.get("nnrouter.forward")
 
-MAX_CONTEXTS = 128
 
 
 def ok_status(status: int) -> bool:
@@ -122,9 +122,10 @@ class Forwarder:
             rows = s.execute(
                 select(Outbox, Instance).join(Instance, Instance.id == Outbox.instance_id).where(Outbox.id.in_(ids)).order_by(Outbox.id)
             ).all()
+            predictions = latest_predictions(s, (inst.id for _, inst in rows))
             jobs = []
             for ob, inst in rows:
-                pred = latest_prediction(s, inst.id)
+                pred = predictions.get(inst.id)
                 jobs.append(Job(ob.id, inst.id, inst.path, inst.sop_class_uid, inst.transfer_syntax_uid, ob.coerce,
                                 pred.label if pred else None, ob.attempts))
             return jobs
@@ -290,7 +291,7 @@ class Forwarder:
         budget = budget_s if budget_s is not None else 5 * self.settings.routing.tick_s
         lanes = [
             (dest, f"{dest.name}#{i}")
-            for dest in ruleset.destinations if dest.open_at(now.astimezone())
+            for dest in ruleset.destinations if dest.open_at(now)
             for i in range(dest.max_associations)
         ]
         totals: dict[str, int] = {}

@@ -46,7 +46,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from nnrouter import dimse
 from nnrouter.codes import Code, ViewClass
 from nnrouter.codes import classes as view_classes
-from nnrouter.query import wildcard_match
+from nnrouter.query import has_wildcard, wildcard_match
 
 __all__ = [
     "HANGING_PROTOCOL_STORAGE",
@@ -827,7 +827,7 @@ def _check(query: Dataset, depth: int = 0) -> None:
         values = _values(elem)
         if not values:
             continue
-        if elem.VR in _NO_WILDCARD and any(("*" in v or "?" in v) for v in values):
+        if elem.VR in _NO_WILDCARD and any(has_wildcard(v) for v in values):
             raise QueryError(f"{elem.keyword or elem.tag}: no wildcards in a {elem.VR} key")
         if elem.VR in _NUMERIC:
             for v in values:
@@ -901,7 +901,7 @@ def _match_element(vr: str, wanted: list[str], have: list[str]) -> bool:
     if vr in _RANGE and _is_range(vr, w):
         lo, _, hi = _split_range(vr, w)
         return any((not lo or h[: len(lo)] >= lo) and (not hi or h[: len(hi)] <= hi) for h in have)
-    if "*" in w or "?" in w:
+    if has_wildcard(w):
         return any(wildcard_match(w, h) for h in have)
     return any(h == w for h in have)
 
@@ -970,31 +970,29 @@ def _copy(item: Dataset) -> Dataset:
     return new
 
 
-def handle_find(event: Any, protocols: Iterable[Dataset] | Any) -> Iterator[tuple[Any, Dataset | None]]:
+def handle_find(event: Any, protocols: Iterable[Dataset]) -> Iterator[tuple[Any, Dataset | None]]:
     """pynetdicom EVT_C_FIND handler for the Hanging Protocol model.
 
-    Bind with ``(evt.EVT_C_FIND, handle_find, [protocols])``; ``protocols``
-    is a list of datasets or a callable returning one (to serve a folder
-    that changes). Failures: 0xA900 (identifier does not match the SOP
-    class) for a malformed identifier, 0xC000 (unable to process) for one
-    that cannot be decoded; 0xFE00 when the SCU cancels.
+    Bind with ``(evt.EVT_C_FIND, handle_find, [protocols])``. Failures:
+    0xA900 (identifier does not match the SOP class) for a malformed
+    identifier, 0xC000 (unable to process) for one that cannot be decoded;
+    0xFE00 when the SCU cancels.
     """
     if event.request.AffectedSOPClassUID != HANGING_PROTOCOL_FIND:
-        yield dimse.status(0xA900, f"not the Hanging Protocol FIND model: {event.request.AffectedSOPClassUID}"), None
+        yield dimse.status(dimse.IDENTIFIER_DOES_NOT_MATCH, f"not the Hanging Protocol FIND model: {event.request.AffectedSOPClassUID}"), None
         return
     try:
         identifier = event.identifier
     except Exception as exc:  # noqa: BLE001 - any decoding failure is the peer's
-        yield dimse.status(0xC000, f"identifier could not be decoded: {type(exc).__name__}"), None
+        yield dimse.status(dimse.UNABLE_TO_PROCESS, f"identifier could not be decoded: {type(exc).__name__}"), None
         return
     try:
-        source = protocols() if callable(protocols) else protocols
-        matches = list(find(identifier, source))
+        matches = list(find(identifier, protocols))
     except QueryError as exc:
-        yield dimse.status(0xA900, str(exc)), None
+        yield dimse.status(dimse.IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
         return
     for m in matches:
         if event.is_cancelled:
-            yield 0xFE00, None
+            yield dimse.CANCEL, None
             return
-        yield 0xFF00, m
+        yield dimse.PENDING, m

@@ -15,10 +15,10 @@ from dataclasses import replace
 
 from pydicom import dcmread
 
-from nnrouter import logs, orders, rules, yamlfile
+from nnrouter import logs, orders, yamlfile
 from nnrouter.config import Settings
 from nnrouter.procedures import ProcedureBook, load_procedures
-from nnrouter.store import Flag, RulesLoad, Store, Study, current_instances, latest_prediction, utcnow
+from nnrouter.store import Flag, RulesLoad, Store, Study, current_instances, latest_predictions, utcnow
 
 log = logs.get("nnrouter.mismatch")
 
@@ -46,10 +46,12 @@ def seen(s, study_id: int) -> list[orders.Seen]:  # type: ignore[no-untyped-def]
 
     known = classes()
     out = []
-    for inst in current_instances(s, study_id):
+    rows = current_instances(s, study_id)
+    predictions = latest_predictions(s, (i.id for i in rows))
+    for inst in rows:
         if inst.rows is None:  # not an image (a dose report, a presentation state): not a view
             continue
-        pred = latest_prediction(s, inst.id)
+        pred = predictions.get(inst.id)
         out.append(orders.Seen(
             sop_instance_uid=inst.sop_instance_uid,
             label=pred.label if pred else None,
@@ -66,42 +68,28 @@ class OrderCheck:
     def __init__(self, settings: Settings, store: Store):
         self.settings = settings
         self.store = store
-        self.book: ProcedureBook | None = None
-        self._book_seen: str | None = None
+        path = settings.orders.procedures
+        self._book_file = None if path is None else yamlfile.Reloaded(
+            path, load_procedures, self._record, "procedures", lambda b: {"procedures": len(b.spec.procedures)}, log)
         self.covered = covered_classes(settings)
         self._worklist_next: dict[str, float] = {}  # study UID -> when to ask again
         self._worklist_down_until = 0.0
         self._headers_read: dict[str, set[int]] = {}  # study UID -> instance ids whose orders are kept
 
+    @property
+    def book(self) -> ProcedureBook | None:
+        return self._book_file.value if self._book_file else None
+
     def reload(self) -> None:
         """procedures.yaml, reloaded on change; an invalid edit keeps the running book."""
-        path = self.settings.orders.procedures
-        if path is None:
-            return
-        try:
-            digest = rules.digest(path)
-        except OSError as exc:
-            if self._book_seen != str(exc):
-                self._book_seen = str(exc)
-                log.error("procedures_unreadable", path=str(path), error=exc.strerror or str(exc))
-            return
-        if digest == self._book_seen:
-            return
-        self._book_seen = digest
-        try:
-            self.book = load_procedures(path)
-        except yamlfile.FileProblems as exc:
-            self._record(str(path), digest, False, str(exc))
-            log.error("procedures_rejected", path=str(path), problems=len(exc.problems),
-                      first=str(exc.problems[0]) if exc.problems else None, kept=bool(self.book))
-            return
-        self._record(str(path), digest, True, None)
-        log.info("procedures_loaded", path=str(path), digest=digest[:12], procedures=len(self.book.spec.procedures))
+        if self._book_file is not None:
+            self._book_file.poll()
 
-    def _record(self, path: str, digest: str, ok: bool, errors: str | None) -> None:
+    def _record(self, ok: bool, digest: str, errors: str | None) -> None:
         """Shown by `nnrouter status`, beside the routing rules."""
+        assert self._book_file is not None
         with self.store.write() as s:
-            s.add(RulesLoad(kind="procedures", path=path, digest=digest, ok=ok, errors=errors))
+            s.add(RulesLoad(kind="procedures", path=str(self._book_file.path), digest=digest, ok=ok, errors=errors))
 
     # --- finding the orders ---
 
@@ -177,12 +165,15 @@ class OrderCheck:
         """Every view the study's orders expect has arrived and been recognised."""
         return self.book is not None and orders.complete(self.orders_of(s, study), seen(s, study.id), self.book)
 
+    def findings(self, s, study: Study) -> tuple[list[orders.Order], list[orders.Finding]]:  # type: ignore[no-untyped-def]
+        """The orders the study is checked against, and what the check finds (nothing is written)."""
+        found = self.orders_of(s, study)
+        return found, orders.check(found if self.book else [], seen(s, study.id), self.book, self.covered)
+
     def run(self, study: Study) -> list[orders.Finding]:
-        """Check one due study and replace its flags."""
-        self.prepare([study], prune=False)  # a late image's order too
+        """Check one due study (its orders gathered by `prepare`) and replace its flags."""
         with self.store.read() as s:
-            found = self.orders_of(s, study)
-            findings = orders.check(found if self.book else [], seen(s, study.id), self.book, self.covered)
+            found, findings = self.findings(s, study)
         with self.store.write() as s:
             s.execute(Flag.__table__.delete().where(Flag.study_id == study.id))
             for f in findings:

@@ -230,10 +230,11 @@ def check(orders: list[Order], seen: list[Seen], book, covered: set[str] | None 
     findings: list[Finding] = []
     active = _active(orders)
 
+    sure = [s for s in seen if s.confident and s.label in classes]
+    uncertain = [s for s in seen if not (s.confident and s.label in classes)]
+
     # Header vs pixels, with or without an order.
-    for s in seen:
-        if not (s.confident and s.label in classes):
-            continue
+    for s in sure:
         vc = classes[s.label]
         hb = _body_part(s.body_part_examined)
         if hb and not _same_part(hb, _body_part(vc.body_part_examined)):
@@ -248,7 +249,6 @@ def check(orders: list[Order], seen: list[Seen], book, covered: set[str] | None 
                 f"header says View Position {s.view_position!r} ({hf}), the image looks {cf}: {s.label} ({s.score:.2f})",
                 s.sop_instance_uid, {"header": {"ViewPosition": s.view_position}, "predicted": s.label, "score": s.score}))
 
-    uncertain = [s for s in seen if not (s.confident and s.label in classes)]
     for s in uncertain:
         why = "never classified (undecodable or failed)" if s.label is None else \
             f"the model is not sure: {s.label} ({s.score:.2f})" if s.score is not None else f"the model said {s.label}"
@@ -284,9 +284,7 @@ def check(orders: list[Order], seen: list[Seen], book, covered: set[str] | None 
 
     expected_parts = {_body_part(classes[c].body_part_examined) for c in expected}
     got: Counter[str] = Counter()
-    for s in seen:
-        if not (s.confident and s.label in classes):
-            continue
+    for s in sure:
         part = _body_part(classes[s.label].body_part_examined)
         evidence = {"predicted": s.label, "score": s.score, "expected": sorted(expected)}
         if part not in expected_parts:
@@ -364,7 +362,7 @@ def save(session, order: Order) -> int:  # type: ignore[no-untyped-def]
     for name, value in values.items():
         if value or (replaces_procedure and name in procedure):
             setattr(row, name, str(value)[:OrderRequest.__table__.c[name].type.length] if value else None)
-    if order.codes or order.description:
+    if replaces_procedure:
         row.codes = [[c.value, c.scheme, c.meaning] for c in order.codes]
     # An ended order stays ended, unless a new order or a change brings it back.
     if row.control not in ENDED or order.control in ("NW", "XO"):

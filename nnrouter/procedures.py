@@ -12,7 +12,6 @@ An entry in the file wins over that default.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -97,9 +96,8 @@ class Expectation:
 class ProcedureBook:
     """The loaded procedures, ready to answer 'what does this order expect'."""
 
-    def __init__(self, spec: Procedures, digest: str = ""):
+    def __init__(self, spec: Procedures):
         self.spec = spec
-        self.digest = digest
         self._by_code: dict[tuple[str, str], Procedure] = {}
         if spec.class_codes:
             for vc in codes.classes().values():
@@ -130,4 +128,4 @@ def load_procedures(path: Path) -> ProcedureBook:
     """Read and validate procedures.yaml; raises yamlfile.FileProblems with file, line and field."""
     spec = yamlfile.validate(Procedures, Path(path))
     assert isinstance(spec, Procedures)
-    return ProcedureBook(spec, hashlib.sha256(Path(path).read_bytes()).hexdigest())
+    return ProcedureBook(spec)

@@ -111,6 +111,7 @@ from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from nnrouter import dimse, logs
+from nnrouter.dimse import CANCEL, DATABASE_ERROR, IDENTIFIER_DOES_NOT_MATCH, PENDING, UNABLE_TO_PROCESS
 from nnrouter.codes import classes
 from nnrouter.store import Flag, Instance, Prediction, Series, Store, Study
 
@@ -154,14 +155,6 @@ MISMATCH_FLAGS = "MismatchFlags"  # the keyword the info log uses for it
 
 # So that an implicit VR identifier decodes the private key as CS, not UN.
 add_private_dict_entry(PRIVATE_CREATOR, 0x00751000 | MISMATCH_FLAGS_OFFSET, "CS", "Mismatch Flags", "1-n")
-
-# C-FIND statuses (PS3.4 C.4.1.1.4).
-SUCCESS = 0x0000
-PENDING = 0xFF00
-CANCEL = 0xFE00
-IDENTIFIER_DOES_NOT_MATCH = 0xA900
-UNABLE_TO_PROCESS = 0xC000
-DATABASE_ERROR = 0xC001
 
 _LEVEL_RANK = {"PATIENT": 0, "STUDY": 1, "SERIES": 2, "IMAGE": 3}
 

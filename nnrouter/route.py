@@ -37,7 +37,7 @@ from nnrouter.store import (
     Store,
     Study,
     current_instances,
-    latest_prediction,
+    latest_predictions,
     utcnow,
 )
 
@@ -56,7 +56,7 @@ def header_facts(path: str) -> dict[str, Any]:
     ds = dcmread(path, stop_before_pixels=True, force=True)
     out: dict[str, Any] = {}
     for elem in ds:
-        if not elem.keyword or elem.VR in ("SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"):
+        if not elem.keyword or elem.VR in rules.UNTESTABLE_VRS:
             continue
         value = elem.value
         if isinstance(value, MultiValue):
@@ -78,7 +78,6 @@ def _utc(ts: dt.datetime) -> dt.datetime:
 class Loaded:
     ruleset: rules.RuleSet
     digest: str
-    mtime: float
 
 
 class Router:
@@ -87,39 +86,19 @@ class Router:
         self.store = store
         self.path: Path | None = settings.routing.rules
         self.loaded: Loaded | None = None
-        self._seen: tuple[float, str] | None = None
+        self._rules_file = None if self.path is None else yamlfile.Reloaded(
+            self.path, rules.load_rules, self._record, "rules",
+            lambda r: {"rules": len(r.rules), "destinations": len(r.destinations)}, log)
         self.order_check = OrderCheck(settings, store)
 
     # --- rules, reloaded safely ---
 
     def reload(self) -> bool:
         """Load the rule file if it changed; keep the running rules if it is invalid."""
-        if self.path is None:
+        if self._rules_file is None or not self._rules_file.poll():
             return False
-        try:
-            mtime = self.path.stat().st_mtime
-            digest = rules.digest(self.path)
-        except OSError as exc:
-            if self._seen != (-1.0, str(exc)):
-                self._seen = (-1.0, str(exc))
-                self._record(False, "", f"{self.path}: cannot read: {exc.strerror or exc}")
-            return False
-        if self.loaded is not None and digest == self.loaded.digest:
-            return False
-        if self._seen == (mtime, digest):
-            return False  # this version was refused already
-        self._seen = (mtime, digest)
-        try:
-            ruleset = rules.load_rules(self.path)
-        except yamlfile.FileProblems as exc:
-            self._record(False, digest, str(exc))
-            log.error("rules_rejected", path=str(self.path), digest=digest[:12], problems=len(exc.problems),
-                      first=str(exc.problems[0]) if exc.problems else None, kept=self.loaded.digest[:12] if self.loaded else None)
-            return False
-        self.loaded = Loaded(ruleset, digest, mtime)
-        self._record(True, digest, None)
-        log.info("rules_loaded", path=str(self.path), digest=digest[:12], rules=len(ruleset.rules),
-                 destinations=len(ruleset.destinations))
+        assert self._rules_file.value is not None and self._rules_file.digest is not None
+        self.loaded = Loaded(self._rules_file.value, self._rules_file.digest)
         return True
 
     def _record(self, ok: bool, digest: str, errors: str | None) -> None:
@@ -138,9 +117,10 @@ class Router:
     def facts(self, s, study: Study, now: dt.datetime) -> rules.StudyFacts:  # type: ignore[no-untyped-def]
         """What the rules look at: every current instance's header, prediction and regions."""
         rows = current_instances(s, study.id)
+        predictions = latest_predictions(s, (i.id for i in rows))
         instances = []
         for inst in rows:
-            pred = latest_prediction(s, inst.id)
+            pred = predictions.get(inst.id)
             try:
                 header = header_facts(inst.path)
             except Exception:  # an unreadable header still routes on what the store knows
@@ -283,15 +263,16 @@ class Router:
         and as it was made (no coercion).
         """
         n = 0
+        queued = set(s.execute(select(Outbox.instance_id, Outbox.destination).join(Instance).join(Series)
+                               .where(Series.study_id == study_id)).tuples())
         for inst in current_instances(s, study_id, created=True):
             if inst.state not in LOOKED_AT:
                 continue
             own = inst.state == InstanceState.CREATED
             for d in deliveries:
-                if own and not d.get("report"):
+                if (own and not d.get("report")) or (inst.id, d["destination"]) in queued:
                     continue
-                if s.execute(select(Outbox.id).where(Outbox.instance_id == inst.id, Outbox.destination == d["destination"])).first():
-                    continue
+                queued.add((inst.id, d["destination"]))
                 s.add(Outbox(instance_id=inst.id, destination=d["destination"], rule=d["rule"],
                              coerce=None if own else d["coerce"], state=OutboxState.HELD if hold else OutboxState.PENDING))
                 n += 1
@@ -330,6 +311,7 @@ class Router:
                 try:
                     with self.store.read() as s:
                         study = s.get(Study, study_id)
+                    self.order_check.prepare([study], prune=False)  # the late image's order too
                     self.order_check.run(study)
                 except Exception as exc:  # the deliveries are queued; stale flags are no reason to stop
                     log.error("study_recheck_failed", study_id=study_id, error=type(exc).__name__)
@@ -344,12 +326,14 @@ def study_findings(s, study_id: int):  # type: ignore[no-untyped-def]
 
     known = classes()
     headers, images = [], []
-    for inst in current_instances(s, study_id):
+    rows = current_instances(s, study_id)
+    predictions = latest_predictions(s, (i.id for i in rows))
+    for inst in rows:
         try:
             headers.append(dcmread(inst.path, stop_before_pixels=True, force=True))
         except Exception:
             continue  # an unreadable file cannot be referenced by the SR
-        pred = latest_prediction(s, inst.id)
+        pred = predictions.get(inst.id)
         if pred is None:
             continue
         images.append(report.ImageFinding(

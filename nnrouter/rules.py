@@ -16,7 +16,6 @@ header values: decisions are stored and shown, and headers hold patient data.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import math
 import re
 from dataclasses import dataclass, replace
@@ -53,11 +52,9 @@ __all__ = [
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
-# The view attributes a forwarded copy may get from the prediction.
-_FILLED = ("BodyPartExamined", "ViewPosition", "ViewCodeSequence")
 # Values a header dict cannot carry (the owner reads plain values only), so a
 # tag condition on them could never be true and is refused at load time.
-_UNTESTABLE_VRS = {"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"}
+UNTESTABLE_VRS = {"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"}
 # Binary numbers: pydicom wants python numbers for these (IS and DS take text).
 _INT_VRS = {"US", "SS", "UL", "SL", "UV", "SV"}
 _FLOAT_VRS = {"FL", "FD"}
@@ -131,7 +128,7 @@ def _plain_keyword(value: str, use: str) -> str:
     """A keyword of a text or number attribute: what rules can test and `set` can write."""
     value = _keyword(value)
     vr = dictionary_VR(tag_for_keyword(value))
-    if set(vr.split(" or ")) & _UNTESTABLE_VRS:
+    if set(vr.split(" or ")) & UNTESTABLE_VRS:
         raise ValueError(f"{value} is a {vr} attribute; {use} text and number attributes only")
     return value
 
@@ -503,7 +500,7 @@ class RuleSet(_Model):
         }
         problems = _cross_problems(raw)
         if problems:
-            raise ValueError("; ".join(f"{_field(loc)}: {why}" for loc, why in problems))
+            raise ValueError("; ".join(f"{yamlfile.field_path(loc)}: {why}" for loc, why in problems))
         return self
 
     def destination(self, name: str) -> Destination:
@@ -513,24 +510,12 @@ class RuleSet(_Model):
         raise KeyError(name)
 
 
-def _field(loc: Loc) -> str:
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-
-
 def load_rules(path: Path) -> RuleSet:
     """Read and validate a rule file; raises yamlfile.FileProblems listing every problem, by line."""
     path = Path(path)
     name = str(path)
-    data, positions = yamlfile.load(path)
-    if not isinstance(data, dict):
-        raise yamlfile.FileProblems([yamlfile.Problem(name, 1, 1, "", "expected a mapping of keys at the top level")])
-    problems = []
-    for loc, why in _cross_problems(data):
-        probe = loc
-        while probe and probe not in positions:
-            probe = probe[:-1]
-        line, col = positions.get(probe, (None, None))
-        problems.append(yamlfile.Problem(name, line, col, _field(loc), why))
+    data, positions = yamlfile.load_mapping(path)
+    problems = [yamlfile.problem_at(name, positions, loc, why) for loc, why in _cross_problems(data)]
     ruleset = None
     try:
         ruleset = RuleSet.model_validate(data, context={_SKIP_CONTEXT: True})
@@ -550,9 +535,7 @@ def json_schema() -> dict[str, Any]:
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "nnrouter rules", **schema}
 
 
-def digest(path: Path) -> str:
-    """Which version of the file decided: stored with each decision."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+digest = yamlfile.digest  # which version of the rule file decided: stored with each decision
 
 
 # --- deciding --------------------------------------------------------------
@@ -597,10 +580,16 @@ class Delivery:
 class Decision:
     outcomes: tuple[RuleOutcome, ...]
     deliveries: tuple[Delivery, ...]
-    hold: bool
-    discard: bool
-    hold_rules: tuple[str, ...]
+    hold_rules: tuple[str, ...] = ()
     discard_rules: tuple[str, ...] = ()
+
+    @property
+    def hold(self) -> bool:
+        return bool(self.hold_rules)
+
+    @property
+    def discard(self) -> bool:
+        return bool(self.discard_rules)
 
     def text(self) -> str:
         lines = ["rules:"]
@@ -775,13 +764,13 @@ def decide(rules: RuleSet, study: StudyFacts) -> Decision:
                 matched.append(rule)
     discard_rules = tuple(r.name for r in matched if r.then.discard)
     if discard_rules:
-        return Decision(tuple(outcomes), (), False, True, (), discard_rules)
+        return Decision(tuple(outcomes), (), discard_rules=discard_rules)
     deliveries: dict[str, Delivery] = {}
     for rule in matched:
         for dest in rule.then.forward:
             deliveries.setdefault(dest, Delivery(dest, rule.then.coerce, rule.name, rule.then.report))
     hold_rules = tuple(r.name for r in matched if r.then.hold)
-    return Decision(tuple(outcomes), tuple(deliveries.values()), bool(hold_rules), False, hold_rules)
+    return Decision(tuple(outcomes), tuple(deliveries.values()), hold_rules=hold_rules)
 
 
 # --- coercion --------------------------------------------------------------

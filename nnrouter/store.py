@@ -13,7 +13,7 @@ import datetime as dt
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -426,11 +426,13 @@ class Store:
         return {state: n for state, n in rows}
 
 
-def latest_prediction(s: Session, instance_id: int) -> Prediction | None:
-    """What the classifier said last about an instance (a newer model's word wins)."""
-    return s.execute(
-        select(Prediction).where(Prediction.instance_id == instance_id).order_by(Prediction.id.desc()).limit(1)
-    ).scalar_one_or_none()
+def latest_predictions(s: Session, instance_ids: Iterable[int]) -> dict[int, Prediction]:
+    """What the classifier said last about each instance (a newer model's word wins), in one query."""
+    ids = list(instance_ids)
+    if not ids:
+        return {}
+    newest = select(func.max(Prediction.id)).where(Prediction.instance_id.in_(ids)).group_by(Prediction.instance_id)
+    return {p.instance_id: p for p in s.execute(select(Prediction).where(Prediction.id.in_(newest))).scalars()}
 
 
 def current_instances(s: Session, study_id: int, *, created: bool = False) -> list[Instance]:

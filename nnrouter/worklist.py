@@ -17,6 +17,7 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind
 from nnrouter import logs
 from nnrouter.laterality import laterality_from_text
 from nnrouter.orders import Order, OrderSource, codes_of, text_of
+from nnrouter.query import has_wildcard
 
 __all__ = ["WorklistError", "query"]
 
@@ -98,7 +99,7 @@ def query(
 
 
 def _literal(value: str | None) -> bool:
-    return value is not None and value != "" and not any(c in value for c in "*?")
+    return bool(value) and not has_wildcard(value or "")
 
 
 def _why_not(assoc, seen: dict[str, object]) -> str:  # type: ignore[no-untyped-def]

@@ -8,12 +8,15 @@ node, so we load once into plain data and keep a map from field path to line.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Generic, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -79,30 +82,91 @@ def load(path: Path) -> tuple[Any, Positions]:
     return ({} if data is None else data), positions
 
 
+def load_mapping(path: Path) -> tuple[dict, Positions]:
+    """`load`, for files whose top level must be a mapping of keys."""
+    data, positions = load(path)
+    if not isinstance(data, dict):
+        raise FileProblems([Problem(str(path), 1, 1, "", "expected a mapping of keys at the top level")])
+    return data, positions
+
+
+def field_path(loc: tuple) -> str:
+    """A location as people write it: ``rules[2].then.send``."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
+def problem_at(file: str, positions: Positions, loc: tuple, reason: str) -> Problem:
+    """A problem at ``loc``; a missing field has no line of its own, so it points at its parent."""
+    probe = loc
+    while probe and probe not in positions:
+        probe = probe[:-1]
+    line, col = positions.get(probe, (None, None))
+    return Problem(file, line, col, field_path(loc), reason)
+
+
 def problems_from(exc: ValidationError, file: str, positions: Positions) -> list[Problem]:
     """Turn pydantic's errors into located problems, nearest known line first."""
     problems = []
     for err in exc.errors(include_url=False):
-        loc = tuple(err["loc"])
-        field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-        # A missing field has no line of its own: point at its parent.
-        probe = loc
-        while probe and probe not in positions:
-            probe = probe[:-1]
-        line, col = positions.get(probe, (None, None))
         reason = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             reason = "unknown field (check the spelling)"
-        problems.append(Problem(file, line, col, field, reason))
+        problems.append(problem_at(file, positions, tuple(err["loc"]), reason))
     return problems
 
 
 def validate(model: type[BaseModel], path: Path) -> BaseModel:
     """Load and validate a YAML file against a pydantic model, or raise FileProblems."""
-    data, positions = load(path)
-    if not isinstance(data, dict):
-        raise FileProblems([Problem(str(path), 1, 1, "", "expected a mapping of keys at the top level")])
+    data, positions = load_mapping(path)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise FileProblems(problems_from(exc, str(path), positions)) from exc
+
+
+def digest(path: Path) -> str:
+    """Which version of a file is meant: stored with each load and each decision made under it."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class Reloaded(Generic[T]):
+    """A file admins edit while the service runs: loaded when its bytes change.
+
+    An invalid edit keeps the version that runs; each version is loaded (or
+    refused) once, and every outcome goes to ``record`` (ok, digest, errors)
+    so that `nnrouter status` can show it. ``name`` prefixes the log events.
+    """
+
+    def __init__(self, path: Path, load: Callable[[Path], T], record: Callable[[bool, str, str | None], None],
+                 name: str, summary: Callable[[T], dict[str, Any]], log: Any):
+        self.path = Path(path)
+        self.value: T | None = None
+        self.digest: str | None = None
+        self._load, self._record, self._name, self._summary, self._log = load, record, name, summary, log
+        self._seen: str | None = None  # the digest (or read error) last looked at
+
+    def poll(self) -> bool:
+        """Load the file if it changed; True when a new version now runs."""
+        try:
+            version = digest(self.path)
+        except OSError as exc:
+            if self._seen != str(exc):
+                self._seen = str(exc)
+                self._record(False, "", f"{self.path}: cannot read: {exc.strerror or exc}")
+                self._log.error(f"{self._name}_unreadable", path=str(self.path), error=exc.strerror or str(exc))
+            return False
+        if version in (self.digest, self._seen):
+            return False  # running, or refused already
+        self._seen = version
+        try:
+            value = self._load(self.path)
+        except FileProblems as exc:
+            self._record(False, version, str(exc))
+            self._log.error(f"{self._name}_rejected", path=str(self.path), digest=version[:12], problems=len(exc.problems),
+                            first=str(exc.problems[0]) if exc.problems else None,
+                            kept=self.digest[:12] if self.digest else None)
+            return False
+        self.value, self.digest = value, version
+        self._record(True, version, None)
+        self._log.info(f"{self._name}_loaded", path=str(self.path), digest=version[:12], **self._summary(value))
+        return True
