@@ -7,13 +7,14 @@ Each sub-command reads the config once and builds only what it needs, so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from nnrouter import config as config_mod
 from nnrouter import logs, yamlfile
@@ -39,16 +40,33 @@ def _print_json(obj: Any) -> None:
 # --- config ---
 
 
+def _study(s: Any, study_uid: str) -> Any:
+    """The stored study with this Study Instance UID, or None."""
+    from sqlalchemy import select
+
+    from nnrouter.store import Study
+
+    return s.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
+
+
 def cmd_config_example(args: argparse.Namespace) -> int:
     sys.stdout.write(config_mod.EXAMPLE)
     return 0
 
 
-def cmd_config_check(args: argparse.Namespace) -> int:
+def _loaded(load: Callable[[Path], Any], path: Path, *, verdict: bool = False) -> Any:
+    """What ``load`` makes of a YAML file, or None after printing every problem with file, line and field."""
     try:
-        config_mod.load(args.config)
+        return load(path)
     except yamlfile.FileProblems as exc:
         print(str(exc), file=sys.stderr)
+        if verdict:
+            print(f"{len(exc.problems)} problem(s); the file was not used", file=sys.stderr)
+        return None
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    if _loaded(config_mod.load, args.config) is None:
         return 1
     print(f"{args.config}: OK")
     return 0
@@ -99,10 +117,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     spool = Spool(settings.storage.path)
     server = receive.serve(settings, store, spool, block=False)
     workers, stop_workers = classify.start_workers(settings, settings.workers.count)
+    spawners = {p.name: classify.spawn_worker for p in workers}
     if settings.routing.rules is not None or settings.orders.procedures is not None:
         from nnrouter.route import spawn_router
 
         workers.append(spawn_router(settings, stop_workers))
+        spawners[workers[-1].name] = spawn_router
     mllp = None
     if settings.orders.hl7 is not None:
         from nnrouter import hl7, orders
@@ -128,12 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             for i, proc in enumerate(workers):
                 if not proc.is_alive() and not stop["now"]:
                     log.error("worker_died", worker=proc.name, exitcode=proc.exitcode)
-                    if proc.name == "nnrouter-router":
-                        from nnrouter.route import spawn_router
-
-                        workers[i] = spawn_router(settings, stop_workers)
-                    else:
-                        workers[i] = classify.spawn_worker(settings, stop_workers, proc.name)
+                    workers[i] = spawners[proc.name](settings, stop_workers, proc.name)
     finally:
         stop_workers.set()
         server.shutdown()
@@ -182,13 +197,7 @@ def _load_rules(path: Path, *, verdict: bool = False):  # type: ignore[no-untype
     """The rule file, or None after printing every problem with file, line and field."""
     from nnrouter import rules
 
-    try:
-        return rules.load_rules(path)
-    except yamlfile.FileProblems as exc:
-        print(str(exc), file=sys.stderr)
-        if verdict:
-            print(f"{len(exc.problems)} problem(s); the file was not used", file=sys.stderr)
-        return None
+    return _loaded(rules.load_rules, path, verdict=verdict)
 
 
 def cmd_rules_check(args: argparse.Namespace) -> int:
@@ -222,15 +231,11 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     studies: dict[str, rules.StudyFacts] = {}
     if len(args.input) == 1 and not Path(args.input[0]).exists():
         # A Study Instance UID in the store, with what the workers found.
-        from sqlalchemy import select
-
-        from nnrouter.store import Study
-
         settings = _settings(args)
         store = _store(settings)
         router = Router(settings, store)
         with store.read() as s:
-            study = s.execute(select(Study).where(Study.study_uid == args.input[0])).scalar_one_or_none()
+            study = _study(s, args.input[0])
             if study is None:
                 print(f"no study {args.input[0]} in the store", file=sys.stderr)
                 return 1
@@ -300,16 +305,21 @@ def cmd_outbox_list(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _outbox_ids(args: argparse.Namespace, default_states: list[str]) -> Iterator[tuple[Any, list[int]]]:
+    """A write session and the ids of the outbox rows the options select (``default_states`` when none given)."""
+    if not args.state:
+        args.state = default_states
+    with _store(_settings(args)).write() as s:
+        yield s, [o.id for o, _, _ in s.execute(_outbox_query(args)).all()]
+
+
 def cmd_outbox_retry(args: argparse.Namespace) -> int:
     from sqlalchemy import update
 
     from nnrouter.store import Outbox, OutboxState, utcnow
 
-    if not args.state:
-        args.state = [OutboxState.DEAD, OutboxState.FAILED, OutboxState.HELD]
-    store = _store(_settings(args))
-    with store.write() as s:
-        ids = [o.id for o, _, _ in s.execute(_outbox_query(args)).all()]
+    with _outbox_ids(args, [OutboxState.DEAD, OutboxState.FAILED, OutboxState.HELD]) as (s, ids):
         if ids:
             s.execute(update(Outbox).where(Outbox.id.in_(ids)).values(
                 state=OutboxState.PENDING, attempts=0, next_attempt_at=utcnow(), claimed_by=None, lease_until=None))
@@ -322,11 +332,7 @@ def cmd_outbox_purge(args: argparse.Namespace) -> int:
 
     from nnrouter.store import Outbox, OutboxState
 
-    if not args.state:
-        args.state = [OutboxState.SENT]
-    store = _store(_settings(args))
-    with store.write() as s:
-        ids = [o.id for o, _, _ in s.execute(_outbox_query(args)).all()]
+    with _outbox_ids(args, [OutboxState.SENT]) as (s, ids):
         if ids:
             s.execute(delete(Outbox).where(Outbox.id.in_(ids)))
     print(f"{len(ids)} outbox rows removed (states: {', '.join(args.state)})")
@@ -410,10 +416,10 @@ def study_report(store, study_uid: str) -> dict[str, Any] | None:  # type: ignor
     from sqlalchemy import select
 
     from nnrouter import orders
-    from nnrouter.store import Flag, Outbox, RoutingDecision, Study
+    from nnrouter.store import Flag, Outbox, RoutingDecision
 
     with store.read() as s:
-        study = s.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
+        study = _study(s, study_uid)
         if study is None:
             return None
         flags = [flag_dict(f) for f in s.execute(select(Flag).where(Flag.study_id == study.id).order_by(Flag.id)).scalars()]
@@ -588,7 +594,7 @@ def cmd_hang(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     with _store(settings).read() as s:
-        study = s.execute(select(Study).where(Study.study_uid == args.study_uid)).scalar_one_or_none()
+        study = _study(s, args.study_uid)
         if study is None:
             print(f"no study {args.study_uid} in the store", file=sys.stderr)
             return 1
@@ -619,8 +625,9 @@ def cmd_hang_protocols(args: argparse.Namespace) -> int:
         ruleset = _load_rules(args.rules)
         if ruleset is None:
             return 1
-        dest = next((d for d in ruleset.destinations if d.name == args.send), None)
-        if dest is None:
+        try:
+            dest = ruleset.destination(args.send)
+        except KeyError:
             print(f"no destination {args.send!r} in {args.rules}", file=sys.stderr)
             return 1
         try:
@@ -638,15 +645,12 @@ def cmd_hang_protocols(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """The study's Comprehensive SR, written to a file (the router makes the same one when a rule asks)."""
-    from sqlalchemy import select
-
     from nnrouter import report
     from nnrouter.route import study_findings
-    from nnrouter.store import Study
 
     settings = _settings(args)
     with _store(settings).read() as s:
-        study = s.execute(select(Study).where(Study.study_uid == args.study_uid)).scalar_one_or_none()
+        study = _study(s, args.study_uid)
         findings = study_findings(s, study.id) if study else None
     if findings is None:
         print(f"no study {args.study_uid} with readable instances in the store", file=sys.stderr)
@@ -659,11 +663,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_procedures_check(args: argparse.Namespace) -> int:
     from nnrouter.procedures import load_procedures
 
-    try:
-        book = load_procedures(args.file)
-    except yamlfile.FileProblems as exc:
-        for p in exc.problems:
-            print(p, file=sys.stderr)
+    book = _loaded(load_procedures, args.file)
+    if book is None:
         return 1
     print(f"{args.file}: OK, {len(book.spec.procedures)} procedures"
           + (" plus the single-view codes of classes.csv" if book.spec.class_codes else ""))

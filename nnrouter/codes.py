@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 
-__all__ = ["Code", "ViewClass", "classes", "nncpr_labels"]
+from pydicom.dataset import Dataset
+
+__all__ = ["Code", "ViewClass", "classes", "nncpr_labels", "sct_meaning"]
 
 SCT = "SCT"  # Coding Scheme Designator for SNOMED CT in DICOM
 LN = "LN"  # ... and for LOINC
@@ -31,6 +33,14 @@ class Code:
     value: str
     scheme: str  # DICOM Coding Scheme Designator: "SCT" or "LN"
     meaning: str = ""
+
+    def item(self) -> Dataset:
+        """The code as a code sequence item (Code Value, Coding Scheme Designator, Code Meaning)."""
+        item = Dataset()
+        item.CodeValue = self.value
+        item.CodingSchemeDesignator = self.scheme
+        item.CodeMeaning = self.meaning
+        return item
 
 
 @dataclass(frozen=True)
@@ -84,3 +94,25 @@ def _load() -> tuple[ViewClass, ...]:
 def _nncpr() -> tuple[str, ...]:
     text = files("nnrouter.data").joinpath("nncpr_classes.txt").read_text(encoding="utf-8")
     return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+@cache
+def _sct_meanings() -> dict[str, str]:
+    from pydicom.sr._concepts_dict import concepts
+
+    best: dict[str, tuple[int, str]] = {}
+    for entries in concepts["SCT"].values():
+        for code, (meaning, cids) in entries.items():
+            rank = 0 if 4031 in cids else 1 if 4 in cids else 2 if cids else 3
+            if code not in best or rank < best[code][0]:
+                best[code] = (rank, meaning)
+    return {code: meaning for code, (_, meaning) in best.items()}
+
+
+def sct_meaning(code: str) -> str | None:
+    """The meaning DICOM gives a SNOMED CT code, from pydicom's concept table.
+
+    classes.csv carries anatomy codes without meanings; a code item needs one.
+    Meanings from the anatomic region context groups (CID 4031, then CID 4) win.
+    """
+    return _sct_meanings().get(code)

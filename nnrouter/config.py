@@ -70,14 +70,14 @@ class Workers(_Section):
     poll_ms: int = Field(500, ge=10)
 
 
-_SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "models"
+_SHIPPED = Path(__file__).resolve().parents[1]  # the checkout or install that nnrouter runs from
 
 
 def _shipped(value: Path | None) -> Path | None:
     """A relative path (a model, rules/procedures.yaml) is looked up where we run, then among what ships with nnrouter."""
     if value is None or value.is_absolute() or value.exists():
         return value
-    shipped = _SHIPPED_MODELS.parent / value
+    shipped = _SHIPPED / value
     return shipped if shipped.exists() else value
 
 

@@ -44,7 +44,7 @@ from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from nnrouter import dimse
-from nnrouter.codes import Code, ViewClass
+from nnrouter.codes import Code, ViewClass, sct_meaning
 from nnrouter.codes import classes as view_classes
 from nnrouter.query import has_wildcard, wildcard_match
 
@@ -427,11 +427,7 @@ def _protocol_name(reg: str, bilateral: bool) -> str:
 def _code_item(code: Code) -> Dataset:
     if not (code.value and code.scheme and code.meaning):
         raise ValueError(f"a code needs value, scheme and meaning: {code}")
-    item = Dataset()
-    item.CodeValue = code.value
-    item.CodingSchemeDesignator = code.scheme
-    item.CodeMeaning = code.meaning
-    return item
+    return code.item()
 
 
 @cache
@@ -441,10 +437,10 @@ def _cid(cid: str) -> dict[str, str]:
 
 
 def _anatomy(c: ViewClass) -> Code:
-    """The class's anatomy code with the meaning CID 4031 gives it (the table carries only the value)."""
-    meaning = _cid("CID4031").get(c.anatomy_code.value)
+    """The class's anatomy code with the meaning DICOM gives it (the table carries only the value)."""
+    meaning = sct_meaning(c.anatomy_code.value)
     if not meaning:
-        raise ValueError(f"{c.name}: anatomy code {c.anatomy_code.value} is not in CID 4031")
+        raise ValueError(f"{c.name}: anatomy code {c.anatomy_code.value} has no meaning in DICOM's SNOMED CT table")
     return Code(c.anatomy_code.value, c.anatomy_code.scheme, meaning)
 
 

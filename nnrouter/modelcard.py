@@ -223,18 +223,23 @@ def write_card(card: ModelCard, model_dir: str | os.PathLike[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = card.model_dump(mode="json")
     text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=None)
-    fd, tmp = tempfile.mkstemp(prefix=".model.yaml.", dir=path.parent)
+    write_atomically(path, text.encode("utf-8"))
+    return path
+
+
+def write_atomically(path: Path, blob: bytes) -> None:
+    """Replace ``path`` whole or not at all: a half-written model or card next to the other is refused at load."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a card is for everyone to read
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; models and cards are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def _require_digest(card: ModelCard, actual: str, onnx_path: Path) -> None:

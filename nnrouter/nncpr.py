@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from nnrouter import codes
-from nnrouter.modelcard import MODEL_FILE, InputSpec, ModelCard, Normalisation, sha256_file, write_card
+from nnrouter.modelcard import MODEL_FILE, InputSpec, ModelCard, Normalisation, sha256_file, write_atomically, write_card
 
 __all__ = ["import_nncpr"]
 
@@ -90,7 +89,7 @@ def import_nncpr(
     card = _card(name, version, labels, head, hashlib.sha256(blob).hexdigest(), provenance, check)
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / MODEL_FILE
-    _write_atomically(onnx_path, blob)
+    write_atomically(onnx_path, blob)
     if sha256_file(onnx_path) != card.sha256:
         raise OSError(f"{onnx_path}: the file on disk is not what was written")
     write_card(card, out_dir)
@@ -382,16 +381,3 @@ def _compare_with_tensorflow(tf: Any, graph: Any, blob: bytes, head: _Head | str
     return check
 
 
-def _write_atomically(path: Path, blob: bytes) -> None:
-    # A half-written model.onnx next to an old card would be refused at load; never leave one.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

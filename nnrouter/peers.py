@@ -253,21 +253,22 @@ class Orthanc:
         return self
 
     def get(self, path: str):  # type: ignore[no-untyped-def]
-        import json
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as rsp:
-            body = rsp.read()
-        return json.loads(body) if rsp.headers.get_content_type() == "application/json" else body
+        return self._call(path, None, 30)
 
     def post(self, path: str, body):  # type: ignore[no-untyped-def]
         """POST ``body`` as JSON (or bytes as given); the answer as JSON, or bytes."""
         import json
+
+        return self._call(path, body if isinstance(body, bytes) else json.dumps(body).encode(), 60)
+
+    def _call(self, path: str, data: bytes | None, timeout: float):  # type: ignore[no-untyped-def]
+        """GET (no data) or POST to Orthanc's REST API; the answer as JSON, or bytes."""
+        import json
         import urllib.request
 
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method="POST")
-        with urllib.request.urlopen(req, timeout=60) as rsp:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data,
+                                     method="GET" if data is None else "POST")
+        with urllib.request.urlopen(req, timeout=timeout) as rsp:
             out = rsp.read()
         return json.loads(out) if rsp.headers.get_content_type() == "application/json" else out
 

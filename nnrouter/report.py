@@ -37,7 +37,6 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import highdicom as hd
@@ -48,7 +47,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import generate_uid
 
 from nnrouter import __version__
-from nnrouter.codes import classes
+from nnrouter.codes import classes, sct_meaning
 
 __all__ = ["PRIVATE_SCHEME", "UNKNOWN", "ImageFinding", "MismatchFlag", "Region", "StudyFindings", "build_sr", "write_sr"]
 
@@ -467,23 +466,5 @@ def _describable(ds: Dataset) -> bool:
     return True
 
 
-@cache
-def _sct_meanings() -> dict[str, str]:
-    """SNOMED CT code -> the meaning DICOM uses for it, from pydicom's concept table.
-
-    classes.csv carries anatomy codes without meanings; a code item needs one.
-    Meanings from the anatomic region context groups (CID 4031, CID 4) win.
-    """
-    from pydicom.sr._concepts_dict import concepts
-
-    best: dict[str, tuple[int, str]] = {}
-    for entries in concepts["SCT"].values():
-        for code, (meaning, cids) in entries.items():
-            rank = 0 if 4031 in cids else 1 if 4 in cids else 2 if cids else 3
-            if code not in best or rank < best[code][0]:
-                best[code] = (rank, meaning)
-    return {code: meaning for code, (_, meaning) in best.items()}
-
-
 def _sct_meaning(code: str, fallback: str) -> str:
-    return _sct_meanings().get(code) or fallback.title()
+    return sct_meaning(code) or fallback.title()

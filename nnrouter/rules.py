@@ -806,11 +806,7 @@ def coerce(ds: pydicom.Dataset, spec: Coerce, label: str | None) -> list[str]:
             ds.ViewPosition = view.view_position
             changed.append("ViewPosition")
         if view.view_code is not None and _empty(ds, "ViewCodeSequence"):
-            item = pydicom.Dataset()
-            item.CodeValue = view.view_code.value
-            item.CodingSchemeDesignator = view.view_code.scheme
-            item.CodeMeaning = view.view_code.meaning
-            ds.ViewCodeSequence = [item]
+            ds.ViewCodeSequence = [view.view_code.item()]
             changed.append("ViewCodeSequence")
     for keyword, text in spec.set.items():
         before = ds[keyword].value if keyword in ds else None

@@ -17,6 +17,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
+from nnrouter.codes import Code
+
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 
 # Body Part Examined -> SNOMED CT anatomy for the Anatomic Region Sequence.
@@ -67,11 +69,7 @@ class DXSpec:
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue = value
-    item.CodingSchemeDesignator = scheme
-    item.CodeMeaning = meaning
-    return item
+    return Code(value, scheme, meaning).item()
 
 
 def pixels(spec: DXSpec) -> np.ndarray:

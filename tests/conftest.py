@@ -22,6 +22,7 @@ from nnrouter import peers
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SHARED_DICOM = SHARED / "data" / "dicom"
+RADIOGRAPHS = SHARED / "data" / "radiographs"
 
 
 def shared_files(kind: str) -> list[Path]:

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import RADIOGRAPHS
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
@@ -116,7 +117,6 @@ def send_as_is(port: int, files: list[Path], aec: str = "NNROUTER") -> list[tupl
 
 # --- real radiographs as a modality would send them ------------------------------
 
-RADIOGRAPHS = Path(__file__).resolve().parents[2] / "shared" / "data" / "radiographs"
 
 
 def png_study(png: Path, out: Path, *, modality: str, body_part: str = "", description: str = "",

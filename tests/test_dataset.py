@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from sqlalchemy import select
 
-from conftest import REPO, SHARED, needs_shared, pydicom_data, shared_files
+from conftest import RADIOGRAPHS, REPO, needs_shared, pydicom_data, shared_files
 from nnrouter import dataset
 from nnrouter.store import Instance, InstanceState, Series, Store, Study
 from nnrouter.synthetic import DXSpec, dx_dataset
@@ -29,7 +29,6 @@ from nnrouter.yamlfile import FileProblems
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 RULES = REPO / "rules" / "labels.yaml"
-RADIOGRAPHS = SHARED / "data" / "radiographs"
 
 
 @pytest.fixture(scope="module")

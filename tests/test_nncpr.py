@@ -24,11 +24,11 @@ pytest.importorskip("tf2onnx", reason="the [convert] extra is not installed (mak
 
 import onnxruntime as ort  # noqa: E402
 
+from conftest import RADIOGRAPHS  # noqa: E402
 from nnrouter import codes, modelcard  # noqa: E402
 from nnrouter.nncpr import import_nncpr  # noqa: E402
 from nnrouter.runtime import Model  # noqa: E402
 
-SHARED_RADIOGRAPHS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "radiographs"
 CPU = ["CPUExecutionProvider"]
 N_CLASSES = 30
 ALPHA = 0.25  # MobileNet width: small keeps building and converting to seconds
@@ -183,10 +183,10 @@ def top_class_maps(features: np.ndarray, weight: np.ndarray, top: np.ndarray) ->
 
 def radiographs() -> list[np.ndarray]:
     """One real radiograph per class folder of the shared data, and RG1 from pydicom-data, as 8-bit grey."""
-    if not SHARED_RADIOGRAPHS.is_dir():
-        pytest.skip(f"{SHARED_RADIOGRAPHS} is absent (it is present in CI, not on users' machines)")
+    if not RADIOGRAPHS.is_dir():
+        pytest.skip(f"{RADIOGRAPHS} is absent (it is present in CI, not on users' machines)")
     images = []
-    for folder in sorted(p for p in SHARED_RADIOGRAPHS.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in RADIOGRAPHS.iterdir() if p.is_dir()):
         first = next(iter(sorted(folder.glob("*.png"))), None)
         if first is not None:
             img = cv2.imread(str(first), cv2.IMREAD_GRAYSCALE)

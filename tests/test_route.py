@@ -14,14 +14,13 @@ import pytest
 import yaml
 from pydicom import dcmread
 
-from conftest import REPO, SHARED, needs, pydicom_data, shared_files
+from conftest import RADIOGRAPHS, REPO, needs, pydicom_data, shared_files
 from dicomfiles import first_png, node_rows, png_study, wait_for
 from nnrouter import peers
 from nnrouter.store import Outbox, OutboxState
 
 pytestmark = [needs("storescu", "storescp", "Orthanc"), pytest.mark.slow]
 
-RADIOGRAPHS = SHARED / "data" / "radiographs"
 SHIPPED = REPO / "models" / "nnrouter-view"
 
 

@@ -489,7 +489,7 @@ def test_rules_test_cli_on_files_sends_nothing(tmp_path):
     from nnrouter.synthetic import write_series
 
     write_series(tmp_path / "in", 2, rows=32, columns=32)
-    res = subprocess.run([sys.executable, "-m", "nnrouter", "rules", "test", "--rules", str(REPO / "rules" / "examples" / "seed.yaml"),
+    res = subprocess.run([sys.executable, "-m", "nnrouter", "rules", "test", "--rules", str(SEED),
                           str(tmp_path / "in")], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("study ") == 1 and "(2 instances)" in res.stdout

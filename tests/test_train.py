@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, SHARED, needs_shared
+from conftest import RADIOGRAPHS, REPO, SHARED, needs_shared
 
 torch = pytest.importorskip("torch", reason="the [train] extra is not installed (make test installs it)")
 
@@ -29,7 +29,6 @@ from nnrouter.train import (  # noqa: E402
     train,
 )
 
-RADIOGRAPHS = SHARED / "data" / "radiographs"
 SHIPPED = REPO / "models" / "nnrouter-view"
 
 
