@@ -240,7 +240,9 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
                 print(f"no study {args.input[0]} in the store", file=sys.stderr)
                 return 1
             # The order check as the router would run it now, on the orders kept so far (nothing is written).
-            check = router.order_check
+            from nnrouter.mismatch import OrderCheck
+
+            check = OrderCheck(settings, store, record=False)
             check.reload()
             _, findings = check.findings(s, study)
             for f in findings:

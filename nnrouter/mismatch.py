@@ -65,9 +65,11 @@ def seen(s, study_id: int) -> list[orders.Seen]:  # type: ignore[no-untyped-def]
 
 
 class OrderCheck:
-    def __init__(self, settings: Settings, store: Store):
+    def __init__(self, settings: Settings, store: Store, *, record: bool = True):
+        """``record=False`` for a dry run: loading procedures.yaml leaves no trace in `nnrouter status`."""
         self.settings = settings
         self.store = store
+        self._recording = record
         path = settings.orders.procedures
         self._book_file = None if path is None else yamlfile.Reloaded(
             path, load_procedures, self._record, "procedures", lambda b: {"procedures": len(b.spec.procedures)}, log)
@@ -88,6 +90,8 @@ class OrderCheck:
     def _record(self, ok: bool, digest: str, errors: str | None) -> None:
         """Shown by `nnrouter status`, beside the routing rules."""
         assert self._book_file is not None
+        if not self._recording:
+            return
         with self.store.write() as s:
             s.add(RulesLoad(kind="procedures", path=str(self._book_file.path), digest=digest, ok=ok, errors=errors))
 

@@ -353,3 +353,22 @@ def test_header_naming_a_containing_part_is_no_conflict():
                           ("SPINE", "lumbar_spine_ap")):
         assert orders.check([], [Seen("1", label, 0.99, True, body_part_examined=header)], BOOK) == [], (header, label)
     assert kinds(orders.check([], [Seen("1", "finger_ap", 0.99, True, body_part_examined="FOOT")], BOOK)) == ["header_conflict"]
+
+
+def test_a_dry_run_order_check_loads_procedures_without_a_trace(tmp_path: Path):
+    # `rules test` on a stored study loads procedures.yaml to show the flags;
+    # that must not show up in `nnrouter status` as what the router runs.
+    from nnrouter.config import Settings
+    from nnrouter.mismatch import OrderCheck
+    from nnrouter.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store.upgrade()
+    settings = Settings(orders={"procedures": REPO / "rules" / "procedures.yaml"})
+    dry = OrderCheck(settings, store, record=False)
+    dry.reload()
+    assert dry.book is not None and store.rules_status("procedures") == {}
+    live = OrderCheck(settings, store)
+    live.reload()
+    assert store.rules_status("procedures")["running"]["path"].endswith("procedures.yaml")
+    store.dispose()
