@@ -132,18 +132,28 @@ class ViewRule(_Strict):
     label: ClassName = Field(alias="class")
 
 
+def _regex(value: str) -> str:
+    try:
+        re.compile(value, re.IGNORECASE)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from None
+    return value
+
+
 class DescriptionRule(_Strict):
     pattern: str
     label: ClassName = Field(alias="class")
 
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, value: str) -> str:
-        try:
-            re.compile(value, re.IGNORECASE)
-        except re.error as exc:
-            raise ValueError(f"not a valid regular expression: {exc}") from None
-        return value
+    _compiles = field_validator("pattern")(_regex)
+
+
+class BodyPartRule(_Strict):
+    """A description that names an anatomy ("XR Wrist Lt"): it narrows like Body Part Examined, never picks."""
+
+    pattern: str
+    body_part: Term
+
+    _compiles = field_validator("pattern")(_regex)
 
 
 class LabelRules(_Strict):
@@ -153,6 +163,7 @@ class LabelRules(_Strict):
     codes: list[CodeRule] = []
     views: list[ViewRule] = []
     descriptions: list[DescriptionRule] = []
+    description_body_parts: list[BodyPartRule] = []
 
 
 @dataclass(frozen=True)
@@ -164,6 +175,8 @@ class Rules:
     pairs: dict[tuple[str, str], str]  # (body part, view position) -> class
     codes: dict[str, dict[str, frozenset[str]]]  # code value -> scheme ("*" = any) -> classes
     descriptions: tuple[tuple[re.Pattern[str], str], ...]
+    # Descriptions that name an anatomy -> that Body Part Examined's term.
+    description_parts: tuple[tuple[re.Pattern[str], str], ...] = ()
     source: str = ""  # the file, for reports
     sha256: str = ""
 
@@ -215,6 +228,12 @@ def load_rules(path: Path) -> Rules:
             pairs[key] = rule.label
             pair_origin[key] = f"views[{i}]"
 
+    for i, part_rule in enumerate(spec.description_body_parts):
+        if part_rule.body_part not in known_parts:
+            problems.append((("description_body_parts", i, "body_part"), f"description_body_parts[{i}].body_part",
+                             f"{part_rule.body_part} is not a Body Part Examined of any class "
+                             f"({', '.join(sorted(known_parts))})"))
+
     for rule in spec.codes:
         code_map.setdefault(rule.code.strip(), {}).setdefault(
             (rule.scheme or "*").strip().upper(), set()).add(rule.label)
@@ -233,6 +252,7 @@ def load_rules(path: Path) -> Rules:
         pairs=pairs,
         codes={k: {s: frozenset(v) for s, v in by.items()} for k, by in code_map.items()},
         descriptions=tuple((re.compile(r.pattern, re.IGNORECASE), r.label) for r in spec.descriptions),
+        description_parts=tuple((re.compile(r.pattern, re.IGNORECASE), r.body_part) for r in spec.description_body_parts),
         source=str(path),
         sha256=_sha256(path),
     )
@@ -332,8 +352,18 @@ def decide(ds: Dataset, rules: Rules) -> Decision:
         named = {label for pattern, label in rules.descriptions if pattern.search(plain)}
         if named:
             evidence.append(Evidence(name, text, frozenset(named), True))
+        # The anatomy a description names narrows like Body Part Examined, so
+        # "XR Wrist Lt" on a film whose header says HAND is reported as a
+        # conflict rather than quietly labelled a hand.
+        parts = {p for pattern, p in rules.description_parts if pattern.search(plain)}
+        if parts:
+            evidence.append(Evidence(f"{name} anatomy", text,
+                                     frozenset().union(*(rules.body_parts[p] for p in parts)), False))
 
     shown = tuple(str(e) for e in evidence)
+    allowed = frozenset.intersection(*(e.classes for e in evidence)) if evidence else frozenset()
+    if evidence and not allowed:
+        return Decision("conflicting", None, "headers disagree: " + "; ".join(shown), shown, seen)
     if not any(e.decides for e in evidence):
         if part in rules.body_parts and view:
             why = f"Body Part Examined {raw_part} with View Position {view} names none of its classes"
@@ -342,10 +372,6 @@ def decide(ds: Dataset, rules: Rules) -> Decision:
         else:
             why = "no procedure code, body part with view position, or description names a class"
         return Decision("unmapped", None, why, shown, seen)
-
-    allowed = frozenset.intersection(*(e.classes for e in evidence))
-    if not allowed:
-        return Decision("conflicting", None, "headers disagree: " + "; ".join(shown), shown, seen)
     if len(allowed) > 1:
         return Decision("unmapped", None, f"evidence allows several classes ({', '.join(sorted(allowed))}): "
                         + "; ".join(shown), shown, seen)

@@ -168,6 +168,13 @@ def _finish(
     score = class_scores[np.arange(len(cls)), cls]
     sel = score > conf_threshold
     boxes, score, cls = boxes[sel].astype(np.float64), score[sel].astype(np.float64), cls[sel]
+    if letterbox is not None:
+        boxes = letterbox.unmap(boxes)
+        # A box that lies wholly in the letterbox padding clips to nothing: it
+        # found no part of the image (a narrow wrist film leaves wide bars).
+        # Dropped before NMS, so it can neither suppress nor fill a real slot.
+        inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, score, cls = boxes[inside], score[inside], cls[inside]
     if not len(score):
         return []
     # Class-wise: a head box must not suppress an overlapping spine box.
@@ -175,8 +182,6 @@ def _finish(
                            for c in np.unique(cls)])
     keep = keep[np.argsort(-score[keep], kind="stable")][:max_detections]
     boxes, score, cls = boxes[keep], score[keep], cls[keep]
-    if letterbox is not None:
-        boxes = letterbox.unmap(boxes)
     return [
         Detection(label=labels[c], score=float(s), box=(float(b[0]), float(b[1]), float(b[2]), float(b[3])))
         for b, s, c in zip(boxes, score, cls)

@@ -131,16 +131,22 @@ def test_shared_radiographs(tmp_path):
     # The README's table says 607 shoulder_ap: MANIFEST.csv lists 10 of those
     # files twice (an upstream test and training copy), so 597 files are there.
     assert summary.labels == {
-        "knee_ap": 600, "shoulder_ap": 597, "panoramic_radiograph": 425, "chest_pa_ap": 118,
-        "abdomen_ap": 20, "chest_lateral": 12, "pelvis_ap": 10, "other": 9,
+        "shoulder_ap": 597, "chest_pa_ap": 559, "knee_ap": 450, "panoramic_radiograph": 350, "hand_ap": 64,
+        "chest_lateral": 44, "wrist_ap": 39, "abdomen_ap": 37, "hand_oblique": 21, "pelvis_ap": 10, "other": 9,
     }
-    assert summary.rejected == []
+    # whole_spine_ap is not one of the 30 classes (nor `other`): left out, and said so.
+    (spine,) = summary.rejected
+    assert spine.outcome == "unmapped" and "whole_spine_ap" in spine.reason and "250 files" in spine.reason
     with open(RADIOGRAPHS / "MANIFEST.csv", newline="") as f:
         repo = {RADIOGRAPHS / r["file"]: r["repo"] for r in csv.DictReader(f)}
     rows = _rows(out)
     assert all(r["group"] == repo[Path(r["file"])] for r in rows)
-    assert {lbl: len(g) for lbl, g in summary.sources.items()} == dict.fromkeys(summary.labels, 1)
-    assert summary.sources["abdomen_ap"] == {"serafb/RadiologyMC-dataset": 20}
+    # The source group is what leave-one-source-out holds out: count them per class.
+    assert {lbl: len(g) for lbl, g in summary.sources.items()} == {
+        "chest_pa_ap": 4, "chest_lateral": 2, "panoramic_radiograph": 2, "abdomen_ap": 2,
+        **{lbl: 1 for lbl in ("shoulder_ap", "knee_ap", "hand_ap", "wrist_ap", "hand_oblique", "pelvis_ap", "other")},
+    }
+    assert summary.sources["abdomen_ap"] == {"serafb/RadiologyMC-dataset": 20, "dlab-berkeley/R-Deep-Learning": 17}
     assert any("10 rows repeat" in n for n in summary.notes)
 
 
@@ -248,6 +254,13 @@ def test_dicom_headers_mapped_unmapped_conflicting(tmp_path, rules):
         ({"StudyDescription": "C-SPINE 2 VIEWS"}, None),
         ({"BodyPartExamined": "ABDOMEN", "StudyDescription": "XR CHEST PA"}, "conflicting"),
         ({"BodyPartExamined": "BREAST", "ViewPosition": "MLO"}, None),
+        # A description's anatomy narrows like Body Part Examined: against HAND it is a conflict,
+        # with or without a view that would pick a hand class.
+        ({"BodyPartExamined": "HAND", "ViewPosition": "PA", "StudyDescription": "XR Wrist Lt"}, "conflicting"),
+        ({"BodyPartExamined": "HAND", "ViewPosition": "LL", "StudyDescription": "XR Wrist Lt"}, "conflicting"),
+        ({"BodyPartExamined": "WRIST", "ViewPosition": "PA", "StudyDescription": "XR Wrist Lt"}, "wrist_ap"),
+        ({"BodyPartExamined": "HAND", "ViewPosition": "PA", "StudyDescription": "XR Hand and Wrist"}, "hand_ap"),
+        ({"StudyDescription": "XR Wrist Lt"}, None),  # names the anatomy, not the view
     ],
 )
 def test_decide_examples(rules, headers, expected):
@@ -308,6 +321,9 @@ def test_pydicom_data_rg1_maps_to_chest(rules):
 # part or description at all. Only the chest PAs map.
 SHARED_GOOD = {
     "cr_chest_mono1_no_meta.dcm": "chest_pa_ap",
+    # Body Part Examined HAND, the study "XR Wrist Lt": reported, not resolved.
+    "cr_wrist_lateral_philips.dcm": "conflicting",
+    "cr_wrist_pa_philips.dcm": "conflicting",
     "dx_chest_j2k_no_bodypart.dcm": "unmapped",
     "nema_MG1_J2KI.dcm": "unmapped",
     "nema_RG1_J2KI.dcm": "chest_pa_ap",
@@ -343,6 +359,8 @@ def test_shared_dicom(tmp_path, rules):
     assert _outcomes(good) == SHARED_GOOD
     reasons = {Path(r.file).name: r.reason for r in good.rejected}
     assert "HIP without a View Position" in reasons["nema_RG2_RLE.dcm"]
+    wrist = reasons["cr_wrist_pa_philips.dcm"]
+    assert "BodyPartExamined 'HAND'" in wrist and "StudyDescription anatomy 'XR Wrist Lt' -> wrist_ap|wrist_lateral" in wrist
 
     bad = dataset.from_dicom(shared_files("bad"), rules, check_decode=True)
     assert _outcomes(bad) == SHARED_BAD

@@ -127,6 +127,18 @@ def test_max_detections():
     assert [d.score for d in dets] == pytest.approx([0.9, 0.8])
 
 
+def test_boxes_wholly_in_the_padding_are_dropped():
+    # TALL has 80 columns of padding on the left: a box in them is no part of the image,
+    # and it must not take a max_detections slot from a real one.
+    pred = np.zeros((1, 4 + len(REGIONS), 2), dtype=np.float32)
+    pred[0, :4, 0] = (40, 160, 40, 80)  # x 20..60 in network pixels: all padding
+    pred[0, :4, 1] = (160, 160, 40, 80)  # in the image
+    pred[0, 4 + CHEST] = (0.9, 0.8)
+    (dets,) = decode_ultralytics(pred, REGIONS, 0.25, 0.45, letterboxes=[TALL], max_detections=1)
+    assert [(d.label, round(d.score, 5)) for d in dets] == [("CHEST", 0.8)]
+    assert dets[0].box == pytest.approx((75.0, 150.0, 125.0, 250.0))  # (140 - 80) / 0.8 .. (180 - 80) / 0.8
+
+
 def test_stretch_unmap_uses_both_scales():
     lb = Letterbox(0.5, 2.0, 0.0, 0.0, 1000, 1000)
     out = lb.unmap(np.array([[10.0, 10.0, 20.0, 40.0]]))
