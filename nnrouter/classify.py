@@ -6,30 +6,50 @@ writes what it saw. It is a separate process from the receiver because
 decoding and inference are CPU-bound and Python has one GIL per process: the
 receive path must never wait for a model. A worker that dies mid-batch loses
 nothing; its claims run out and another worker takes them.
+
+One bad instance must not take its batch-mates down with it. Decoding guards
+each instance (a codec's panic ends that instance ``undecodable``); what
+still kills the process (a segfault in native code, the OOM killer, kill -9)
+leaves a batch in which nobody knows who was in hand. So a claim that comes
+back unfinished is retried alone, and only tries made alone count against
+the instance: ``attempts`` is that count, and after ``workers.max_attempts``
+of them the instance is ``failed``. An innocent batch-mate loses one
+uncounted try and succeeds alone; the culprit crashes alone until it gives
+up. Why not a decode subprocess per worker: it would double the processes and
+copy every image between them for a crash that the retry alone already
+confines to the one instance that causes it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import multiprocessing
 import os
+import signal
 import socket
-import threading
 import time
 import uuid
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 from pydicom import dcmread
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, select, update
 
-from nnrouter import logs
+from nnrouter import lifecycle, logs
 from nnrouter.config import Settings
 from nnrouter.decode import Decoded, DecodeError, decode_file
-from nnrouter.store import Detection, Instance, InstanceState, Prediction, Store, utcnow
+from nnrouter.store import (
+    Detection,
+    Instance,
+    InstanceState,
+    Prediction,
+    Store,
+    unavailable,
+    utcnow,
+)
 
 log = logs.get("nnrouter.classify")
 
@@ -42,6 +62,8 @@ class Claim:
     path: str
     sop_instance_uid: str
     attempts: int
+    retry: bool = False
+    """Claimed after an unfinished try: it is processed alone, and the try counts."""
 
 
 @dataclass
@@ -60,6 +82,12 @@ class Queue:
     On PostgreSQL, concurrent workers skip each other's rows (SKIP LOCKED); on
     SQLite the claim is one UPDATE ... RETURNING, which SQLite runs under its
     single writer lock, so two workers never get the same row either.
+
+    Two kinds of claim: fresh instances (state ``received``) in batches, not
+    counted; and retries (``classifying`` with a lease run out: the worker
+    died, stalled or gave them back) one at a time, each counted in
+    ``attempts``. A retry due with ``max_attempts`` used up ends ``failed``
+    without another try.
     """
 
     def __init__(self, store: Store, worker_id: str, lease_s: float, max_attempts: int):
@@ -68,41 +96,62 @@ class Queue:
         self.lease = dt.timedelta(seconds=lease_s)
         self.max_attempts = max_attempts
 
-    def claim(self, n: int) -> list[Claim]:
+    def claim(self, n: int, *, fresh_only: bool = False) -> list[Claim]:
+        """One retry alone if any is due (unless ``fresh_only``), else up to ``n`` fresh instances."""
+        if not fresh_only:
+            self._give_up()
+            retry = self._take(
+                and_(Instance.state == InstanceState.CLASSIFYING, Instance.lease_until < utcnow()), 1, count=True)
+            if retry:
+                return retry
+        return self._take(Instance.state == InstanceState.RECEIVED, n, count=False)
+
+    def _take(self, where, n: int, *, count: bool) -> list[Claim]:  # type: ignore[no-untyped-def]
         now = utcnow()
-        eligible = (
-            select(Instance.id)
-            .where(
-                or_(
-                    Instance.state == InstanceState.RECEIVED,
-                    and_(Instance.state == InstanceState.CLASSIFYING, Instance.lease_until < now),
-                )
-            )
-            .order_by(Instance.id)
-            .limit(n)
-        )
+        eligible = select(Instance.id).where(where).order_by(Instance.id).limit(n)
         if not self.store.is_sqlite:
             eligible = eligible.with_for_update(skip_locked=True)
+        values: dict[str, Any] = {
+            "state": InstanceState.CLASSIFYING, "claimed_by": self.worker_id, "lease_until": now + self.lease,
+            "updated_at": now}
+        if count:
+            values["attempts"] = Instance.attempts + 1
         stmt = (
             update(Instance)
             .where(Instance.id.in_(eligible.scalar_subquery()))
-            .values(
-                state=InstanceState.CLASSIFYING,
-                claimed_by=self.worker_id,
-                lease_until=now + self.lease,
-                attempts=Instance.attempts + 1,
-                updated_at=now,
-            )
+            .values(**values)
             .returning(Instance.id, Instance.path, Instance.sop_instance_uid, Instance.attempts)
         )
         with self.store.write() as s:
             rows = s.execute(stmt).all()
-        claims = [Claim(r.id, r.path, r.sop_instance_uid, r.attempts) for r in rows]
-        worn = [c for c in claims if c.attempts > self.max_attempts]
-        for c in worn:
-            self.finish(c, InstanceState.FAILED, f"gave up after {c.attempts - 1} attempts (worker crashes or inference errors)")
-            log.error("instance_failed", sop_instance_uid=c.sop_instance_uid, attempts=c.attempts - 1)
-        return sorted((c for c in claims if c.attempts <= self.max_attempts), key=lambda c: c.id)
+        return sorted((Claim(r.id, r.path, r.sop_instance_uid, r.attempts, retry=count) for r in rows), key=lambda c: c.id)
+
+    def _give_up(self) -> None:
+        """Retries due on instances that used up their tries alone: failed, with the last reason."""
+        worn = (
+            select(Instance.id, Instance.sop_instance_uid, Instance.attempts, Instance.state_reason)
+            .where(Instance.state == InstanceState.CLASSIFYING, Instance.lease_until < utcnow(),
+                   Instance.attempts >= self.max_attempts)
+        )
+        if not self.store.is_sqlite:
+            worn = worn.with_for_update(skip_locked=True)
+        with self.store.write() as s:
+            for r in s.execute(worn).all():
+                why = f"gave up after {r.attempts} attempts with this instance alone in hand"
+                why += f" (last: {r.state_reason})" if r.state_reason else " (the worker stopped: a crash or a kill)"
+                s.execute(
+                    update(Instance)
+                    .where(Instance.id == r.id, Instance.state == InstanceState.CLASSIFYING)
+                    .values(state=InstanceState.FAILED, state_reason=why[:500], claimed_by=None, lease_until=None,
+                            updated_at=utcnow())
+                )
+                log.error("instance_failed", sop_instance_uid=r.sop_instance_uid, attempts=r.attempts)
+
+    def count_alone(self, claim: Claim) -> Claim:
+        """A fresh instance that is alone in its batch: this try counts, as a retry's does."""
+        with self.store.write() as s:
+            s.execute(update(Instance).where(self._ours(claim)).values(attempts=Instance.attempts + 1))
+        return Claim(claim.id, claim.path, claim.sop_instance_uid, claim.attempts + 1, retry=claim.retry)
 
     def _ours(self, claim: Claim):  # type: ignore[no-untyped-def]
         return and_(Instance.id == claim.id, Instance.claimed_by == self.worker_id)
@@ -120,14 +169,43 @@ class Queue:
             return s.execute(stmt).rowcount == 1
 
     def release(self, claims: list[Claim], reason: str) -> None:
-        """Give claims back for another try (the next claim counts the attempt)."""
+        """Give claims back as retries (each then tried alone, and counted): their try failed."""
         with self.store.write() as s:
             for c in claims:
                 s.execute(
                     update(Instance)
                     .where(self._ours(c))
-                    .values(state=InstanceState.RECEIVED, state_reason=reason, claimed_by=None, lease_until=None)
+                    .values(state_reason=reason, claimed_by=None, lease_until=utcnow() - dt.timedelta(seconds=1))
                 )
+
+    def return_held(self) -> int:
+        """Give back, as fresh and uncounted, what this worker holds: the database failed, not they."""
+        with self.store.write() as s:
+            return s.execute(
+                update(Instance)
+                .where(Instance.claimed_by == self.worker_id, Instance.state == InstanceState.CLASSIFYING)
+                .values(state=InstanceState.RECEIVED, claimed_by=None, lease_until=None)
+            ).rowcount  # type: ignore[attr-defined]  # an UPDATE's result is a CursorResult
+
+
+def worker_prefix(pid: int) -> str:
+    """The start of the worker id of process ``pid`` on this host."""
+    return f"{socket.gethostname()}:{pid}:"
+
+
+def expire_claims(store: Store, pid: int, reason: str) -> int:
+    """The claims of a worker process that died, due for retry now rather than after their lease.
+
+    The supervisor calls it when it sees a worker die; each of those
+    instances is then retried alone, so a crash's culprit is found at once.
+    """
+    with store.write() as s:
+        return s.execute(
+            update(Instance)
+            .where(Instance.state == InstanceState.CLASSIFYING,
+                   Instance.claimed_by.startswith(worker_prefix(pid), autoescape=True))
+            .values(state_reason=reason, claimed_by=None, lease_until=utcnow() - dt.timedelta(seconds=1))
+        ).rowcount  # type: ignore[attr-defined]
 
 
 def _geometry(path: str) -> dict[str, Any]:
@@ -187,16 +265,20 @@ class Worker:
         w = settings.workers
         self.queue = Queue(store, self.worker_id, w.lease_s, w.max_attempts)
 
-    def next_batch(self, stop: threading.Event | None = None) -> list[Claim]:
-        """Claim up to batch_size, waiting up to max_wait_ms to fill a started batch."""
+    def next_batch(self, stop: Any = None) -> list[Claim]:
+        """A retry alone, or up to batch_size fresh ones, waiting up to max_wait_ms to fill a started batch."""
         w = self.settings.workers
         batch = self.queue.claim(w.batch_size)
+        if len(batch) == 1 and batch[0].retry:
+            return batch
         deadline = time.monotonic() + w.max_wait_ms / 1000
         while batch and len(batch) < w.batch_size and time.monotonic() < deadline:
             if stop is not None and stop.is_set():
                 break
             time.sleep(min(0.02, w.max_wait_ms / 1000))
-            batch += self.queue.claim(w.batch_size - len(batch))
+            batch += self.queue.claim(w.batch_size - len(batch), fresh_only=True)
+        if len(batch) == 1:
+            batch = [self.queue.count_alone(batch[0])]
         return batch
 
     def process(self, batch: list[Claim]) -> dict[str, int]:
@@ -215,6 +297,14 @@ class Worker:
             except OSError as exc:
                 self.queue.finish(claim, InstanceState.UNDECODABLE, f"cannot read spool file: {exc.strerror or exc}")
                 log.error("spool_file_unreadable", sop_instance_uid=claim.sop_instance_uid, error=str(exc))
+                counts["undecodable"] += 1
+                continue
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # native code's panic (pyo3 PanicException is no Exception): this instance only
+                reason = f"decoder crashed: {type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+                self.queue.finish(claim, InstanceState.UNDECODABLE, reason)
+                log.warning("undecodable", sop_instance_uid=claim.sop_instance_uid, reason=reason)
                 counts["undecodable"] += 1
                 continue
             looked.append(Looked(claim, decoded, (time.perf_counter() - t0) * 1000, geometry))
@@ -301,22 +391,44 @@ class Worker:
                 )
             )
 
-    def run(self, stop: threading.Event | None = None, *, until_empty: bool = False) -> dict[str, int]:
-        """Work until stopped (or, with until_empty, until the queue is empty)."""
+    def run(self, stop: Any = None, *, until_empty: bool = False) -> dict[str, int]:
+        """Work until stopped (or, with until_empty, until the queue is empty).
+
+        A database outage is waited out with backoff, logged once; when the
+        database is back, what this worker held is given back uncounted.
+        """
         totals: dict[str, int] = {}
         poll = self.settings.workers.poll_ms / 1000
+        outage = lifecycle.Outage("worker", worker=self.worker_id)
         while stop is None or not stop.is_set():
-            batch = self.next_batch(stop)
-            if not batch:
+            try:
+                if outage.down:
+                    returned = self.queue.return_held()
+                    outage.over(returned=returned)
+                batch = self.next_batch(stop)
+                counts = self.process(batch) if batch else None
+            except Exception as exc:
+                reason = unavailable(exc)
+                if reason is None:
+                    raise
+                _pause(stop, outage.failed(reason))
+                continue
+            if counts is None:
                 if until_empty:
                     break
-                (stop.wait(poll) if stop is not None else time.sleep(poll))
+                _pause(stop, poll)
                 continue
-            counts = self.process(batch)
             for k, v in counts.items():
                 totals[k] = totals.get(k, 0) + v
             log.info("batch", worker=self.worker_id, size=len(batch), **counts)
         return totals
+
+
+def _pause(stop: Any, seconds: float) -> None:
+    if stop is not None:
+        stop.wait(seconds)
+    else:
+        time.sleep(seconds)
 
 
 def load_models(settings: Settings):  # type: ignore[no-untyped-def]
@@ -330,12 +442,20 @@ def load_models(settings: Settings):  # type: ignore[no-untyped-def]
     return classifier, detector
 
 
-def run_worker(settings: Settings, stop: Any = None, until_empty: bool = False) -> dict[str, int]:
-    """A whole worker: its own store connection and models (one process)."""
+def run_worker(settings: Settings, stop: Any = None, until_empty: bool = False,
+               parent_pid: int | None = None) -> dict[str, int]:
+    """A whole worker: its own store connection and models (one process).
+
+    Started by ``serve`` (``parent_pid`` set), it stops on SIGTERM and when
+    that parent is gone; it waits for the database rather than dying with it.
+    """
     logs.setup(settings.logging.level, settings.logging.format)
+    if stop is None and parent_pid is not None:
+        stop = lifecycle.child_of(parent_pid)
     store = Store(settings.database.url)
     try:
-        store.require_current()
+        if not lifecycle.wait_for_database(store.require_current, stop, "worker"):
+            return {}
         classifier, detector = load_models(settings)
         worker = Worker(settings, store, classifier, detector)
         log.info(
@@ -350,13 +470,20 @@ def run_worker(settings: Settings, stop: Any = None, until_empty: bool = False) 
         store.dispose()
 
 
-def spawn_worker(settings: Settings, stop: Any, name: str) -> multiprocessing.Process:
-    """One worker process, spawned: it shares no state with the receiver."""
-    proc = multiprocessing.get_context("spawn").Process(target=run_worker, args=(settings, stop), name=name, daemon=True)
-    proc.start()
-    return proc
+def spawn_worker(settings: Settings, name: str) -> BaseProcess:
+    """One worker process, spawned: it shares no state with the receiver, and dies with it."""
+    return lifecycle.spawn_stage("nnrouter.classify:run_worker", name, settings=settings)
 
 
-def start_workers(settings: Settings, count: int) -> tuple[list[multiprocessing.Process], Any]:
-    stop = multiprocessing.get_context("spawn").Event()
-    return [spawn_worker(settings, stop, f"nnrouter-worker-{i}") for i in range(count)], stop
+def start_workers(settings: Settings, count: int) -> list[BaseProcess]:
+    return [spawn_worker(settings, f"nnrouter-worker-{i}") for i in range(count)]
+
+
+def exit_reason(exitcode: int | None) -> str:
+    """A dead worker's exit status in words, for the retried instances' state_reason."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"the worker was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"the worker was killed by signal {-exitcode}"
+    return f"the worker exited with code {exitcode}"

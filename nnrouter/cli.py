@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -116,13 +114,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 return 2
     spool = Spool(settings.storage.path)
     server = receive.serve(settings, store, spool, block=False)
-    workers, stop_workers = classify.start_workers(settings, settings.workers.count)
-    spawners = {p.name: classify.spawn_worker for p in workers}
+    # The stage processes, by name, each with how to start it again. They stop
+    # on SIGTERM and die with this process (nnrouter.lifecycle): no shared
+    # multiprocessing state that a killed child could leave locked.
+    spawners: dict[str, Callable[[config_mod.Settings, str], Any]] = {
+        f"nnrouter-worker-{i}": classify.spawn_worker for i in range(settings.workers.count)}
     if settings.routing.rules is not None or settings.orders.procedures is not None:
         from nnrouter.route import spawn_router
 
-        workers.append(spawn_router(settings, stop_workers))
-        spawners[workers[-1].name] = spawn_router
+        spawners["nnrouter-router"] = spawn_router
+    if settings.retention.enabled:  # retention: the cleaner stage (nnrouter.clean)
+        from nnrouter.clean import spawn_cleaner
+
+        spawners["nnrouter-cleaner"] = spawn_cleaner
+    workers = [spawn(settings, name) for name, spawn in spawners.items()]
     mllp = None
     if settings.orders.hl7 is not None:
         from nnrouter import hl7, orders
@@ -131,46 +136,65 @@ def cmd_serve(args: argparse.Namespace) -> int:
             with store.write() as s:
                 orders.save(s, order)
 
-        mllp = hl7.MLLPServer(settings.orders.hl7.bind, settings.orders.hl7.port, keep_order).start()
+        mllp = hl7.MLLPServer.from_config(settings.orders.hl7, keep_order).start()
 
-    stop = {"now": False}
+    from nnrouter.lifecycle import Stop, stop_on_signals
 
-    def _stop(signum: int, _frame: Any) -> None:
-        stop["now"] = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop = stop_on_signals(Stop())
     try:
-        while not stop["now"]:
-            time.sleep(1)
-            # A worker that died (a codec crash, out of memory) is replaced;
-            # its claimed instances come back when their lease runs out.
+        while not stop.wait(1):
+            # A worker that died (a codec crash, out of memory, kill -9) is
+            # replaced; its claims are due for retry at once, each alone.
             for i, proc in enumerate(workers):
-                if not proc.is_alive() and not stop["now"]:
+                if not proc.is_alive() and not stop.is_set():
                     log.error("worker_died", worker=proc.name, exitcode=proc.exitcode)
-                    workers[i] = spawners[proc.name](settings, stop_workers, proc.name)
+                    if proc.name.startswith("nnrouter-worker-") and proc.pid is not None:
+                        _expire_claims(store, proc.pid, classify.exit_reason(proc.exitcode), log)
+                    workers[i] = spawners[proc.name](settings, proc.name)
     finally:
-        stop_workers.set()
+        # SIGTERM to each child, then one deadline for all: stopped within
+        # 15 s whether the signal came to us alone or to the whole group.
+        for proc in workers:
+            if proc.is_alive():
+                proc.terminate()
         server.shutdown()
         if mllp is not None:
             mllp.stop()
+        deadline = time.monotonic() + 10
         for proc in workers:
-            proc.join(10)
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in workers:
             if proc.is_alive():
-                proc.terminate()
+                log.warning("stage_killed", worker=proc.name)
+                proc.kill()
+                proc.join(2)
         store.dispose()
         log.info("stopped")
     return 0
 
 
+def _expire_claims(store: Any, pid: int, reason: str, log: Any) -> None:
+    """Retry a dead worker's claims now; the database may be down too, then their lease does it."""
+    from nnrouter.classify import expire_claims
+    from nnrouter.store import unavailable
+
+    try:
+        n = expire_claims(store, pid, reason)
+    except Exception as exc:
+        if unavailable(exc) is None:
+            raise
+        log.warning("claims_left_to_lease", pid=pid, reason=unavailable(exc))
+        return
+    if n:
+        log.info("claims_due_for_retry", pid=pid, instances=n)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from nnrouter.classify import run_worker
+    from nnrouter.lifecycle import Stop, stop_on_signals
 
     settings = _settings(args)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    totals = run_worker(settings, stop, until_empty=args.until_empty)
+    totals = run_worker(settings, stop_on_signals(Stop()), until_empty=args.until_empty)
     if args.until_empty:
         print(json.dumps(totals))
     return 0
@@ -183,10 +207,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     if settings.routing.rules is None:
         print("nnrouter: routing.rules is not set: nothing to route", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    run_router(settings, stop)
+    run_router(settings)  # it stops on SIGTERM and SIGINT
     return 0
 
 
@@ -375,6 +396,35 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0 if failed == 0 else 1
 
 
+# --- retention ---
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    """One cleaning pass (or the cleaner's loop): expired studies, early ones when short of space, orphans."""
+    from nnrouter.clean import Cleaner, run_cleaner
+    from nnrouter.store import SchemaOutOfDate
+
+    settings = _settings(args)
+    logs.setup(settings.logging.level if args.loop else "warning", settings.logging.format)
+    store = _store(settings)
+    try:
+        store.require_current()
+    except SchemaOutOfDate as exc:
+        print(f"nnrouter: {exc}", file=sys.stderr)
+        return 2
+    if args.loop:
+        store.dispose()
+        run_cleaner(settings)  # stops on SIGTERM / SIGINT
+        return 0
+    done = Cleaner(settings, store).run(dry_run=args.dry_run)
+    store.dispose()
+    if args.json:
+        _print_json(done.as_dict())
+    else:
+        print(done.text())
+    return 0
+
+
 # --- looking at the store ---
 
 
@@ -390,9 +440,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         "rules": store.rules_status("rules"),
         "procedures": store.rules_status("procedures"),
     }
+    from nnrouter import pressure  # back-pressure: would new associations be taken, and what needs a look
+
+    health = pressure.measure(settings, store).as_dict()
+    report.update(ready=health.pop("ready"), not_ready_because=health.pop("reasons"), health=health)
     if args.json:
         _print_json(report)
     else:
+        print(f"ready: {'yes' if report['ready'] else 'NO: ' + '; '.join(report['not_ready_because'])}"
+              + "".join(f"\nALERT: {a}" for a in health["alerts"]))
         print(f"database {report['database']} (schema {report['schema']['current']})")
         print(f"instances: {report['instances']['total']}")
         for state, n in sorted(counts.items()):
@@ -805,6 +861,17 @@ def cmd_bench_route(args: argparse.Namespace) -> int:
                        args.max_associations, args.workdir)
 
 
+def cmd_bench_soak(args: argparse.Namespace) -> int:
+    from nnrouter import bench
+
+    seconds = args.seconds if args.seconds is not None else args.minutes * 60
+    interval = args.interval_s or (60.0 if seconds >= 300 else max(2.0, seconds / 6))
+    warmup = args.warmup_s if args.warmup_s is not None else min(300.0, max(interval, seconds * 0.2))
+    return bench.soak(seconds, senders=args.senders, per_association=args.per_association, rows=args.rows,
+                      columns=args.columns, workers=args.workers, model=args.model, interval_s=interval,
+                      warmup_s=warmup, workdir=args.workdir)
+
+
 def cmd_dataset_build(args: argparse.Namespace) -> int:
     from nnrouter import dataset
 
@@ -916,6 +983,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = add(sub, "status", cmd_status, "counts of instances per state")
     st.add_argument("--json", action="store_true")
+    cl = add(sub, "clean", cmd_clean, "delete delivered studies kept long enough, and orphan files (retention)")
+    cl.add_argument("--dry-run", action="store_true", help="show what would go and why; delete nothing")
+    cl.add_argument("--json", action="store_true")
+    cl.add_argument("--loop", action="store_true", help="run the cleaner stage until stopped (serve runs one itself)")
 
     study = sub.add_parser("study", help="look at one study").add_subparsers(dest="sub", required=True)
     show = add(study, "show", cmd_study_show, "series, instances, paths and states of a study")
@@ -1014,6 +1085,19 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--model", type=Path, default=None, help="classifier (default: models.classifier)")
     rt.add_argument("--no-model", action="store_true", help="route without classifying")
     rt.add_argument("--workdir", type=Path, default=None)
+    sk = add(bench, "soak", cmd_bench_soak, "hours of small instances: RSS per process, images/s, counts", config="none")
+    sk_len = sk.add_mutually_exclusive_group()
+    sk_len.add_argument("--minutes", type=float, default=30.0)
+    sk_len.add_argument("--seconds", type=float, default=None, help="instead of --minutes (short runs, tests)")
+    sk.add_argument("--senders", type=int, default=4, help="associations open at once")
+    sk.add_argument("--per-association", type=int, default=10, help="instances sent on each association")
+    sk.add_argument("--rows", type=int, default=128)
+    sk.add_argument("--columns", type=int, default=128)
+    sk.add_argument("--workers", type=int, default=1, help="decode/classify worker processes")
+    sk.add_argument("--model", type=Path, default=None, help="classifier for the workers (default: none, decode only)")
+    sk.add_argument("--interval-s", type=float, default=None, help="seconds between RSS lines (default 60)")
+    sk.add_argument("--warmup-s", type=float, default=None, help="RSS growth is measured from here (default 20 %%, at most 300 s)")
+    sk.add_argument("--workdir", type=Path, default=None)
     return p
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from nnrouter import yamlfile
@@ -40,6 +40,21 @@ class AllowedPeer(_Section):
     _check_ae = field_validator("ae_title")(valid_ae_title)
 
 
+class DicomTls(_Section):
+    """Inbound DICOM over TLS: our certificate, and the CA that signs the peers' (if we check them)."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> DicomTls:
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("require_client_cert needs `ca` (the authority that signs the peers' certificates)")
+        return self
+
+
 class Dicom(_Section):
     ae_title: str = "NNROUTER"
     port: int = Field(11112, ge=1, le=65535)
@@ -50,6 +65,15 @@ class Dicom(_Section):
     acse_timeout_s: float = Field(30, gt=0)
     dimse_timeout_s: float = Field(60, gt=0)
     network_timeout_s: float = Field(60, gt=0)
+    # Connection-level defences (nnrouter.netguard), before any AE title check.
+    first_pdu_timeout_s: float = Field(10, gt=0)
+    pdu_timeout_s: float = Field(30, gt=0)
+    max_associate_pdu: int = Field(65536, ge=1024)
+    max_connections_per_host: int = Field(8, ge=0, description="0 means no cap")
+    max_pending_connections: int = Field(32, ge=1)
+    tls: DicomTls | None = None
+    # Who may C-FIND (the Q/R models and Hanging Protocols); empty: nobody.
+    query_aes: list[AllowedPeer] = []
 
     _check_ae = field_validator("ae_title")(valid_ae_title)
 
@@ -115,10 +139,35 @@ class Worklist(_Section):
 
 
 class Hl7(_Section):
-    """The HL7 v2 (ORM^O01, OMI^O23) listener over MLLP."""
+    """The HL7 v2 (ORM^O01, OMI^O23) listener over MLLP.
+
+    Its orders win over what the images say, so it has its own allow list
+    (by peer address; empty: loopback only) and caps that keep a peer which
+    opens connections, or trickles bytes, from locking the RIS out.
+    """
 
     bind: str = "0.0.0.0"
     port: int = Field(2575, ge=0, le=65535)
+    allowed_hosts: list[str] = []
+    max_connections: int = Field(20, ge=1)
+    max_connections_per_host: int = Field(4, ge=1)
+    idle_timeout_s: float = Field(300, gt=0)
+    message_timeout_s: float = Field(30, gt=0)
+    max_message_bytes: int = Field(1 << 20, ge=1024)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        import ipaddress
+        import re
+
+        for host in value:
+            try:
+                ipaddress.ip_network(host, strict=False)
+            except ValueError:
+                if not re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*", host):
+                    raise ValueError(f"{host!r} is not an address, a network (10.1.2.0/24) or a host name") from None
+        return value
 
 
 class Orders(_Section):
@@ -129,6 +178,52 @@ class Orders(_Section):
     hl7: Hl7 | None = None
 
     _find = field_validator("procedures")(_shipped)
+
+
+class Retention(_Section):
+    """What the cleaner (``nnrouter.clean``) deletes, and when; see the EXAMPLE text for the rules."""
+
+    enabled: bool = True
+    # Days a study's files are kept after its last delivery was sent (and after its last image came).
+    keep_days: float = Field(7, ge=0)
+    # Overrides: the longest of those that apply to a study wins over keep_days.
+    keep_days_by_destination: dict[str, float] = {}
+    keep_days_by_calling_ae: dict[str, float] = {}
+    # Studies forwarded nowhere (no rules, no rule matched, or discard): days after
+    # the last image; null: never deleted (nnrouter holds the only copy).
+    not_forwarded_keep_days: float | None = Field(None, ge=0)
+    # Below this much free spool space, delivered studies go early, oldest first
+    # (null: storage.min_free_mb + 1024).
+    clean_below_free_mb: int | None = Field(None, ge=0)
+    # Spool files without a row (a crash between write and commit) and overlays
+    # without a prediction are removed once older than this.
+    orphan_grace_s: float = Field(3600, gt=0)
+    # Seconds between cleaning passes (more often while the spool is short of space).
+    interval_s: float = Field(300, gt=0)
+
+    @field_validator("keep_days_by_destination", "keep_days_by_calling_ae")
+    @classmethod
+    def _non_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, v in value.items() if v < 0]
+        if bad:
+            raise ValueError(f"days must be 0 or more (for {', '.join(bad)})")
+        return value
+
+
+class Limits(_Section):
+    """Back-pressure (``nnrouter.pressure``): when new associations are refused, and when to alert."""
+
+    # Below this much free spool space, associations that would store are refused
+    # (A-ASSOCIATE-RJ, transient, local limit exceeded); null: storage.min_free_mb + 256.
+    refuse_below_free_mb: int | None = Field(None, ge=0)
+    # Instances waiting for the classifier (received or classifying); more: refused. null: no limit.
+    max_unclassified: int | None = Field(50000, ge=1)
+    # Deliveries not yet made (pending, sending, failed); more: refused. null: no limit.
+    max_outbox_pending: int | None = Field(None, ge=1)
+    # The oldest delivery not yet made older than this raises an alert (log, status, metric). null: off.
+    outbox_alert_age_s: float | None = Field(3600, gt=0)
+    # The checks are cached this long, so the receive path queries the store at most once per interval.
+    check_every_s: float = Field(1.0, ge=0)
 
 
 class Database(_Section):
@@ -155,6 +250,8 @@ class Settings(BaseSettings):
     orders: Orders = Orders()
     database: Database = Database()
     logging: Logging = Logging()
+    retention: Retention = Retention()
+    limits: Limits = Limits()
 
     @classmethod
     def settings_customise_sources(
@@ -195,7 +292,8 @@ dicom:
   # "called AE title not recognised").
   ae_title: NNROUTER
   port: 11112
-  # Address to listen on; 127.0.0.1 to accept only local peers.
+  # Address to listen on; 127.0.0.1 to accept only local peers. 0.0.0.0 lets
+  # the modalities on the LAN send; queries still need query_aes below.
   bind: 0.0.0.0
   # Who may send to us. Empty list = accept any calling AE title.
   # host (optional) pins an AE title to one peer address.
@@ -211,6 +309,36 @@ dicom:
   acse_timeout_s: 30.0
   dimse_timeout_s: 60.0
   network_timeout_s: 60.0
+  # Defences before any AE title check, against whoever reaches the port:
+  # the TLS handshake and the whole A-ASSOCIATE-RQ must arrive within
+  # first_pdu_timeout_s of the connect, and every later PDU within
+  # pdu_timeout_s of its first byte (a trickle does not extend it); else
+  # A-ABORT and the connection is closed.
+  first_pdu_timeout_s: 10.0
+  pdu_timeout_s: 30.0
+  # Largest A-ASSOCIATE-RQ (and any PDU but P-DATA, which max_pdu caps), in
+  # bytes; checked on the PDU header, before anything is buffered.
+  max_associate_pdu: 65536
+  # Connections open at once from one peer address (0 = no cap).
+  max_connections_per_host: 8
+  # Connections still waiting for their A-ASSOCIATE-RQ; they hold none of the
+  # max_associations slots. When full, the oldest waiting one is closed.
+  max_pending_connections: 32
+  # DICOM over TLS for the peers that connect to us. null: plain TCP.
+  tls: null
+  #  cert: /etc/nnrouter/tls/server.pem
+  #  key: /etc/nnrouter/tls/server.key
+  #  # The authority that signs the modalities' certificates (optional).
+  #  ca: /etc/nnrouter/tls/ca.pem
+  #  # Refuse peers without a certificate signed by `ca`.
+  #  require_client_cert: false
+  # Who may query us (C-FIND: Study/Patient Root, Hanging Protocols), like
+  # Orthanc's DicomAlwaysAllowFind: false. Empty list = nobody; anyone else is
+  # answered 0x0124 (refused: not authorized). A querying AE must also pass
+  # allowed_calling_aes. C-STORE is not affected.
+  query_aes: []
+  #  - ae_title: PACS
+  #    host: 10.1.2.10
 
 storage:
   # Spool folder for received instances (fsync'd before we acknowledge them).
@@ -276,6 +404,65 @@ orders:
   hl7: null
   #  bind: 0.0.0.0
   #  port: 2575
+  #  # Who may send orders, by peer address: addresses, networks or host
+  #  # names (resolved at start). Empty: loopback only (this machine).
+  #  allowed_hosts: []
+  #  #  - 10.1.2.3
+  #  #  - 10.1.5.0/24
+  #  # Connections at once, in all and from one host; more are closed at once.
+  #  max_connections: 20
+  #  max_connections_per_host: 4
+  #  # Seconds a connection may stay silent before its next message, and
+  #  # seconds from a message's first byte to its end (a peer that trickles
+  #  # bytes is dropped).
+  #  idle_timeout_s: 300
+  #  message_timeout_s: 30
+  #  # Larger messages are answered AR; the connection stays usable.
+  #  max_message_bytes: 1048576
+
+retention:
+  # The cleaner deletes a study's files (spool and overlays) and its rows once
+  # every delivery of the study is sent and keep_days have passed since the
+  # last one was sent and the last image came. It never deletes a study with
+  # a delivery pending, sending, failed, dead or held, one not yet routed, or
+  # one with images not yet classified. Deleted studies no longer answer
+  # C-FIND and are no longer priors. `nnrouter clean --dry-run` shows what
+  # would go and why.
+  enabled: true
+  keep_days: 7
+  # Per destination or calling AE title; the longest that applies wins.
+  keep_days_by_destination: {}
+  #  research_archive: 30
+  keep_days_by_calling_ae: {}
+  #  CR_ROOM1: 2
+  # Studies forwarded nowhere (routing.rules null, no rule matched, discard):
+  # days after the last image; null = never deleted (the only copy).
+  not_forwarded_keep_days: null
+  # Below this much free spool space (MB), delivered studies go before
+  # keep_days, oldest first; undelivered ones never. null = min_free_mb + 1024.
+  clean_below_free_mb: null
+  # Seconds before a spool file without a row (a crash between write and
+  # commit) or an overlay without a prediction is removed.
+  orphan_grace_s: 3600
+  # Seconds between cleaning passes (every 30 s while short of space).
+  interval_s: 300
+
+limits:
+  # Back-pressure: associations that would store are refused (A-ASSOCIATE-RJ,
+  # rejected-transient, "local limit exceeded"; the modality keeps its copy
+  # and retries) while any limit is crossed; C-ECHO and C-FIND still work.
+  # `nnrouter status` shows ready: false with the reasons.
+  # Free spool space (MB) below which; null = storage.min_free_mb + 256.
+  refuse_below_free_mb: null
+  # Instances waiting for the classifier; null = no limit.
+  max_unclassified: 50000
+  # Deliveries not yet made (pending, sending, failed); null = no limit.
+  max_outbox_pending: null
+  # Alert (warning log, status, metric) when the oldest delivery not yet made
+  # is older than this many seconds; null = no alert.
+  outbox_alert_age_s: 3600
+  # Seconds the checks are cached for (the receive path asks on every association).
+  check_every_s: 1.0
 
 database:
   # SQLite (embedded, one machine) or PostgreSQL (several nodes):

@@ -174,6 +174,14 @@ def _guarded(ds: Dataset, path: Path | None, max_side: int | None) -> Decoded:
         raise DecodeError("not enough memory to decode the image") from exc
     except Exception as exc:
         raise DecodeError(f"unexpected error while decoding: {_describe(exc)}") from exc
+    except _STOP:
+        raise
+    except BaseException as exc:  # a native codec's panic: pyo3's PanicException is a BaseException
+        raise DecodeError(f"decoder crashed: {_describe(exc)}") from exc
+
+
+# What a decoder must let through: a request to stop, not a codec's crash.
+_STOP = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 def _describe(exc: BaseException, limit: int = 300) -> str:
@@ -384,7 +392,9 @@ def _frame0(ds: Dataset, ts: UID, path: Path | None) -> tuple[np.ndarray, str]:
     try:
         # index=0: a 300-frame RF run must not be decoded to look at one frame.
         return pixel_array(ds, index=0), "pydicom"
-    except Exception as exc:
+    except _STOP:
+        raise
+    except BaseException as exc:  # a Rust plugin panics on some corrupt streams (pylibjpeg-rle: index out of bounds)
         first_error = _describe(exc)
         unsupported = isinstance(exc, NotImplementedError)
     if not ts.is_compressed:

@@ -15,22 +15,25 @@ its interface engine for us.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 import socketserver
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable
+from typing import Any, Callable
 
 from nnrouter import logs
 from nnrouter.codes import Code
+from nnrouter.config import Hl7
 from nnrouter.laterality import laterality_from_text
 from nnrouter.orders import Order, OrderSource
 
-__all__ = ["HL7Error", "MLLPServer", "ack", "parse", "parse_all", "send"]
+__all__ = ["HL7Error", "Limits", "MLLPServer", "ack", "parse", "parse_all", "send"]
 
 log = logs.get("nnrouter.hl7")
 
@@ -179,7 +182,7 @@ class _Segment:
         subs = comps[component - 1].split(self.enc.subcomponent) if self.enc.subcomponent else [comps[component - 1]]
         if sub > len(subs):
             return ""
-        v = self.enc.unescape(subs[sub - 1]).strip()
+        v = _text(self.enc.unescape(subs[sub - 1]))
         return "" if v == '""' else v
 
     def leaves(self, n: int) -> list[str]:
@@ -188,10 +191,19 @@ class _Segment:
         for rep in self.repetitions(n):
             for comp in rep.split(self.enc.component):
                 for sub in comp.split(self.enc.subcomponent) if self.enc.subcomponent else [comp]:
-                    v = self.enc.unescape(sub).strip()
+                    v = _text(self.enc.unescape(sub))
                     if v and v != '""':
                         out.append(v)
         return out
+
+
+def _text(value: str) -> str:
+    """A field value as text: no NUL (raw, or from a \\X00\\ escape), which no HL7 text holds and PostgreSQL refuses.
+
+    Kept, an order with a NUL in the patient's name could never be stored,
+    and the RIS would resend it for ever on AE.
+    """
+    return value.replace("\x00", "").strip()
 
 
 @dataclass
@@ -442,13 +454,122 @@ def _version(text: str) -> tuple[int, ...]:
 
 # --- MLLP ---------------------------------------------------------------------
 
+# Bytes outside any frame that are not line noise (CR, LF, blanks): a few are
+# skipped, more mean the peer does not speak MLLP and the connection is closed.
+_BLANK = b"\r\n\t "
+JUNK_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the MLLP listener lets a peer do (the ``orders.hl7`` section, read once).
+
+    An HL7 order wins over what the images say, so who may send one matters
+    as much as who may send images; and a peer that opens connections and
+    never finishes a message must not lock the RIS out. Every connection
+    costs a thread and at most ``max_message`` bytes of buffer.
+    """
+
+    # Addresses, networks (10.1.2.0/24) or host names (resolved once, at
+    # start); empty: loopback only, so a listener nobody configured takes
+    # orders from this machine alone.
+    allowed_hosts: tuple[str, ...] = ()
+    max_connections: int = 20
+    max_connections_per_host: int = 4
+    # From connect, or from the last answered message, to the next message's first byte.
+    idle_timeout_s: float = 300.0
+    # From a message's first byte to its end block; also for the peer to take our ACK.
+    message_timeout_s: float = 30.0
+    max_message: int = MAX_MESSAGE
+
+    @classmethod
+    def from_config(cls, cfg: Hl7) -> Limits:
+        return cls(
+            allowed_hosts=tuple(cfg.allowed_hosts),
+            max_connections=cfg.max_connections,
+            max_connections_per_host=cfg.max_connections_per_host,
+            idle_timeout_s=cfg.idle_timeout_s,
+            message_timeout_s=cfg.message_timeout_s,
+            max_message=cfg.max_message_bytes,
+        )
+
+
+_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+class _Allowed:
+    """The peer addresses that may connect; host names are resolved once, when the listener starts."""
+
+    def __init__(self, entries: tuple[str, ...]):
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [] if entries else list(_LOOPBACK)
+        self.unresolved: list[str] = []
+        for entry in entries:
+            try:
+                self.networks.append(ipaddress.ip_network(entry, strict=False))
+                continue
+            except ValueError:
+                pass
+            try:
+                infos = socket.getaddrinfo(entry, None, type=socket.SOCK_STREAM)
+            except OSError:
+                self.unresolved.append(entry)
+                continue
+            for info in infos:
+                self.networks.append(ipaddress.ip_network(str(info[4][0]).split("%")[0]))
+
+    def __contains__(self, host: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.networks)
+
+
+class _Warnings:
+    """At most one warning line per (event, peer, reason) every ``every_s``, saying how many were folded in.
+
+    A refused host that reconnects in a loop must not fill the disk with
+    log lines; the first one, and a count, are what an admin needs.
+    """
+
+    def __init__(self, every_s: float = 10.0):
+        self.every_s = every_s
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, str, str], tuple[float, int]] = {}
+
+    def warn(self, event: str, peer: str, reason: str, **fields: object) -> None:
+        now = time.monotonic()
+        key = (event, peer, reason)
+        with self._lock:
+            last, folded = self._seen.get(key, (None, 0))
+            if last is not None and now - last < self.every_s:
+                self._seen[key] = (last, folded + 1)
+                return
+            if len(self._seen) > 10_000:  # a scan from many addresses: forget, stay bounded
+                self._seen.clear()
+            self._seen[key] = (now, 0)
+        log.warning(event, peer=peer, reason=reason, suppressed=folded, **fields)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One MLLP frame's payload; ``problem`` is "oversized" or "interrupted" when it is not a whole message."""
+
+    payload: bytes
+    problem: str | None = None
+
 
 class _Frames:
     """Cuts a byte stream into MLLP frames (VT ... FS CR), holding at most ``limit`` bytes of one.
 
     An oversized frame is read to its end and dropped, keeping its start so
     the AR can still be addressed from its MSH; the connection stays usable.
-    Bytes between frames (the CR after FS, stray line noise) are skipped.
+    A frame cut short by a new start block is answered too (its start is
+    kept, the new frame is read on; an empty one is noise). Bytes between frames are skipped and
+    counted in ``junk`` (line ends and blanks are not), so the caller can
+    close a connection that sends no framing at all.
     """
 
     _HEAD = 64 * 1024
@@ -458,74 +579,103 @@ class _Frames:
         self.inside = False
         self.buf = bytearray()
         self.size = 0
+        self.junk = 0
 
-    def feed(self, data: bytes) -> list[tuple[bytes, bool]]:
-        """Complete frames in ``data`` as (payload, oversized)."""
-        out = []
-        i = 0
-        while i < len(data):
+    @property
+    def pending(self) -> bool:
+        """Bytes of a message (or junk) have come that no answered frame accounts for yet."""
+        return self.inside or self.junk > 0
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """The frames completed by ``data``."""
+        out: list[Frame] = []
+        i, n = 0, len(data)
+        while i < n:
             if not self.inside:
                 j = data.find(START, i)
+                self.junk += len(data[i : n if j < 0 else j].translate(None, _BLANK))
                 if j < 0:
                     break
-                self.inside, self.size = True, 0
+                self.inside, self.size, self.junk = True, 0, 0
                 self.buf.clear()
                 i = j + 1
                 continue
             end, restart = data.find(END, i), data.find(START, i)
-            if restart >= 0 and (end < 0 or restart < end):  # a new frame before this one ended: drop it
+            if restart >= 0 and (end < 0 or restart < end):  # a new frame before this one ended
+                self._take(data, i, restart)
+                if self.buf.strip(_BLANK):  # a doubled start block is line noise, not a message
+                    out.append(Frame(bytes(self.buf), "interrupted"))
                 self.inside = False
                 i = restart
                 continue
-            stop = len(data) if end < 0 else end
-            self.size += stop - i
-            room = (self._HEAD if self.size > self.limit else self.limit) - len(self.buf)
-            self.buf += data[i : i + max(0, min(room, stop - i))]
-            if self.size > self.limit:
-                del self.buf[self._HEAD :]
+            stop = n if end < 0 else end
+            self._take(data, i, stop)
             if end < 0:
                 break
-            out.append((bytes(self.buf), self.size > self.limit))
+            out.append(Frame(bytes(self.buf), "oversized" if self.size > self.limit else None))
             self.inside = False
             i = end + 1
         return out
+
+    def _take(self, data: bytes, i: int, stop: int) -> None:
+        self.size += stop - i
+        room = (self._HEAD if self.size > self.limit else self.limit) - len(self.buf)
+        if room > 0:
+            self.buf += data[i : i + min(room, stop - i)]
+        if self.size > self.limit:
+            del self.buf[self._HEAD :]
+
+
+def _clip(value: str | None, n: int = 64) -> str | None:
+    """A value from the peer, short enough for a log line."""
+    return value if value is None or len(value) <= n else value[:n] + "..."
 
 
 class MLLPServer:
     """Listens for HL7 orders over MLLP; ``on_order`` is called for each, from connection threads.
 
     ``on_order`` must be thread-safe: each connection has a thread. The ACK
-    says AA only after it returned; if it raises, the sender gets AE with the
-    error text and will resend, so a store that is down loses nothing.
+    says AA only after it returned; if it raises, the sender gets AE and will
+    resend, so a store that is down loses nothing. Peers not allowed, and
+    connections over the caps, are closed at once with a warning line (peer
+    address and reason, nothing from the messages).
     """
 
-    def __init__(
-        self,
-        bind: str,
-        port: int,
-        on_order: Callable[[Order], None],
-        *,
-        max_message: int = MAX_MESSAGE,
-        idle_timeout: float = 300.0,
-    ):
+    def __init__(self, bind: str, port: int, on_order: Callable[[Order], None], *, limits: Limits | None = None):
         self.bind = bind
         self.on_order = on_order
-        self.max_message = max_message
-        self.idle_timeout = idle_timeout
+        self.limits = limits or Limits()
+        self.allowed = _Allowed(())
+        self.warnings = _Warnings()
         self._port = port
         self._server: _TCPServer | None = None
         self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Hl7, on_order: Callable[[Order], None]) -> MLLPServer:
+        return cls(cfg.bind, cfg.port, on_order, limits=Limits.from_config(cfg))
 
     @property
     def port(self) -> int:
         return self._server.server_address[1] if self._server else self._port
 
     def start(self) -> MLLPServer:
+        self.allowed = _Allowed(self.limits.allowed_hosts)
+        for name in self.allowed.unresolved:
+            log.warning("mllp_allowed_host_unresolved", host=name, reason="cannot resolve the name; it is not allowed")
         self._server = _TCPServer((self.bind, self._port), _Connection, self)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name=f"mllp-{self.port}", daemon=True)
         self._thread.start()
-        log.info("mllp_listening", bind=self.bind, port=self.port)
+        lim = self.limits
+        log.info("mllp_listening", bind=self.bind, port=self.port,
+                 allowed_hosts=list(lim.allowed_hosts) or "loopback only",
+                 max_connections=lim.max_connections, max_connections_per_host=lim.max_connections_per_host,
+                 idle_timeout_s=lim.idle_timeout_s, message_timeout_s=lim.message_timeout_s,
+                 max_message_bytes=lim.max_message)
+        if not lim.allowed_hosts and not _is_loopback(self.bind):
+            log.warning("mllp_loopback_only", bind=self.bind,
+                        reason="orders.hl7.allowed_hosts is empty: only this machine may send orders")
         return self
 
     def stop(self) -> None:
@@ -546,73 +696,117 @@ class MLLPServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _reply(self, payload: bytes, oversized: bool, peer: str) -> bytes:
-        """One framed message in, its ACK out."""
+    def _reply(self, frame: Frame, peer: str) -> bytes:
+        """One frame in, its ACK out; never raises for what the peer sent."""
         msg: _Message | None = None
         orders: list[Order] = []
         code, text, condition, reason = "AA", "", None, None
         try:
             try:
-                msg = _Message.read(payload)  # of an oversized one, its start: enough to address the AR
+                msg = _Message.read(frame.payload)  # of a frame cut short, its start: enough to address the AR
             except HL7Error:
-                if not oversized:
+                if frame.problem is None:
                     raise
-            if oversized:
-                raise HL7Error("AR", f"message larger than {self.max_message} bytes", "207")
+            if frame.problem == "oversized":
+                raise HL7Error("AR", f"message larger than {self.limits.max_message} bytes", "207")
+            if frame.problem == "interrupted":
+                raise HL7Error("AR", "MLLP frame cut short: a start block (0x0B) came before its end block (0x1C)", "207")
             assert msg is not None
             orders = _orders(msg)
         except HL7Error as exc:
             # Our own texts name segments and fields, never their values: fine to log.
             code, text, condition, reason = exc.ack_code, exc.text, exc.condition, exc.text
+        except Exception as exc:  # a reader bug must cost one AE, not the connection
+            code, text, condition = "AE", "message could not be read (internal error)", "207"
+            reason = f"reader failed ({type(exc).__name__})"
+            log.debug("hl7_read_failed", exc_info=True)
         else:
             try:
                 for order in orders:
                     self.on_order(order)
-            except Exception as exc:  # noqa: BLE001 - any failure to keep it is an AE
-                code, text, condition = "AE", _short(exc), "207"
-                # The text may quote order values (a database error echoes its parameters): debug only.
+            except Exception as exc:  # any failure to keep it is an AE
+                # Not the exception's text: a database error quotes the values it
+                # was given (patient name and ID among them), and the RIS shows ACK
+                # texts to its users. The type says enough to resend; the log has more.
+                code, text, condition = "AE", f"order not kept ({type(exc).__name__}); send it again", "207"
                 reason = f"order not kept ({type(exc).__name__})"
                 log.debug("order_not_kept", error=str(exc), exc_info=True)
         log.info(
             "hl7_message",
             peer=peer,
-            message_type=msg.type_text if msg else None,
-            control_id=msg.control_id if msg else None,
+            message_type=_clip(msg.type_text) if msg else None,
+            control_id=_clip(msg.control_id) if msg else None,
             orders=len(orders),
             ack=code,
-            reason=reason,
+            reason=_clip(reason, 200),
         )
-        return _ack(msg, code, text, condition)
+        try:
+            return _ack(msg, code, text, condition)
+        except Exception:  # an MSH we cannot echo: answer unaddressed
+            log.debug("hl7_ack_failed", exc_info=True)
+            return _ack(None, code, text, condition)
 
 
-def _short(exc: Exception) -> str:
-    first = (str(exc).strip().splitlines() or [""])[0]
-    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    return text[:200]
+def _is_loopback(bind: str) -> bool:
+    try:
+        return ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        return bind == "localhost"
 
 
 class _TCPServer(socketserver.ThreadingTCPServer):
+    """Admits a connection (allow list, caps) before it gets a thread; counts it until it closes."""
+
     allow_reuse_address = True
     daemon_threads = False
     block_on_close = True
+    request_queue_size = 64
 
     def __init__(self, address: tuple[str, int], handler: type, owner: MLLPServer):
         self.owner = owner
         self._lock = threading.Lock()
-        self._open: set[socket.socket] = set()
+        self._open: dict[socket.socket, str] = {}
+        self._per_host: Counter[str] = Counter()
         self._closing = False
         super().__init__(address, handler)
 
-    def track(self, sock: socket.socket) -> bool:
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        host = str(client_address[0])
+        reason = self._admit(request, host)
+        if reason is None:
+            return True
+        if reason:
+            self.owner.warnings.warn("mllp_refused", host, reason)
+        return False
+
+    def _admit(self, sock: socket.socket, host: str) -> str | None:
+        """None when admitted; else why not ("" when stopping: nothing to warn about)."""
+        lim = self.owner.limits
+        if host not in self.owner.allowed:
+            return "peer address not in orders.hl7.allowed_hosts"
         with self._lock:
             if self._closing:
-                return False
-            self._open.add(sock)
-            return True
+                return ""
+            if len(self._open) >= lim.max_connections:
+                return f"{lim.max_connections} connections open (orders.hl7.max_connections)"
+            if self._per_host[host] >= lim.max_connections_per_host:
+                return f"{lim.max_connections_per_host} connections open from this host (orders.hl7.max_connections_per_host)"
+            self._open[sock] = host
+            self._per_host[host] += 1
+        return None
 
-    def untrack(self, sock: socket.socket) -> None:
+    def shutdown_request(self, request: Any) -> None:
         with self._lock:
-            self._open.discard(sock)
+            host = self._open.pop(request, None)
+            if host is not None:
+                self._per_host[host] -= 1
+                if self._per_host[host] <= 0:
+                    del self._per_host[host]
+        super().shutdown_request(request)
+
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._open)
 
     def close_connections(self) -> None:
         with self._lock:
@@ -625,30 +819,52 @@ class _TCPServer(socketserver.ThreadingTCPServer):
 
 
 class _Connection(socketserver.BaseRequestHandler):
+    """One peer: frames in, ACKs out, under the idle and per-message deadlines."""
+
     server: _TCPServer
 
     def handle(self) -> None:
         sock: socket.socket = self.request
-        if not self.server.track(sock):
-            return
         owner = self.server.owner
-        peer = self.client_address[0]
-        frames = _Frames(owner.max_message)
-        sock.settimeout(owner.idle_timeout)
+        lim = owner.limits
+        peer = str(self.client_address[0])
+        frames = _Frames(lim.max_message)
+        last = time.monotonic()  # connected, or the last message answered
+        begun: float | None = None  # when the message being read began
         try:
             while True:
+                deadline = last + lim.idle_timeout_s if begun is None else begun + lim.message_timeout_s
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                sock.settimeout(left)
                 data = sock.recv(65536)
                 if not data:
                     return
-                for payload, oversized in frames.feed(data):
-                    reply = owner._reply(payload, oversized, peer)
-                    sock.sendall(START + reply + END + b"\r")
+                got = frames.feed(data)
+                for frame in got:
+                    reply = owner._reply(frame, peer)
+                    sock.settimeout(lim.message_timeout_s)
+                    try:
+                        sock.sendall(START + reply + END + b"\r")
+                    except TimeoutError:
+                        owner.warnings.warn("mllp_closed", peer, f"ACK not taken within {lim.message_timeout_s:g} s")
+                        return
+                if frames.junk > JUNK_LIMIT:
+                    owner.warnings.warn("mllp_closed", peer, f"over {JUNK_LIMIT} bytes outside MLLP frames (no start block 0x0B)")
+                    return
+                if got:
+                    last = time.monotonic()
+                    begun = last if frames.pending else None
+                elif frames.pending and begun is None:
+                    begun = time.monotonic()
         except TimeoutError:
-            log.debug("mllp_idle_close", peer=peer)
+            if begun is None:
+                log.debug("mllp_idle_close", peer=peer, idle_timeout_s=lim.idle_timeout_s)
+            else:
+                owner.warnings.warn("mllp_closed", peer, f"message not complete within {lim.message_timeout_s:g} s")
         except OSError as exc:
             log.debug("mllp_connection_lost", peer=peer, error=str(exc))
-        finally:
-            self.server.untrack(sock)
 
 
 def send(host: str, port: int, message: bytes | str, timeout: float = 30.0) -> bytes:
@@ -677,4 +893,4 @@ def send(host: str, port: int, message: bytes | str, timeout: float = 30.0) -> b
                 raise ConnectionError(f"{host}:{port} closed the connection without a reply")
             got = frames.feed(chunk)
             if got:
-                return got[0][0]
+                return got[0].payload

@@ -11,17 +11,22 @@ The same AE answers C-FIND over the store (``nnrouter.query``).
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
 from pydicom.dataelem import RawDataElement
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, generate_uid
+from pydicom.valuerep import VR
 from pynetdicom import AE, evt
 from pynetdicom.dsutils import decode
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -30,12 +35,21 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
-from nnrouter import dimse, hanging, logs
-from nnrouter.config import Settings
+from nnrouter import dimse, hanging, logs, netguard
+from nnrouter.config import AllowedPeer, Settings
 from nnrouter.query import TRANSFER_SYNTAXES as QUERY_TRANSFER_SYNTAXES
 from nnrouter.query import Query
+from nnrouter import pressure
 from nnrouter.spool import Spool
-from nnrouter.store import Instance, InstanceState, Series, Store, Study, utcnow
+from nnrouter.store import (
+    Instance,
+    InstanceState,
+    Series,
+    Store,
+    Study,
+    unavailable,
+    utcnow,
+)
 
 log = logs.get("nnrouter.receive")
 
@@ -67,17 +81,29 @@ PROCESSING_FAILURE = 0x0110
 
 # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling AE not recognised.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+# A general DIMSE failure (PS3.7 C.5.4): the peer may not use this service.
+NOT_AUTHORIZED = 0x0124
+
+
+def peer_allowed(peers: list[AllowedPeer], calling_ae: str, host: str) -> bool:
+    """Whether a calling AE title (from this host) is one of the declared peers."""
+    return any(p.ae_title == calling_ae and (p.host is None or p.host == host) for p in peers)
 
 _STRIPES = 64
 
 
 class Refused(Exception):
-    """An instance we will not keep, with the DICOM status to answer."""
+    """An instance we will not keep, with the DICOM status to answer.
 
-    def __init__(self, status: int, reason: str):
+    ``reason`` goes to the sender as the Error Comment, so it says what is
+    wrong in DICOM's terms; ``detail`` (a library's message) only to the log.
+    """
+
+    def __init__(self, status: int, reason: str, detail: str | None = None):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.detail = detail
 
 
 @dataclass
@@ -91,38 +117,101 @@ class Header:
     study: dict[str, Any]
     series: dict[str, Any]
     instance: dict[str, Any]
+    # What is off in the header but harmless here (a UID with leading zeros): logged, kept.
+    warnings: list[str] = field(default_factory=list)
+
+
+def _value(ds: Dataset, keyword: str) -> Any:
+    """An attribute's value, or a refusal naming it when its bytes cannot be read as its VR."""
+    try:
+        return ds.get(keyword)
+    except Exception as exc:  # pydicom converts lazily; a damaged value fails here
+        raise Refused(CANNOT_UNDERSTAND, f"cannot read {keyword}", detail=str(exc)[:300]) from exc
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
-    value = ds.get(keyword)
+    value = _value(ds, keyword)
     if value is None or value == "":
         return None
-    return str(value).strip()[:limit] or None
+    # NUL is padding to some writers and not text to PostgreSQL: drop it.
+    return str(value).replace("\x00", "").strip()[:limit] or None
+
+
+_UID_CHARS = re.compile(r"[0-9.]+")
+
+
+def _uid(ds: Dataset, keyword: str, warnings: list[str]) -> str | None:
+    """A UID attribute, whole (never cut to 64), checked against PS3.5 9.1; None when absent.
+
+    UIDs name the spool's folders and files and key the rows, so a value that
+    is no UID (other characters such as '/' or NUL, empty components as in
+    '..', more than 64 characters) is refused with 0xA900: it could not be
+    told from a path, or from another instance cut to the same prefix.
+    Components with leading zeros break the rule too, but modalities in
+    service send them and they harm nothing here: kept, with a warning.
+    """
+    value = _value(ds, keyword)
+    if value is None:
+        return None
+    uid = str(value).strip(" \x00")
+    if not uid:
+        return None
+    problem = None
+    if len(uid) > 64:
+        problem = "more than 64 characters"
+    elif not _UID_CHARS.fullmatch(uid):
+        problem = "not only digits and dots"
+    elif "" in uid.split("."):
+        problem = "empty component"
+    if problem:
+        raise Refused(DATASET_DOES_NOT_MATCH, f"{keyword} is not a valid UID: {problem}")
+    if any(len(c) > 1 and c[0] == "0" for c in uid.split(".")):
+        warnings.append(f"{keyword} has a component with a leading zero")
+    return uid
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
+    """A number for the index (Rows, Columns); one that cannot be read is simply not known."""
     try:
         value = ds.get(keyword)
         return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - a damaged value (wrong length, several values, not a number) is no number
         return None
 
 
+_KNOWN_VRS = frozenset(v.value for v in VR)
+
+
+def _tag(elem: Any) -> str:
+    return f"({elem.tag.group:04X},{elem.tag.element:04X})"
+
+
 def _check_complete(ds: Dataset) -> None:
-    """Refuse a data set whose last elements were cut off in transit.
+    """Refuse a data set whose elements were cut off in transit or cannot be read at all.
 
     pydicom reads a short stream without complaint; a value shorter than its
-    declared length means the sender (or the network) lost bytes.
+    declared length means the sender (or the network) lost bytes. A VR that
+    the standard does not define leaves the reader guessing how long the
+    value is, so nothing after it can be trusted. Items of sequences pydicom
+    has already read (undefined length) are looked at too, without recursion,
+    however deep they nest.
     """
-    for elem in ds._dict.values():  # raw elements: values not yet converted
-        if isinstance(elem, RawDataElement) and elem.length != 0xFFFFFFFF:
-            got = len(elem.value or b"")
-            if got != elem.length:
-                raise Refused(
-                    CANNOT_UNDERSTAND,
-                    f"data set truncated at ({elem.tag.group:04X},{elem.tag.element:04X}): "
-                    f"{got} of {elem.length} bytes",
-                )
+    pending = [ds]
+    while pending:
+        for elem in pending.pop()._dict.values():  # raw elements: values not yet converted
+            if isinstance(elem, RawDataElement):
+                if elem.VR is not None and elem.VR not in _KNOWN_VRS:
+                    shown = "".join(c if c.isascii() and c.isalnum() else "?" for c in str(elem.VR))
+                    raise Refused(CANNOT_UNDERSTAND, f"unknown VR '{shown}' at {_tag(elem)}")
+                if elem.length != 0xFFFFFFFF:
+                    got = len(elem.value or b"")
+                    if got != elem.length:
+                        raise Refused(
+                            CANNOT_UNDERSTAND,
+                            f"data set truncated at {_tag(elem)}: {got} of {elem.length} bytes",
+                        )
+            elif elem.VR == VR.SQ and isinstance(elem.value, list):
+                pending.extend(item for item in elem.value if isinstance(item, Dataset))
 
 
 def _check_encoding(ds: Dataset, ts: UID) -> None:
@@ -142,12 +231,13 @@ def _check_encoding(ds: Dataset, ts: UID) -> None:
 def parse_header(ds: Dataset, affected_sop_instance_uid: str, affected_sop_class_uid: str) -> Header:
     """Pull the identifying attributes out of a received data set, or refuse it."""
     _check_complete(ds)
-    sop_uid = _text(ds, "SOPInstanceUID", 64)
+    warnings: list[str] = []
+    sop_uid = _uid(ds, "SOPInstanceUID", warnings)
     if not sop_uid:
         raise Refused(DATASET_DOES_NOT_MATCH, "missing SOPInstanceUID")
     if affected_sop_instance_uid and sop_uid != affected_sop_instance_uid.strip():
         raise Refused(DATASET_DOES_NOT_MATCH, "SOP Instance UID differs from the request's")
-    sop_class = _text(ds, "SOPClassUID", 64) or affected_sop_class_uid
+    sop_class = _uid(ds, "SOPClassUID", warnings) or affected_sop_class_uid
     if affected_sop_class_uid and sop_class != affected_sop_class_uid.strip():
         raise Refused(DATASET_DOES_NOT_MATCH, "SOP Class UID differs from the request's")
     # Study and Series UIDs are Type 1, yet real files lack them. The instance
@@ -156,7 +246,7 @@ def parse_header(ds: Dataset, affected_sop_instance_uid: str, affected_sop_class
     notes = []
     uids = {}
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
-        uids[keyword] = _text(ds, keyword, 64)
+        uids[keyword] = _uid(ds, keyword, warnings)
         if not uids[keyword]:
             uids[keyword] = generate_uid(entropy_srcs=[sop_uid, keyword])
             notes.append(keyword)
@@ -190,6 +280,7 @@ def parse_header(ds: Dataset, affected_sop_instance_uid: str, affected_sop_class
             columns=_int(ds, "Columns"),
             state_reason=f"header lacks {', '.join(notes)}: grouped under derived UIDs" if notes else None,
         ),
+        warnings=warnings,
     )
 
 
@@ -199,6 +290,17 @@ def _insert_ignore(session, model, values: dict[str, Any], key: str) -> int:  # 
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=[key]))
     return session.execute(select(model.id).where(getattr(model, key) == values[key])).scalar_one()
+
+
+def _ref() -> str:
+    """A short reference that ties an Error Comment to its log line."""
+    return uuid.uuid4().hex[:8]
+
+
+def _brief(exc: BaseException) -> str:
+    """The driver's own message for the log (statement parameters are hidden by the engine)."""
+    orig = getattr(exc, "orig", None) or exc
+    return f"{type(orig).__name__}: {str(orig).strip()[:300]}"
 
 
 @dataclass
@@ -231,6 +333,7 @@ class Receiver:
         self._assocs_lock = threading.Lock()
         self.query = Query(store)
         self._protocols: list[Dataset] | None = None
+        self.pressure = pressure.Pressure(settings, store)  # back-pressure, checked in on_requested
 
     # --- the durable keep ---
 
@@ -249,6 +352,7 @@ class Receiver:
                 ).all()
             for row in rows:
                 if row.sha256 == digest:
+                    self._restore_if_missing(row.path, meta, data)
                     return Kept(row.id, row.version, duplicate=True)
             version = max((r.version for r in rows), default=0) + 1
             if rows:
@@ -275,6 +379,20 @@ class Receiver:
                 self.spool.discard(dest)
                 raise
         return Kept(instance_id, version, duplicate=False)
+
+    def _restore_if_missing(self, path: str, meta: bytes, data: memoryview) -> None:
+        """Put a recorded instance's file back when the same bytes come again and it is gone.
+
+        A commit can succeed on the server while the client sees the
+        connection drop (PostgreSQL stopped mid-commit): the file was
+        discarded, the row stayed, and the sender, told to retry, would be
+        acknowledged for a file that is not there.
+        """
+        dest = Path(path)
+        if dest.exists() or not dest.is_relative_to(self.spool.root):
+            return
+        log.warning("spool_file_restored", path=str(dest))
+        self.spool.keep([meta, data], dest)
 
     def keep_created(self, ds: Dataset, calling_ae: str) -> Kept:
         """Keep an object nnrouter made (an SR) like a received one, so it can be forwarded and queried."""
@@ -323,13 +441,21 @@ class Receiver:
 
     def on_requested(self, event: evt.Event) -> None:
         """Check the calling AE (and its host) before negotiation starts."""
+        # Back-pressure (nnrouter.pressure): a spool or queue near its limit refuses new work, transiently.
+        busy = self.pressure.refusal(event)
+        if busy is not None:
+            log.warning("association_refused_busy", calling_ae=(event.assoc.requestor.primitive.calling_ae_title or "").strip(),
+                        peer=event.assoc.requestor.address, reason=busy)
+            event.assoc.acse.send_reject(*pressure.REJECT_BUSY)
+            event.assoc.kill()
+            return
         allowed = self.settings.dicom.allowed_calling_aes
         if not allowed:
             return
         requestor = event.assoc.requestor
         calling = (requestor.primitive.calling_ae_title or "").strip()
         host = requestor.address
-        if any(p.ae_title == calling and (p.host is None or p.host == host) for p in allowed):
+        if peer_allowed(allowed, calling, host):
             return
         log.warning("association_rejected", calling_ae=calling, peer=host, reason="calling AE title not allowed")
         event.assoc.acse.send_reject(*REJECT_CALLING_AE)
@@ -383,12 +509,34 @@ class Receiver:
         )
 
     def on_find(self, event: evt.Event):  # type: ignore[no-untyped-def]
-        """Hanging Protocol queries get the generic protocols; the Q/R models query the store."""
+        """Hanging Protocol queries get the generic protocols; the Q/R models query the store.
+
+        Only from the peers in ``dicom.query_aes``: anyone else is answered
+        0x0124 (refused: not authorized), whatever they asked.
+        """
+        refused = self._query_refused(event)
+        if refused is not None:
+            return iter([(dimse.status(NOT_AUTHORIZED, refused), None)])
         if str(event.request.AffectedSOPClassUID) == hanging.HANGING_PROTOCOL_FIND:
             if self._protocols is None:
                 self._protocols = hanging.generic_protocols()
             return hanging.handle_find(event, self._protocols)
         return self.query.handle_find(event)
+
+    def _query_refused(self, event: evt.Event) -> str | None:
+        """Why this peer may not query (the Error Comment), or None when it is declared in query_aes."""
+        requestor = event.assoc.requestor
+        calling = requestor.ae_title.strip()
+        if peer_allowed(self.settings.dicom.query_aes, calling, requestor.address):
+            return None
+        log.warning(
+            "query_refused",
+            calling_ae=calling,
+            peer=requestor.address,
+            status=f"0x{NOT_AUTHORIZED:04X}",
+            reason="calling AE not in dicom.query_aes",
+        )
+        return f"calling AE {calling} is not allowed to query"
 
     def on_echo(self, event: evt.Event) -> int:
         return SUCCESS
@@ -405,31 +553,42 @@ class Receiver:
         return SUCCESS if status == SUCCESS else dimse.status(status, reason)
 
     def _store(self, event: evt.Event) -> tuple[int, str]:
+        """Keep one instance; returns the status and Error Comment to answer.
+
+        The comment says what is wrong in the sender's terms. What went wrong
+        inside (exception text, paths, SQL) goes only to the log, under a
+        reference the comment carries. A full disk or a database that is down
+        is the site's trouble, not the instance's: 0xA700, try again later.
+        """
         req = event.request
         affected_uid = str(req.AffectedSOPInstanceUID or "")
         ts = str(event.context.transfer_syntax)
-        free = self.spool.free_mb()
-        if free < self.settings.storage.min_free_mb:
-            log.error(
-                "store_refused_disk_full",
-                sop_instance_uid=affected_uid,
-                free_mb=round(free),
-                min_free_mb=self.settings.storage.min_free_mb,
-            )
-            return OUT_OF_RESOURCES, f"spool below {self.settings.storage.min_free_mb} MB free"
         try:
+            free = self.spool.free_mb()
+            if free < self.settings.storage.min_free_mb:
+                log.error(
+                    "store_refused_disk_full",
+                    sop_instance_uid=affected_uid,
+                    free_mb=round(free),
+                    min_free_mb=self.settings.storage.min_free_mb,
+                )
+                return OUT_OF_RESOURCES, f"spool below {self.settings.storage.min_free_mb} MB free"
             syntax = event.context.transfer_syntax
             try:
                 # Our own decode, not event.dataset: pynetdicom stamps the
                 # negotiated encoding on the result, hiding what pydicom found.
                 req.DataSet.seek(0)
                 ds = decode(req.DataSet, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+            except RecursionError as exc:
+                raise Refused(CANNOT_UNDERSTAND, "sequences nested too deep to read") from exc
             except Exception as exc:  # pydicom raises many types on garbage
-                raise Refused(CANNOT_UNDERSTAND, f"cannot parse data set as {ts}: {exc}") from exc
+                raise Refused(CANNOT_UNDERSTAND, f"cannot parse data set as {ts}", detail=str(exc)[:300]) from exc
             _check_encoding(ds, syntax)
             header = parse_header(ds, affected_uid, str(req.AffectedSOPClassUID or ""))
             if header.instance["state_reason"]:
                 log.warning("header_incomplete", sop_instance_uid=affected_uid, reason=header.instance["state_reason"])
+            for warning in header.warnings:
+                log.warning("header_not_conformant", sop_instance_uid=affected_uid, reason=warning)
             meta = event.file_meta
             meta.SourceApplicationEntityTitle = event.assoc.requestor.ae_title.strip()
             buf = BytesIO()
@@ -448,14 +607,26 @@ class Receiver:
                 ),
             )
         except Refused as exc:
-            log.warning("store_refused", sop_instance_uid=affected_uid, status=f"0x{exc.status:04X}", reason=exc.reason)
+            extra = {"detail": exc.detail} if exc.detail else {}
+            log.warning(
+                "store_refused", sop_instance_uid=affected_uid, status=f"0x{exc.status:04X}", reason=exc.reason, **extra
+            )
             return exc.status, exc.reason
         except OSError as exc:
-            log.error("store_failed_io", sop_instance_uid=affected_uid, error=str(exc))
-            return OUT_OF_RESOURCES, f"cannot write spool: {exc.strerror or exc}"
+            ref = _ref()
+            log.error("store_failed_io", sop_instance_uid=affected_uid, ref=ref, errno=exc.errno, error=exc.strerror)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return OUT_OF_RESOURCES, f"spool disk full (ref {ref})"
+            return OUT_OF_RESOURCES, f"cannot write spool (ref {ref})"
         except Exception as exc:
-            log.exception("store_failed", sop_instance_uid=affected_uid)
-            return PROCESSING_FAILURE, f"{type(exc).__name__}: {exc}"
+            ref = _ref()
+            problem = unavailable(exc)
+            if problem:
+                log.error("store_failed_database", sop_instance_uid=affected_uid, ref=ref, reason=problem,
+                          error=_brief(exc))
+                return OUT_OF_RESOURCES, f"{problem} (ref {ref})"
+            log.exception("store_failed", sop_instance_uid=affected_uid, ref=ref)
+            return PROCESSING_FAILURE, f"internal error (ref {ref})"
         log.debug(
             "stored",
             sop_instance_uid=header.sop_instance_uid,
@@ -515,4 +686,17 @@ def serve(settings: Settings, store: Store, spool: Spool, *, block: bool = True)
         database=store.engine.url.render_as_string(hide_password=True),
         swept_partial_files=swept,
     )
-    return ae.start_server((d.bind, d.port), block=block, evt_handlers=receiver.handlers())
+    tls = netguard.tls_context(d.tls) if d.tls is not None else None
+    server = netguard.make_server(
+        ae, (d.bind, d.port), netguard.Limits.from_settings(d), receiver.handlers(), tls=tls
+    )
+    if d.tls is not None:
+        log.info("tls", cert=str(d.tls.cert), ca=str(d.tls.ca) if d.tls.ca else None,
+                 require_client_cert=d.tls.require_client_cert)
+    if not block:
+        return netguard.run_in_thread(server)
+    try:
+        server.serve_forever()
+    finally:
+        server.shutdown()
+    return None

@@ -359,35 +359,55 @@ def study_findings(s, study_id: int):  # type: ignore[no-untyped-def]
     )
 
 
-def run_router(settings: Settings, stop=None) -> None:  # type: ignore[no-untyped-def]
-    """The router process: decide complete studies, then deliver, every tick_s (APScheduler)."""
-    import threading
+def run_router(settings: Settings, stop=None, parent_pid: int | None = None) -> None:  # type: ignore[no-untyped-def]
+    """The router process: decide complete studies, then deliver, every tick_s (APScheduler).
+
+    Started by ``serve`` (``parent_pid`` set), it stops on SIGTERM and when
+    that parent is gone. A database outage is logged once and waited out:
+    ticks are skipped with backoff until the database answers again.
+    """
+    import time
 
     from apscheduler.schedulers.background import BackgroundScheduler
 
+    from nnrouter import lifecycle
     from nnrouter.forward import Forwarder
+    from nnrouter.store import unavailable
 
-    logs.setup(settings.logging.level, settings.logging.format)
-    store = Store(settings.database.url)
-    store.require_current()
+    opened = lifecycle.open_stage(settings, "router", stop, parent_pid)
+    if opened is None:
+        return
+    stop, store = opened
     router = Router(settings, store)
     forwarder = Forwarder(settings, store)
-    stop = stop or threading.Event()
+    outage = lifecycle.Outage("router", worker=forwarder.worker_id)
+    retry_at = [0.0]
 
     def tick() -> None:
+        if outage.down and time.monotonic() < retry_at[0]:
+            return
+        down: str | None = None
         # Deciding and delivering fail apart: a study that cannot be decided must not stop deliveries.
         # Exception types only: messages may quote patient data.
         try:
             router.tick()
-        except Exception as exc:  # a database restart, say: try again next tick
-            log.error("route_tick_failed", error=type(exc).__name__)
-            log.debug("route_tick_failed_detail", exc_info=True)
+        except Exception as exc:
+            down = unavailable(exc)
+            if down is None:
+                log.error("route_tick_failed", error=type(exc).__name__)
+                log.debug("route_tick_failed_detail", exc_info=True)
         try:
-            if router.loaded is not None:
+            if router.loaded is not None and down is None:
                 forwarder.tick(router.loaded.ruleset)
         except Exception as exc:
-            log.error("forward_tick_failed", error=type(exc).__name__)
-            log.debug("forward_tick_failed_detail", exc_info=True)
+            down = unavailable(exc)
+            if down is None:
+                log.error("forward_tick_failed", error=type(exc).__name__)
+                log.debug("forward_tick_failed_detail", exc_info=True)
+        if down is not None:
+            retry_at[0] = time.monotonic() + outage.failed(down)
+        else:
+            outage.over()
 
     sched = BackgroundScheduler(timezone="UTC")
     sched.add_job(tick, "interval", seconds=settings.routing.tick_s, max_instances=1, coalesce=True,
@@ -402,9 +422,8 @@ def run_router(settings: Settings, stop=None) -> None:  # type: ignore[no-untype
         store.dispose()
 
 
-def spawn_router(settings: Settings, stop, name: str = "nnrouter-router"):  # type: ignore[no-untyped-def]
-    import multiprocessing
+def spawn_router(settings: Settings, name: str = "nnrouter-router"):  # type: ignore[no-untyped-def]
+    """The router as a child process of ``serve``: it stops on SIGTERM and dies with its parent."""
+    from nnrouter import lifecycle
 
-    proc = multiprocessing.get_context("spawn").Process(target=run_router, args=(settings, stop), name=name, daemon=True)
-    proc.start()
-    return proc
+    return lifecycle.spawn_stage("nnrouter.route:run_router", name, settings=settings)

@@ -242,6 +242,8 @@ class Destination(_Model):
     calling_ae: str = "NNROUTER"
     tls: Tls = Tls()
     max_associations: int = Field(1, ge=1)
+    timeout_s: float = Field(30, gt=0, description="seconds to wait for the association and for each answer; "
+                             "past it the attempt failed and is retried")
     transfer_syntaxes: list[str] = Field([], description="preferred order; empty: what the instance has")
     retry: RetryPolicy = RetryPolicy()
     windows: list[TimeWindow] = Field([], description="when sending is allowed; empty: always")

@@ -5,6 +5,10 @@ and the folder fsync'd too: after ``keep`` returns, the bytes survive a crash
 or a power cut. Only then may the row be committed and the sender told
 "success". The layout (study/series/instance UID) lets a person find a file
 without the database.
+
+A file renamed into place whose row was never committed (a crash in
+between) was never acknowledged either; the cleaner (``nnrouter.clean``)
+sweeps such files once they are older than ``retention.orphan_grace_s``.
 """
 
 from __future__ import annotations

@@ -461,6 +461,46 @@ class SchemaOutOfDate(RuntimeError):
     pass
 
 
+# SQLite primary result codes (the low byte of the extended code) that mean
+# "not now" rather than "wrong": busy/locked, out of memory, read-only (a
+# remount), I/O error, disk full, cannot open.
+_SQLITE_PASSING = {5: "database busy", 6: "database busy", 7: "database out of resources",
+                   8: "database unavailable", 10: "database unavailable", 13: "database disk full",
+                   14: "database unavailable"}
+
+
+def unavailable(exc: BaseException) -> str | None:
+    """A short reason when ``exc`` is the database being down, full or busy; None otherwise.
+
+    Such a failure is the site's trouble, not the instance's: the sender is to
+    try again later (C-STORE 0xA700) and must not see the driver's text, which
+    names hosts, files and SQL. Anything else (a bug, a missing table, a
+    constraint) is not passing and gets None.
+    """
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    if isinstance(exc, PoolTimeout):
+        return "database busy"
+    if not isinstance(exc, DBAPIError):
+        return None
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    if code is not None:
+        return _SQLITE_PASSING.get(code & 0xFF)
+    sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+    if sqlstate == "53100":  # disk_full
+        return "database disk full"
+    if sqlstate.startswith("53"):  # insufficient resources: memory, connections
+        return "database out of resources"
+    if sqlstate.startswith("40"):  # serialization failure, deadlock: try again
+        return "database busy"
+    if sqlstate.startswith(("08", "57P")) or exc.connection_invalidated:  # connection lost, server shutting down
+        return "database unavailable"
+    if not sqlstate and isinstance(exc, (OperationalError, InterfaceError)):  # could not connect at all
+        return "database unavailable"
+    return None
+
+
 def migrations_dir() -> Path:
     """Alembic's folder: inside the wheel when installed, else the repo's."""
     here = Path(__file__).resolve().parent

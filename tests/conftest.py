@@ -10,10 +10,13 @@ import glob
 import importlib.resources
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
+import json
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,22 +63,32 @@ def _as_postgres(args: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
 
 
-@pytest.fixture(scope="session")
-def postgres_server():
-    """A PostgreSQL server in a temp folder; yields a URL prefix without a database name."""
+def init_pg_cluster(prefix: str = "nnrouter-pg-") -> tuple[Path, Path]:
+    """initdb in a new temp folder (data/ and a socket folder sock/): the binaries' folder and the temp folder.
+
+    Skips the test when the PostgreSQL server binaries are not installed.
+    """
     pg_bin = _pg_bin()
     if pg_bin is None:
         pytest.skip("PostgreSQL server binaries not installed (run `make test`, which installs them)")
-    base = Path(tempfile.mkdtemp(prefix="nnrouter-pg-"))
+    base = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(base, 0o777)
-    data, sock = base / "data", base / "sock"
-    sock.mkdir()
-    os.chmod(sock, 0o777)
-    port = peers.free_port()
+    (base / "sock").mkdir()
+    os.chmod(base / "sock", 0o777)
     subprocess.run(
-        _as_postgres([str(pg_bin / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]),
+        _as_postgres([str(pg_bin / "initdb"), "-D", str(base / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                      "--no-sync"]),
         check=True, capture_output=True,
     )
+    return pg_bin, base
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server in a temp folder; yields a URL prefix without a database name."""
+    pg_bin, base = init_pg_cluster()
+    data, sock = base / "data", base / "sock"
+    port = peers.free_port()
     proc = subprocess.Popen(
         _as_postgres([
             str(pg_bin / "postgres"), "-D", str(data), "-p", str(port), "-k", str(sock),
@@ -131,3 +144,61 @@ def storescp(tmp_path):  # type: ignore[no-untyped-def]
     scp = peers.StoreSCP(tmp_path / "storescp").start()
     yield scp
     scp.stop()
+
+
+def connect_from(source: str, port: int, timeout: float = 10.0) -> socket.socket:
+    """A TCP connection to 127.0.0.1:``port`` from another loopback address, as from another host."""
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.settimeout(timeout)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def rss_mb(pid: int) -> dict[str, float]:
+    """A process's resident memory now (VmRSS) and at its peak (VmHWM), in MB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+# --- the fault and fuzz suite (tests/faults/) -----------------------------------
+#
+# A fault test records its figures with ``figures.add(fault, cases=...,
+# acknowledged=..., stored=..., lost=..., duplicated=..., recovery_s=...)`` (any
+# keys); the session ends with one table of them, also written to
+# ``$NNROUTER_FAULT_FIGURES`` (JSON lines) when that is set, for the README.
+
+_FIGURES: list[dict[str, Any]] = []
+
+
+class Figures:
+    def __init__(self, test: str):
+        self.test = test
+
+    def add(self, fault: str, **numbers: Any) -> None:
+        row = {"fault": fault, "test": self.test, **numbers}
+        _FIGURES.append(row)
+        print(f"FIGURE {json.dumps(row)}")
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Figures:
+    return Figures(request.node.name)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: ignore[no-untyped-def]
+    if not _FIGURES:
+        return
+    terminalreporter.section("fault and fuzz figures")
+    for row in _FIGURES:
+        rest = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("fault", "test"))
+        terminalreporter.write_line(f"{row['fault']}: {rest}")
+    out = os.environ.get("NNROUTER_FAULT_FIGURES")
+    if out:
+        with open(out, "a") as f:
+            for row in _FIGURES:
+                f.write(json.dumps(row) + "\n")

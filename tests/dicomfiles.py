@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+import subprocess
 import tempfile
 import time
 from io import BytesIO
@@ -17,9 +20,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config
+from pynetdicom import AE, StoragePresentationContexts, _config, evt
 
+from nnrouter import peers
 from nnrouter.synthetic import DXSpec, dx_dataset
+
+# Association-level back-pressure (limits.refuse_below_free_mb) off, so that a
+# node's C-STORE answers are what a test sees.
+NO_ASSOCIATION_FLOOR = {"limits": {"refuse_below_free_mb": 0}}
 
 
 def dataset_bytes(path: Path) -> bytes:
@@ -33,6 +41,11 @@ def dataset_bytes(path: Path) -> bytes:
         return fp.read()
 
 
+def dataset_sha256(path: Path) -> str:
+    """The digest nnrouter keeps for an instance: SHA-256 of the data set as received."""
+    return hashlib.sha256(dataset_bytes(path)).hexdigest()
+
+
 def by_sop_uid(folder: Path) -> dict[str, Path]:
     out = {}
     for f in folder.rglob("*"):
@@ -43,6 +56,20 @@ def by_sop_uid(folder: Path) -> dict[str, Path]:
             except Exception:
                 continue
     return out
+
+
+def write_part10(path: Path, sop_class: str, sop_uid: str, transfer_syntax: str, raw: bytes) -> Path:
+    """A Part 10 file around pre-encoded data set bytes, which stay exactly as given."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    buf = BytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buf, meta)
+    path.write_bytes(buf.getvalue() + raw)
+    return path
 
 
 def raw_store(
@@ -65,19 +92,8 @@ def raw_store(
         ae.add_requested_context(sop_class, [transfer_syntax])
     results: list[tuple[int | None, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for i, (sop_class, sop_uid, raw) in enumerate(items):
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = sop_class
-            meta.MediaStorageSOPInstanceUID = sop_uid
-            meta.TransferSyntaxUID = transfer_syntax
-            meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-            buf = BytesIO()
-            buf.write(b"\x00" * 128 + b"DICM")
-            write_file_meta_info(buf, meta)
-            path = Path(tmp) / f"{i}.dcm"
-            path.write_bytes(buf.getvalue() + raw)
-            paths.append(path)
+        paths = [write_part10(Path(tmp) / f"{i}.dcm", sop_class, sop_uid, transfer_syntax, raw)
+                 for i, (sop_class, sop_uid, raw) in enumerate(items)]
         before = _config.STORE_SEND_CHUNKED_DATASET
         _config.STORE_SEND_CHUNKED_DATASET = True
         try:
@@ -113,6 +129,82 @@ def send_as_is(port: int, files: list[Path], aec: str = "NNROUTER") -> list[tupl
             aec=aec,
         )
     return results
+
+
+def storescu_statuses(port: int, files: list[Path], timeout: float = 300) -> list[tuple[Path, int | None, str]]:
+    """storescu, one association, not stopping at a failure: (file, status or None, Error Comment) per file."""
+    res = peers.storescu(port, files, extra=["-d", "--no-halt"], timeout=timeout)
+    out: list[list] = []
+    for line in res.stderr.splitlines():
+        if "Sending file: " in line:
+            out.append([Path(line.split("Sending file: ", 1)[1].strip()), None, ""])
+        elif out and (m := re.search(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})", line)):
+            out[-1][1] = int(m.group(1), 16)
+        elif out and (m := re.search(r"\(0000,0902\) LO \[(.*)\]\s+#", line)):
+            out[-1][2] = m.group(1)
+    seen = {r[0] for r in out}
+    out += [[f, None, "not sent"] for f in files if f not in seen]
+    return [(f, s, c) for f, s, c in out]
+
+
+def storescu_stream(node, files: list[Path], at_ack: int, action, timeout: float = 60) -> list[Path]:  # type: ignore[no-untyped-def]
+    """Send ``files`` with storescu; call ``action()`` when the ``at_ack``-th success comes; the acknowledged files.
+
+    The crash tests kill nnrouter from ``action`` while the stream goes on.
+    """
+    proc = subprocess.Popen(
+        ["storescu", "-v", "-aec", node.ae_title, "127.0.0.1", str(node.port), *map(str, files)],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, bufsize=1,
+    )
+    acked: list[Path] = []
+    current: Path | None = None
+    deadline = time.monotonic() + timeout
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "Sending file:" in line:
+            current = Path(line.split("Sending file:", 1)[1].strip())
+        elif "Received Store Response (Success)" in line and current is not None:
+            acked.append(current)
+            if len(acked) == at_ack:
+                action()
+        if time.monotonic() > deadline:
+            proc.kill()
+            break
+    proc.wait(30)
+    return acked
+
+
+def echo(port: int, aec: str = "NNROUTER") -> bool:
+    """Whether DCMTK echoscu gets a C-ECHO answered."""
+    res = subprocess.run(["echoscu", "-aec", aec, "127.0.0.1", str(port)], check=False, capture_output=True, timeout=30)
+    return res.returncode == 0
+
+
+class StatusSCP:
+    """A pynetdicom Storage SCP answering every C-STORE with ``status``; it notes when each request came."""
+
+    def __init__(self, status: int = 0x0000, contexts=None, pause_s: float = 0.0):  # type: ignore[no-untyped-def]
+        self.status = status
+        self.pause_s = pause_s
+        self.stores: list[tuple[float, str]] = []
+        self.associations = 0
+        self.port = peers.free_port()
+        ae = AE(ae_title="PEER")
+        ae.supported_contexts = contexts if contexts is not None else StoragePresentationContexts
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, self._store), (evt.EVT_CONN_OPEN, self._open)])
+
+    def _open(self, event) -> None:  # type: ignore[no-untyped-def]
+        self.associations += 1
+
+    def _store(self, event):  # type: ignore[no-untyped-def]
+        self.stores.append((time.monotonic(), str(event.request.AffectedSOPInstanceUID)))
+        if self.pause_s:
+            time.sleep(self.pause_s)
+        return self.status
+
+    def stop(self) -> None:
+        self.server.shutdown()
 
 
 # --- real radiographs as a modality would send them ------------------------------

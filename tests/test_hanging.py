@@ -448,8 +448,8 @@ def test_hang_protocols_are_written_and_stored_at_a_pacs(tmp_path, node_factory)
 
 
 def test_serve_answers_hanging_protocol_queries(node_factory):
-    """The running node serves the generic protocols on its own AE title and port."""
-    node = node_factory().start()
+    """The running node serves the generic protocols on its own AE title and port, to a declared viewer."""
+    node = node_factory(settings={"dicom": {"query_aes": [{"ae_title": "VIEWER"}]}}).start()
     rsp = _scu_find(node.port, _query(HangingProtocolName="XR KNEE*", SOPInstanceUID=""), aec=node.ae_title)
     names = sorted(str(i.HangingProtocolName) for s, i in rsp if s == 0xFF00)
     assert names == ["XR KNEE", "XR KNEE R+L"] and rsp[-1][0] == 0x0000

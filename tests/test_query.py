@@ -139,7 +139,9 @@ def tagged(request, tmp_path_factory):  # type: ignore[no-untyped-def]
         pytest.skip("missing tools: storescu, findscu")
     tmp = tmp_path_factory.mktemp(f"query-{request.param}")
     url = _new_pg_database(request.getfixturevalue("postgres_server")) if request.param == "postgresql" else None
-    node = peers.Node(tmp / "node", database_url=url).start()
+    # Queries come only from declared peers (dicom.query_aes): findscu's and Orthanc's AE titles.
+    queriers = [{"ae_title": "FINDSCU"}, {"ae_title": "ORTHANC"}]
+    node = peers.Node(tmp / "node", database_url=url, settings={"dicom": {"query_aes": queriers}}).start()
     try:
         world = Tagged(node, tmp)
         world.study = {s: generate_uid() for s in STUDIES}
@@ -495,7 +497,9 @@ def test_database_error_is_unable_to_process(tagged, tmp_path):
 
 
 def test_allowed_calling_aes_apply_to_queries(node_factory, tagged):
-    node = node_factory("guarded", settings={"dicom": {"allowed_calling_aes": [{"ae_title": "PACS"}]}}).start()
+    node = node_factory("guarded", settings={"dicom": {
+        "allowed_calling_aes": [{"ae_title": "PACS"}], "query_aes": [{"ae_title": "PACS"}, {"ae_title": "FINDSCU"}],
+    }}).start()
     w = Tagged(node, tagged.tmp)
     answers, res = findscu(w, ["QueryRetrieveLevel=STUDY"])  # calling AE FINDSCU
     assert answers == [] and "Association Rejected" in res.stderr, res.stderr

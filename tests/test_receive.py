@@ -133,7 +133,8 @@ def test_echo_and_association_checks(node_factory):
 
 
 def test_full_disk_answers_out_of_resources(node_factory, tmp_path):
-    node = node_factory(settings={"storage": {"min_free_mb": 10**9}}).start()
+    # The association-time floor (limits.refuse_below_free_mb, tests/test_pressure.py) off: this is the C-STORE's own check.
+    node = node_factory(settings={"storage": {"min_free_mb": 10**9}, "limits": {"refuse_below_free_mb": 0}}).start()
     f = write_dx(tmp_path / "a.dcm", DXSpec())
     res = peers.storescu(node.port, [f])
     assert "Received Store Response (Refused: OutOfResources)" in res.stderr, res.stderr
@@ -256,3 +257,149 @@ def test_association_line_says_how_it_ended(node_factory, tmp_path):
     lines = [e for e in _log_events(node) if e.get("event") == "association"]
     assert [e["ended"] for e in lines] == ["released", "aborted"]
     assert all(e["instances"] == 1 and e["bytes"] > 0 and e["duration_s"] >= 0 for e in lines)
+
+
+# --- what is not DICOM, or not a UID, gets a clear answer (issue 11, finding 8) ---------
+
+
+def _nested_sequences(depth: int) -> bytes:
+    """(0040,A730) Content Sequence nested ``depth`` deep, every level of undefined length."""
+    import struct
+
+    start = struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    end = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    leaf = struct.pack("<HH2sH", 0x0008, 0x0100, b"SH", 2) + b"X "
+    return start * depth + leaf + end * depth
+
+
+def _before_pixels(raw: bytes, insert: bytes) -> bytes:
+    at = raw.index(b"\xe0\x7f\x10\x00")
+    return raw[:at] + insert + raw[at:]
+
+
+def test_unknown_vr_and_invalid_uids_get_clear_statuses(node_factory):
+    """An unknown VR is 0xC000; a SOP, Study or Series UID that is no UID is 0xA900 naming it.
+
+    UIDs become spool paths and row keys: '/', '..', NUL or more than 64
+    characters are refused; a component with a leading zero (sent by
+    modalities in service) is kept with a warning.
+    """
+    node = node_factory().start()
+    base = dx_dataset(DXSpec(rows=16, columns=16))
+    sop = base.SOPClassUID
+
+    def variant(**uids) -> tuple[str, str, bytes]:  # type: ignore[no-untyped-def]
+        ds = copy.deepcopy(base)
+        ds.SOPInstanceUID = generate_uid()
+        for keyword, value in uids.items():
+            setattr(ds, keyword, value)
+        return (sop, str(ds.SOPInstanceUID), _encode(ds))
+
+    raw = _encode(base)
+    at = raw.index(b"\x08\x00\x30\x10LO")  # (0008,1030) Study Description
+    unknown_vr = (sop, base.SOPInstanceUID, raw[:at + 4] + b"ZZ" + raw[at + 6:])
+    deep = variant()
+    deep = (sop, deep[1], _before_pixels(deep[2], _nested_sequences(250)))
+    leading_zero = variant(SeriesInstanceUID="1.2.826.0.1.3680043.02.7")
+    good = variant()
+    cases = [
+        unknown_vr,
+        variant(SOPInstanceUID="../../../etc/passwd"),
+        # 199 characters; pynetdicom will not put that in the request, so the request names another UID.
+        (sop, generate_uid(), variant(SOPInstanceUID="1." * 99 + "1")[2]),
+        variant(SOPInstanceUID="1.2.3\x004.5"),
+        variant(StudyInstanceUID="1.2/../3"),
+        variant(SeriesInstanceUID="1.2..3"),
+        deep,
+        leading_zero,
+        good,
+    ]
+    results = raw_store(node.port, cases)
+    statuses = [s for s, _ in results]
+    comments = [c for _, c in results]
+    assert statuses == [0xC000, 0xA900, 0xA900, 0xA900, 0xA900, 0xA900, 0xC000, 0x0000, 0x0000], results
+    assert comments[0] == "unknown VR 'ZZ' at (0008,1030)"
+    assert comments[1] == "SOPInstanceUID is not a valid UID: not only digits and dots"
+    assert comments[2] == "SOPInstanceUID is not a valid UID: more than 64 characters"
+    assert comments[3] == "SOPInstanceUID is not a valid UID: not only digits and dots"
+    assert comments[4] == "StudyInstanceUID is not a valid UID: not only digits and dots"
+    assert comments[5] == "SeriesInstanceUID is not a valid UID: empty component"
+    assert comments[6] == "sequences nested too deep to read"
+
+    rows = _instances(node)
+    assert {r.sop_instance_uid for r in rows} == {leading_zero[1], good[1]}
+    assert {r.sop_instance_uid: r.path for r in rows} and all(Path(r.path).is_relative_to(node.spool) for r in rows)
+    assert len([p for p in node.spool.rglob("*") if p.is_file()]) == 2
+    warned = [e for e in _log_events(node) if e.get("event") == "header_not_conformant"]
+    assert [e["reason"] for e in warned] == ["SeriesInstanceUID has a component with a leading zero"]
+    assert node.proc.poll() is None
+
+
+def test_internal_errors_reach_the_log_not_the_sender(node_factory, tmp_path):
+    """A failure inside (here a table gone from under the node) is 0x0110 with a reference, no internal text."""
+    import sqlite3
+
+    node = node_factory().start()
+    f = write_dx(tmp_path / "a.dcm", DXSpec(rows=16, columns=16))
+    ds = dcmread(f)
+    item = (str(ds.SOPClassUID), str(ds.SOPInstanceUID), dataset_bytes(f))
+    db = sqlite3.connect(node.db_url.split("///", 1)[1])
+    db.execute("ALTER TABLE instance RENAME TO instance_away")
+    db.commit()
+    try:
+        [(status, comment)] = raw_store(node.port, [item])
+    finally:
+        db.execute("ALTER TABLE instance_away RENAME TO instance")
+        db.commit()
+        db.close()
+    assert status == 0x0110
+    assert comment.startswith("internal error (ref ") and len(comment) <= 64, comment
+    for internal in ("sqlite", "Error", "instance", "table", "SELECT", str(node.home)):
+        assert internal not in comment
+    ref = comment.removeprefix("internal error (ref ").rstrip(")")
+    failed = [e for e in _log_events(node) if e.get("event") == "store_failed"]
+    assert failed and failed[-1]["ref"] == ref and "no such table" in failed[-1].get("exception", "")
+    # Nothing was half-kept, and with the table back the same instance is stored.
+    assert not [p for p in node.spool.rglob("*.dcm")]
+    assert raw_store(node.port, [item]) == [(0, "")]
+    assert len(_instances(node)) == 1
+
+
+def test_database_failures_that_pass_are_told_apart_from_bugs(tmp_path):
+    """Full, busy or unreachable databases are transient (0xA700 reasons); a missing table is not."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import DBAPIError
+
+    from nnrouter.store import unavailable
+
+    def failure(engine, *statements) -> Exception:  # type: ignore[no-untyped-def]
+        try:
+            with engine.begin() as conn:
+                for sql in statements:
+                    conn.execute(text(sql), {"x": "a" * 2000})
+        except DBAPIError as exc:
+            return exc
+        raise AssertionError("no failure")
+
+    lite = create_engine(f"sqlite:///{tmp_path / 'full.db'}")
+    with lite.begin() as conn:
+        conn.execute(text("CREATE TABLE t (x TEXT)"))
+    full = failure(lite, "PRAGMA max_page_count = 3", *["INSERT INTO t VALUES (:x)"] * 20)
+    assert unavailable(full) == "database disk full"
+    assert unavailable(failure(lite, "SELECT * FROM nowhere")) is None
+    down = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{peers.free_port()}/x")
+    assert unavailable(failure(down, "SELECT 1")) == "database unavailable"
+    assert unavailable(ValueError("x")) is None
+
+
+def test_resent_instance_restores_a_file_its_row_outlived(node_factory, tmp_path):
+    """A row whose file is gone (a commit reported lost that had happened) is healed by the resend."""
+    node = node_factory().start()
+    f = write_dx(tmp_path / "a.dcm", DXSpec(rows=32, columns=32))
+    assert _acked(peers.storescu(node.port, [f]).stderr) == 1
+    [row] = _instances(node)
+    Path(row.path).unlink()
+    assert _acked(peers.storescu(node.port, [f]).stderr) == 1
+    assert Path(row.path).is_file() and dataset_bytes(Path(row.path)) == dataset_bytes(f)
+    assert len(_instances(node)) == 1
+    assert any(e.get("event") == "spool_file_restored" for e in _log_events(node))
