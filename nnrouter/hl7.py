@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import select
 import socket
 import socketserver
 import threading
@@ -789,11 +790,30 @@ class _TCPServer(socketserver.ThreadingTCPServer):
                 return ""
             if len(self._open) >= lim.max_connections:
                 return f"{lim.max_connections} connections open (orders.hl7.max_connections)"
-            if self._per_host[host] >= lim.max_connections_per_host:
+            if self._per_host[host] >= lim.max_connections_per_host and self._live(host) >= lim.max_connections_per_host:
                 return f"{lim.max_connections_per_host} connections open from this host (orders.hl7.max_connections_per_host)"
             self._open[sock] = host
             self._per_host[host] += 1
         return None
+
+    def _live(self, host: str) -> int:
+        """Connections from ``host`` whose peer has not hung up (under the lock).
+
+        A RIS that sends each message on a new connection closes the last one
+        a moment before our thread notices; such a connection holds no slot.
+        """
+        live = 0
+        for sock, h in self._open.items():
+            if h != host:
+                continue
+            try:
+                # select first: with a timeout set, recv would wait for data, MSG_DONTWAIT or not.
+                readable, _, _ = select.select([sock], [], [], 0)
+                gone = bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+            except (OSError, ValueError):  # ValueError: already closed (fileno -1)
+                gone = True
+            live += not gone
+        return live
 
     def shutdown_request(self, request: Any) -> None:
         with self._lock:

@@ -491,6 +491,37 @@ def test_connection_caps(received, cap):
         srv.stop()
 
 
+def test_a_connection_whose_peer_hung_up_holds_no_slot(received):
+    """A RIS that opens a connection per message closes each a moment before our thread sees it.
+
+    Seen under load: five messages in 5 ms, the fifth refused by a cap of 4. The cap counts
+    only connections whose peer is still there.
+    """
+    srv = _limited(received, max_connections_per_host=1)
+    try:
+        server = srv._server
+        assert server is not None
+        host = "127.0.0.9"  # loopback: allowed by default
+        ours, theirs = socket.socketpair()
+        newcomer = socket.socket()
+        try:
+            with server._lock:
+                server._open[ours] = host
+                server._per_host[host] += 1
+            assert server._admit(newcomer, host) is not None  # the peer is there: the slot is taken
+            theirs.close()  # the peer hangs up; no thread has read the EOF yet
+            assert server._admit(newcomer, host) is None
+        finally:
+            with server._lock:
+                server._open.pop(ours, None)
+                server._open.pop(newcomer, None)
+                server._per_host.pop(host, None)
+            ours.close()
+            newcomer.close()
+    finally:
+        srv.stop()
+
+
 def test_trickling_peer_is_dropped(received):
     """One byte every 0.2 s never finishes a message: closed after message_timeout_s, with a warning."""
     with structlog.testing.capture_logs() as events:

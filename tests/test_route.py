@@ -31,6 +31,9 @@ def seed_rules(path: Path, ports: dict[str, int], quiet_s: float = 1.0) -> Path:
         d["host"] = "127.0.0.1"
         d["port"] = ports[d["name"]]
         d["retry"] = {"max_retries": 20, "first_delay_s": 0.5, "multiplier": 1.5, "max_delay_s": 2}
+        # The seed sends to the bone-health AI off-peak only: kept, the test would pass at
+        # night and on weekends and time out on a weekday morning. Windows have their own tests.
+        d.pop("windows", None)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
