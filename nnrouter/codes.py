@@ -53,6 +53,7 @@ class ViewClass:
     order_codes: tuple[Code, ...]  # LOINC procedures whose expected image this is
     note: str
     view_remark: str = ""  # what the table says beyond the code meaning, e.g. a patient position code
+    nncpr: bool = True  # one of the 30 classes of the NNCPR paper; False for nnrouter's own (classes_own.csv)
 
 
 def classes() -> dict[str, ViewClass]:
@@ -67,7 +68,13 @@ def nncpr_labels() -> list[str]:
 
 @cache
 def _load() -> tuple[ViewClass, ...]:
-    text = files("nnrouter.data").joinpath("classes.csv").read_text(encoding="utf-8")
+    # The NNCPR table is kept byte-for-byte as published; classes of our own
+    # (a whole-spine survey) live beside it so the copy never drifts.
+    return _read_table("classes.csv", nncpr=True) + _read_table("classes_own.csv", nncpr=False)
+
+
+def _read_table(name: str, *, nncpr: bool) -> tuple[ViewClass, ...]:
+    text = files("nnrouter.data").joinpath(name).read_text(encoding="utf-8")
     out = []
     for row in csv.DictReader(io.StringIO(text)):
         meaning, _, remark = (row["view_meaning"] or "").partition(";")
@@ -85,6 +92,7 @@ def _load() -> tuple[ViewClass, ...]:
                 order_codes=tuple(Code(c, LN) for c in row["order_loinc"].split()),
                 note=(row["note"] or "").strip(),
                 view_remark=remark,
+                nncpr=nncpr,
             )
         )
     return tuple(out)

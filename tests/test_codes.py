@@ -7,13 +7,23 @@ import re
 
 import pytest
 
-from nnrouter.codes import Code, ViewClass, classes, nncpr_labels
+from nnrouter.codes import Code, ViewClass, classes, nncpr_labels, sct_meaning
 
 
-def test_thirty_classes():
+def test_thirty_classes_and_our_own():
     cs = classes()
-    assert len(cs) == 30
+    assert sum(c.nncpr for c in cs.values()) == 30
+    assert [n for n, c in cs.items() if not c.nncpr] == ["whole_spine_ap"]
     assert all(isinstance(c, ViewClass) and c.name == name for name, c in cs.items())
+
+
+def test_whole_spine_survey_codes():
+    c = classes()["whole_spine_ap"]
+    assert (c.body_part_examined, c.view_position) == ("SPINE", "AP")
+    assert c.view_code == Code("399348003", "SCT", "antero-posterior")
+    assert c.anatomy_code == Code("421060004", "SCT")
+    assert sct_meaning(c.anatomy_code.value) == "Spine"  # the CID 4031 entry for SPINE
+    assert c.order_codes == ()  # no LOINC code verified; the note says so
 
 
 def test_chest_lateral():
@@ -52,7 +62,7 @@ def test_codes_are_well_formed():
         assert re.fullmatch(r"\d{6,18}", c.anatomy_code.value), c.name
         if c.view_code is not None:
             assert re.fullmatch(r"\d{6,18}", c.view_code.value) and c.view_code.meaning, c.name
-        assert c.order_codes and all(re.fullmatch(r"\d{4,5}-\d", o.value) for o in c.order_codes), c.name
+        assert (c.order_codes or not c.nncpr) and all(re.fullmatch(r"\d{4,5}-\d", o.value) for o in c.order_codes), c.name
 
 
 def test_nncpr_order():
