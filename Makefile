@@ -43,11 +43,17 @@ peers:
 test: peers $(VENV)/.installed-test
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-# Retrain the shipped view classifier from ../shared/data/radiographs, seed 0.
+# Retrain the shipped view classifier from ../shared/data/radiographs, seed 0, and measure it:
+# leave-one-source-out (with the augmentation ablation), the real DICOM films, activation maps.
+# Then the region detector from ../shared/data/regions, seed 0, measured with each spine source held out.
 SHARED ?= ../shared
 model: $(VENV)/.installed-test
 	mkdir -p var
 	$(BIN)/nnrouter dataset build --images $(SHARED)/data/radiographs --out var/radiographs.csv
-	$(BIN)/nnrouter train classifier --dataset var/radiographs.csv --out models/nnrouter-view --seed 0
+	$(BIN)/nnrouter train classifier --dataset var/radiographs.csv --out models/nnrouter-view --seed 0 --cache var/cache
 	$(BIN)/nnrouter evaluate --model models/nnrouter-view --dataset var/radiographs.csv \
-	  --external $(SHARED)/data/dicom/good --out var/evaluation --update-card
+	  --external $(SHARED)/data/dicom/good --out var/evaluation --loso --ablate --max-epochs 6 --cams 12 --cache var/cache --update-card
+	$(BIN)/nnrouter train detector --regions $(SHARED)/data/regions/regions.csv --out models/nnrouter-regions \
+	  --seed 0 --cache var/cache
+	$(BIN)/nnrouter evaluate --model models/nnrouter-regions --regions $(SHARED)/data/regions/regions.csv \
+	  --out var/evaluation-regions --cache var/cache --max-epochs 10 --update-card

@@ -236,14 +236,19 @@ def patient_corners(box: list[float], geo: dict[str, Any]) -> list[list[float]] 
     ]
 
 
-def _write_cam(folder: Path, instance_id: int, image: np.ndarray, cam: np.ndarray) -> Path:
-    """A small heatmap over the image, for a person to see what the model looked at."""
+def cam_overlay(image: np.ndarray, cam: np.ndarray, side: int = CAM_SIDE) -> np.ndarray:
+    """A heatmap over a gray image (BGR, longest side ``side``), for a person to see what the model looked at."""
     h, w = image.shape
-    scale = CAM_SIDE / max(h, w)
+    scale = side / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     gray = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     heat = cv2.resize((np.clip(cam, 0, 1) * 255).astype(np.uint8), size, interpolation=cv2.INTER_LINEAR)
-    overlay = cv2.addWeighted(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), 0.6, cv2.applyColorMap(heat, cv2.COLORMAP_JET), 0.4, 0)
+    return cv2.addWeighted(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), 0.6, cv2.applyColorMap(heat, cv2.COLORMAP_JET), 0.4, 0)
+
+
+def _write_cam(folder: Path, instance_id: int, image: np.ndarray, cam: np.ndarray) -> Path:
+    """A small heatmap over the image, for a person to see what the model looked at."""
+    overlay = cam_overlay(image, cam, CAM_SIDE)
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / f"{instance_id}.png"
     tmp = folder / f".{instance_id}.{uuid.uuid4().hex}.png"
@@ -264,6 +269,31 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         w = settings.workers
         self.queue = Queue(store, self.worker_id, w.lease_s, w.max_attempts)
+        from nnrouter.promote import CardWatch
+
+        # A model promoted into models.classifier (nnrouter models promote) is picked up between batches.
+        sha256 = getattr(classifier, "sha256", None)
+        self._watch = CardWatch.start(settings.models.classifier, sha256) if sha256 else None
+
+    def pick_up_promoted(self) -> bool:
+        """Load the configured classifier again when its card names other weights; True when it did."""
+        if self._watch is None or not self._watch.changed():
+            return False
+        from nnrouter.runtime import Model
+
+        m = self.settings.models
+        try:
+            model = Model.load(self._watch.model_dir, providers=m.providers, intra_op_threads=m.intra_op_threads)
+        except Exception:  # a card read across a swap, a bad file (onnxruntime's own types): keep the running model
+            self._watch.failed()
+            log.exception("model_reload_failed", path=str(self._watch.model_dir))
+            return False
+        old = self.classifier.card
+        self.classifier = model
+        self._watch.loaded(model.sha256)
+        log.info("model_reloaded", worker=self.worker_id, was=f"{old.name} {old.version}",
+                 now=f"{model.card.name} {model.card.version}", sha256=model.sha256)
+        return True
 
     def next_batch(self, stop: Any = None) -> list[Claim]:
         """A retry alone, or up to batch_size fresh ones, waiting up to max_wait_ms to fill a started batch."""
@@ -405,6 +435,7 @@ class Worker:
                 if outage.down:
                     returned = self.queue.return_held()
                     outage.over(returned=returned)
+                self.pick_up_promoted()
                 batch = self.next_batch(stop)
                 counts = self.process(batch) if batch else None
             except Exception as exc:

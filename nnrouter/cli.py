@@ -214,18 +214,36 @@ def cmd_route(args: argparse.Namespace) -> int:
 # --- rules ---
 
 
-def _load_rules(path: Path, *, verdict: bool = False):  # type: ignore[no-untyped-def]
-    """The rule file, or None after printing every problem with file, line and field."""
+def _load_rules(path: Path, *, verdict: bool = False, detector: Any = None):  # type: ignore[no-untyped-def]
+    """The rule file, or None after printing every problem with file, line and field.
+
+    ``detector`` (rules.DetectorRegions): region conditions are checked against what it can find.
+    """
+    from functools import partial
+
     from nnrouter import rules
 
-    return _loaded(rules.load_rules, path, verdict=verdict)
+    return _loaded(partial(rules.load_rules, detector=detector), path, verdict=verdict)
+
+
+def _detector_regions(settings: config_mod.Settings):  # type: ignore[no-untyped-def]
+    """What the configured detector can find (rules.DetectorRegions); exits if its card is unusable."""
+    from nnrouter import rules
+    from nnrouter.modelcard import ModelCardError
+
+    try:
+        return rules.detector_regions(settings.models.detector)
+    except ModelCardError as exc:
+        sys.exit(f"nnrouter: models.detector: {exc}")
 
 
 def cmd_rules_check(args: argparse.Namespace) -> int:
-    rs = _load_rules(args.file, verdict=True)
+    detector = _detector_regions(_settings(args))
+    rs = _load_rules(args.file, verdict=True, detector=detector)
     if rs is None:
         return 1
-    print(f"{args.file}: OK ({len(rs.rules)} rules, {len(rs.destinations)} destinations)")
+    what = f"detector {detector.model}" if detector.model else "no detector configured"
+    print(f"{args.file}: OK ({len(rs.rules)} rules, {len(rs.destinations)} destinations; regions checked against {what})")
     return 0
 
 
@@ -245,7 +263,7 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     from nnrouter.route import Router, header_facts
     from nnrouter.send import expand
 
-    ruleset = _load_rules(args.rules)
+    ruleset = _load_rules(args.rules, detector=_detector_regions(_settings(args)))
     if ruleset is None:
         return 1
     now = dt.datetime.now(dt.timezone.utc)
@@ -469,8 +487,13 @@ def flag_dict(f) -> dict[str, Any]:  # type: ignore[no-untyped-def]
             "evidence": f.evidence, "at": f.created_at}
 
 
-def study_report(store, study_uid: str) -> dict[str, Any] | None:  # type: ignore[no-untyped-def]
-    """What the store knows about one study, as plain data (for JSON and tests)."""
+def study_report(store, study_uid: str, detector: Any = None) -> dict[str, Any] | None:  # type: ignore[no-untyped-def]
+    """What the store knows about one study, as plain data (for JSON and tests).
+
+    ``detector`` (rules.DetectorRegions) is the configured detector: what it
+    can find and what it does not cover, so that a missing chest box is not
+    read as a missing chest.
+    """
     from sqlalchemy import select
 
     from nnrouter import orders
@@ -501,6 +524,8 @@ def study_report(store, study_uid: str) -> dict[str, Any] | None:  # type: ignor
             "study_description": study.study_description,
             "last_received_at": study.last_received_at,
             "checked_at": study.checked_at,
+            "detector": None if detector is None or detector.model is None else {
+                "model": detector.model, "labels": list(detector.labels), "not_covered": list(detector.not_covered)},
             "orders": found,
             "flags": flags,
             "routing": None if decision is None else {
@@ -564,21 +589,41 @@ def study_report(store, study_uid: str) -> dict[str, Any] | None:  # type: ignor
 
 
 def cmd_study_show(args: argparse.Namespace) -> int:
+    from nnrouter import rules
+    from nnrouter.modelcard import ModelCardError
+
     settings = _settings(args)
-    report = study_report(_store(settings), args.study_uid)
+    try:
+        detector = rules.detector_regions(settings.models.detector)
+    except ModelCardError as exc:  # the study is still worth showing
+        print(f"nnrouter: models.detector: {exc}", file=sys.stderr)
+        detector = None
+    report = study_report(_store(settings), args.study_uid, detector)
     if report is None:
         print(f"no study {args.study_uid} in the store", file=sys.stderr)
         return 1
     if args.json:
         _print_json(report)
-    else:
-        print(f"study {report['study_uid']}  accession {report['accession_number'] or '-'}")
-        for f in report["flags"]:
-            print(f"  flag {f['severity']:<7} {f['kind']}: {f['reason']}")
-        for se in report["series"]:
-            print(f"  series {se['series_uid']}  {se['modality'] or '-'}  {se['body_part_examined'] or '-'}")
-            for i in se["instances"]:
-                print(f"    {i['sop_instance_uid']}  v{i['version']}  {i['state']}  {i['path']}")
+        return 0
+    print(f"study {report['study_uid']}  accession {report['accession_number'] or '-'}")
+    det = report["detector"]
+    if det is not None:
+        missing = ", ".join(det["not_covered"])
+        print(f"  detector {det['model']} looks for {', '.join(det['labels'])}"
+              + (f"; does not cover {missing}: no box there says nothing about them" if missing else ""))
+    for f in report["flags"]:
+        print(f"  flag {f['severity']:<7} {f['kind']}: {f['reason']}")
+    for se in report["series"]:
+        print(f"  series {se['series_uid']}  {se['modality'] or '-'}  {se['body_part_examined'] or '-'}")
+        for i in se["instances"]:
+            print(f"    {i['sop_instance_uid']}  v{i['version']}  {i['state']}  {i['path']}")
+            for p in i["predictions"]:
+                print(f"      view {p['label']} {p['score']:.2f} ({p['model']})")
+            for d in i["detections"]:
+                box = ", ".join(f"{v:.0f}" for v in d["box_px"])
+                print(f"      region {d['label']} {d['score']:.2f} box [{box}] px ({d['model']})")
+            if not i["detections"] and det is not None and i["state"] == "classified":
+                print(f"      regions: none found by {det['model']}")
     return 0
 
 
@@ -639,6 +684,7 @@ def study_views(s, study):  # type: ignore[no-untyped-def]
             label=(pred.label if pred.label in known else hanging.UNKNOWN) if pred else None,
             score=min(max(pred.score, 0.0), 1.0) if pred else None,
             laterality=side if side in ("L", "R") else None, instance_number=number,
+            regions=tuple((d.label, d.score) for d in inst.detections),
         ))
     return hanging.StudyViews(study.study_uid, study.study_date, study.accession_number or "", frozenset(parts), tuple(images))
 
@@ -808,6 +854,45 @@ def cmd_models_run(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_models_promote(args: argparse.Namespace) -> int:
+    """0: promoted (or rolled back, or the dry run would promote); 1: refused; 2: cannot compare or switch."""
+    from nnrouter import promote
+    from nnrouter.dataset import split_groups
+    from nnrouter.train import read_manifest
+
+    if args.current is not None:
+        target = args.current
+    else:
+        target = _settings(args).models.classifier
+        if target is None:
+            print("nnrouter: models.classifier is null in the config: nothing to replace (give --current DIR)",
+                  file=sys.stderr)
+            return 2
+    try:
+        if args.rollback:
+            sha = promote.rollback(target)
+            print(f"rolled back: {target} is the previous model again (sha256 {sha}); "
+                  f"{promote.previous_dir(target)} holds the one it replaced")
+            return 0
+        if args.candidate is None or args.dataset is None:
+            print("nnrouter: --candidate and --dataset are needed (or --rollback)", file=sys.stderr)
+            return 2
+        groups = None
+        if args.holdout_groups:
+            groups = split_groups(args.holdout_groups, {e.group for e in read_manifest(args.dataset)})
+        comparison = promote.promote(args.candidate, target, args.dataset, groups=groups, trained_on=args.trained_on,
+                                     tolerance=args.tolerance, dry_run=args.dry_run)
+    except (ValueError, OSError) as exc:  # PromotionError, ModelCardError, an unreadable manifest
+        print(f"nnrouter: {exc}", file=sys.stderr)
+        return 2
+    if not comparison.accepted:
+        print(f"nnrouter: not promoted: {'; '.join(comparison.reasons)}", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        print(f"dry run: {target} left as it is")
+    return 0
+
+
 def cmd_models_import_nncpr(args: argparse.Namespace) -> int:
     from nnrouter.nncpr import import_nncpr
 
@@ -880,7 +965,8 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
     try:
         summary = dataset.build(args.out, images=args.images, dicom=args.dicom,
                                 store_config=args.config if args.store else None,
-                                mapping=args.mapping, check_decode=args.check_decode)
+                                mapping=args.mapping, check_decode=args.check_decode, group_by=args.group_by,
+                                exclude_groups=args.exclude_groups or [])
     except (yamlfile.FileProblems, ValueError) as exc:
         print(f"nnrouter: {exc}", file=sys.stderr)
         return 1
@@ -892,19 +978,59 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     from nnrouter.train import TrainConfig, train
 
     cfg = TrainConfig(epochs=args.epochs, per_class=args.per_class, seed=args.seed, size=args.size,
-                      batch_size=args.batch_size, threads=args.threads)
+                      batch_size=args.batch_size, threads=args.threads, min_images=args.min_images)
     command = "nnrouter " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("nnrouter") else ""
-    result = train(args.dataset, args.out, cfg, name=args.name, version=args.version,
+    result = train(args.dataset, args.out, cfg, name=args.name, version=args.version, cache_dir=args.cache,
                    command=command or f"nnrouter train classifier --dataset {args.dataset} --out {args.out} --seed {args.seed}")
     print(f"wrote {result.out}: {len(result.labels)} classes, validation accuracy {result.val_accuracy:.3f} after {result.epochs_run} epochs")
     return 0
 
 
+def cmd_train_detector(args: argparse.Namespace) -> int:
+    from nnrouter.train_detector import DetectorConfig, train_detector
+
+    cfg = DetectorConfig(epochs=args.epochs, seed=args.seed, size=args.size, threads=args.threads)
+    command = "nnrouter " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("nnrouter") else ""
+    card = train_detector(args.regions, args.out, cfg, negatives=args.negatives, name=args.name, version=args.version,
+                          cache_dir=args.cache,
+                          command=command or f"nnrouter train detector --regions {args.regions} --out {args.out} --seed {args.seed}")
+    t = card.metrics["thresholds"]
+    print(f"wrote {args.out}: labels {', '.join(card.labels)}, conf {t['conf']}, iou {t['iou']}, "
+          f"validation mAP@0.5 {card.metrics['validation'].get('best_epoch_map50')}")
+    return 0
+
+
+def cmd_evaluate_detector(args: argparse.Namespace) -> int:
+    from nnrouter.evaluate_detector import evaluate, update_card
+
+    if not args.regions:
+        print("nnrouter: a detector is evaluated on boxes: give --regions CSV|COCO.json|YOLO_DIR", file=sys.stderr)
+        return 2
+    report = evaluate(args.model, args.regions, negatives=args.negatives, out=args.out, cache_dir=args.cache,
+                      max_epochs=args.max_epochs)
+    print(report.text())
+    if args.update_card:
+        update_card(args.model, report)
+        print(f"updated {args.model / 'model.yaml'} with these figures")
+    if args.out:
+        print(f"wrote {args.out / 'report.json'}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from nnrouter.evaluate import evaluate
+    from nnrouter.modelcard import load_card
     from nnrouter.send import expand
 
-    report = evaluate(args.model, args.dataset, split=args.split, external=expand(args.external) if args.external else None, out=args.out)
+    if load_card(args.model).task == "detect":
+        return cmd_evaluate_detector(args)
+    if not args.dataset:
+        print("nnrouter: a classifier is evaluated on a manifest: give --dataset M.csv", file=sys.stderr)
+        return 2
+
+    report = evaluate(args.model, args.dataset, split=args.split, external=expand(args.external) if args.external else None,
+                      out=args.out, loso=args.loso, ablate=args.ablate, cache_dir=args.cache, cams=args.cams,
+                      max_epochs=args.max_epochs)
     print(report.text())
     if args.update_card:
         from nnrouter.evaluate import update_card
@@ -959,7 +1085,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(sub, "route", cmd_route, "run the router and forwarder alone (serve runs one when routing.rules is set)")
 
     rl = sub.add_parser("rules", help="routing rules").add_subparsers(dest="sub", required=True)
-    rc = add(rl, "check", cmd_rules_check, "validate a rule file; every problem with file, line, column, field", config="none")
+    rc = add(rl, "check", cmd_rules_check, "validate a rule file; every problem with file, line, column, field "
+             "(region conditions against the detector of --config)")
     rc.add_argument("file", type=Path)
     add(rl, "schema", cmd_rules_schema, "print the JSON Schema of rule files, for editors", config="none")
     rtest = add(rl, "test", cmd_rules_test, "show what the rules would do with DICOM files or a stored study; sends nothing")
@@ -1008,6 +1135,20 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("--out", type=Path, default=Path("models/nncpr"))
     mi.add_argument("--name", default="nncpr")
     mi.add_argument("--version", default="1.0")
+    mp = add(models, "promote", cmd_models_promote,
+             "replace the configured classifier with a retrained one only if it is at least as good on held-out images")
+    mp.add_argument("--candidate", type=Path, metavar="DIR", help="the retrained model folder")
+    mp.add_argument("--dataset", type=Path, metavar="CSV", help="manifest (nnrouter dataset build) to compare on")
+    mp.add_argument("--current", type=Path, metavar="DIR", help="the model folder to compare and replace "
+                    "(default: models.classifier of --config)")
+    mp.add_argument("--holdout-groups", action="append", metavar="G1,G2",
+                    help="compare on these source groups (default: the validation split both cards record)")
+    mp.add_argument("--trained-on", type=Path, metavar="CSV",
+                    help="the candidate's training manifest: shows it was kept off --holdout-groups")
+    mp.add_argument("--tolerance", type=float, default=0.0,
+                    help="sensitivity a class of the current model may lose (0..1, default 0)")
+    mp.add_argument("--dry-run", action="store_true", help="compare and print; replace nothing")
+    mp.add_argument("--rollback", action="store_true", help="swap NAME.previous back in")
 
     ds = sub.add_parser("dataset", help="training and evaluation data").add_subparsers(dest="sub", required=True)
     dsb = add(ds, "build", cmd_dataset_build, "write a dataset manifest (file,label,group,kind) and its summary")
@@ -1017,27 +1158,59 @@ def build_parser() -> argparse.ArgumentParser:
     dsb.add_argument("--store", action="store_true", help="the instances in nnrouter's store (database from --config)")
     dsb.add_argument("--mapping", type=Path, default=Path("rules/labels.yaml"), help="header-to-class rules")
     dsb.add_argument("--no-check-decode", dest="check_decode", action="store_false", help="skip the decode check (faster)")
+    dsb.add_argument("--group-by", choices=["calling_ae", "institution", "station"], default="calling_ae",
+                     help="source group of stored instances: the sending AE title, or the header's Institution or "
+                          "Station Name (evaluation holds out whole groups)")
+    dsb.add_argument("--exclude-groups", action="append", metavar="G1,G2",
+                     help="leave these source groups out (a training manifest that holds them out)")
 
     tr = sub.add_parser("train", help="train models (needs the [train] extra)").add_subparsers(dest="sub", required=True)
     tc = add(tr, "classifier", cmd_train_classifier, "fine-tune the view classifier and export ONNX with its card", config="none")
     tc.add_argument("--dataset", type=Path, required=True, help="manifest CSV from `nnrouter dataset build`")
     tc.add_argument("--out", type=Path, required=True, help="model folder to write")
     tc.add_argument("--epochs", type=int, default=12)
-    tc.add_argument("--per-class", type=int, default=48, help="images drawn per class per epoch")
-    tc.add_argument("--batch-size", type=int, default=24)
+    tc.add_argument("--per-class", type=int, default=64, help="images drawn per class per epoch")
+    tc.add_argument("--batch-size", type=int, default=32)
+    tc.add_argument("--min-images", type=int, default=30, help="a class with fewer images is not claimed")
+    tc.add_argument("--cache", type=Path, help="folder for the feature bank (reused by evaluate --loso)")
     tc.add_argument("--size", type=int, default=224)
     tc.add_argument("--seed", type=int, default=0)
     tc.add_argument("--threads", type=int, default=0)
     tc.add_argument("--name", default="nnrouter-view")
     tc.add_argument("--version", default="1")
+    td = add(tr, "detector", cmd_train_detector, "train the region detector (head, spine) and export ONNX with its card",
+             config="none")
+    td.add_argument("--regions", type=Path, required=True, metavar="CSV|COCO.json|YOLO_DIR", help="the boxes")
+    td.add_argument("--out", type=Path, required=True, help="model folder to write")
+    td.add_argument("--negatives", type=Path, nargs="*", metavar="DIR",
+                    help="folders of films showing no region (default: ../radiographs/{knee,hand,wrist,shoulder}_ap)")
+    td.add_argument("--epochs", type=int, default=30)
+    td.add_argument("--size", type=int, default=256)
+    td.add_argument("--seed", type=int, default=0)
+    td.add_argument("--threads", type=int, default=0)
+    td.add_argument("--cache", type=Path, help="folder for the feature bank (reused by evaluate)")
+    td.add_argument("--name", default="nnrouter-regions")
+    td.add_argument("--version", default="1")
 
     ev = add(sub, "evaluate", cmd_evaluate, "accuracy, per-class figures, calibration, confusion matrix", config="none")
     ev.add_argument("--model", type=Path, required=True)
-    ev.add_argument("--dataset", type=Path, required=True)
+    ev.add_argument("--dataset", type=Path, help="classifier: manifest CSV")
+    ev.add_argument("--regions", type=Path, metavar="CSV|COCO.json|YOLO_DIR",
+                    help="detector (card task detect): the boxes; held-out-source folds are retrained")
+    ev.add_argument("--negatives", type=Path, nargs="*", metavar="DIR", help="detector: films showing no region")
     ev.add_argument("--split", choices=["val", "all"], default="val", help="the model's validation images, or all")
     ev.add_argument("--external", nargs="*", type=Path, help="DICOM files or folders from other sources")
     ev.add_argument("--out", type=Path, help="folder for report.json and confusion.png")
     ev.add_argument("--update-card", action="store_true", help="write the figures into the model card")
+    ev.add_argument("--loso", action="store_true",
+                    help="leave-one-source-out: retrain without each source of a multi-source class, test on it")
+    ev.add_argument("--ablate", action="store_true", help="also run leave-one-source-out without the augmented views "
+                    "(reuses the card's own leave-one-source-out figures when --loso is not given)")
+    ev.add_argument("--cache", type=Path, help="folder for the feature bank the folds share (reused between runs)")
+    ev.add_argument("--max-epochs", type=int, default=0, metavar="N",
+                    help="cap each leave-one-source-out fold at N epochs (default: the model's own recipe)")
+    ev.add_argument("--cams", type=int, default=0, metavar="N",
+                    help="write class activation map sheets: N images per single-source class, and the external films")
 
     mm = add(sub, "mismatches", cmd_mismatches, "studies whose images are not what was ordered")
     mm.add_argument("--kind", nargs="+", help="only these flags (default: the mismatches, not uncertain/unmapped)")

