@@ -107,7 +107,7 @@ def _shipped(value: Path | None) -> Path | None:
 
 class Models(_Section):
     classifier: Path | None = Path("models/nnrouter-view")
-    detector: Path | None = None
+    detector: Path | None = Path("models/nnrouter-regions")
 
     _find = field_validator("classifier", "detector")(_shipped)
     providers: list[str] | None = None
@@ -366,7 +366,8 @@ models:
   # Folders with model.onnx + model.yaml (relative: where nnrouter runs, then
   # the models shipped with it). null: instances are only decoded.
   classifier: models/nnrouter-view
-  detector: null
+  # Region boxes (HEAD, SPINE; its card lists what it never predicts).
+  detector: models/nnrouter-regions
   # onnxruntime execution providers in order of preference; null = CUDA when
   # an NVIDIA driver is loaded, then CPU.
   providers: null

@@ -168,7 +168,7 @@ class Node:
             # Tests of the receive path look at rows before any worker does,
             # and choose their models themselves.
             "workers": {"count": 0},
-            "models": {"classifier": None},
+            "models": {"classifier": None, "detector": None},
             "database": {"url": self.db_url},
             "logging": {"level": "info", "format": "json"},
         }
