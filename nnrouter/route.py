@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,20 @@ def _utc(ts: dt.datetime) -> dt.datetime:
     return ts if ts.tzinfo else ts.replace(tzinfo=dt.timezone.utc)
 
 
+def _detector_regions(settings: Settings) -> rules.DetectorRegions | None:
+    """What the configured detector can find; None (regions unchecked) when its card cannot be read.
+
+    The workers refuse such a detector loudly; routing goes on, without this check rather than without rules.
+    """
+    from nnrouter.modelcard import ModelCardError
+
+    try:
+        return rules.detector_regions(settings.models.detector)
+    except ModelCardError as exc:
+        log.error("detector_card_unreadable", detector=str(settings.models.detector), error=str(exc)[:500])
+        return None
+
+
 @dataclass
 class Loaded:
     ruleset: rules.RuleSet
@@ -86,8 +101,10 @@ class Router:
         self.store = store
         self.path: Path | None = settings.routing.rules
         self.loaded: Loaded | None = None
+        # Region conditions are checked against the configured detector: one it cannot answer never fires.
+        detector = None if self.path is None else _detector_regions(settings)
         self._rules_file = None if self.path is None else yamlfile.Reloaded(
-            self.path, rules.load_rules, self._record, "rules",
+            self.path, partial(rules.load_rules, detector=detector), self._record, "rules",
             lambda r: {"rules": len(r.rules), "destinations": len(r.destinations)}, log)
         self.order_check = OrderCheck(settings, store)
 

@@ -44,9 +44,9 @@ from nnrouter.config import valid_ae_title
 from nnrouter.orders import FlagKind
 
 __all__ = [
-    "Coerce", "Condition", "Decision", "Delivery", "Destination", "InstanceFacts", "RetryPolicy", "RouteSettings",
-    "Rule", "RuleOutcome", "RuleSet", "StudyFacts", "Then", "TimeWindow", "Tls",
-    "coerce", "decide", "digest", "json_schema", "load_rules",
+    "Coerce", "Condition", "Decision", "Delivery", "Destination", "DetectorRegions", "InstanceFacts", "RetryPolicy",
+    "RouteSettings", "Rule", "RuleOutcome", "RuleSet", "StudyFacts", "Then", "TimeWindow", "Tls",
+    "coerce", "decide", "detector_regions", "digest", "json_schema", "load_rules",
 ]
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -311,9 +311,88 @@ class Unknown(_Model):
 
 
 class Region(_Model):
-    label: str = Field(min_length=1, description="HEAD, SPINE, CHEST, ABDOMEN, PELVIS or another detector label")
+    label: str = Field(min_length=1, description="a label of the configured detector, any case (HEAD, SPINE, ...)")
     min_score: float = Field(0.0, ge=0, le=1)
     present: bool = True
+
+
+@dataclass(frozen=True)
+class DetectorRegions:
+    """What the configured detector can find, for checking region conditions when rules load.
+
+    A region it has no label for, or lists as not covered (never trained on),
+    is never found: ``present: true`` on it can never match and
+    ``present: false`` always does, so "no chest box" would read as "no chest".
+    ``model`` None: no detector is configured, and no region is ever found.
+    Labels are spelt as the card spells them; conditions compare them in any case.
+    """
+
+    model: str | None
+    labels: tuple[str, ...] = ()
+    not_covered: tuple[str, ...] = ()
+
+    def has(self, label: str) -> bool:
+        return label.strip().casefold() in {s.strip().casefold() for s in self.labels}
+
+    def covers(self, label: str) -> bool:
+        return label.strip().casefold() not in {s.strip().casefold() for s in self.not_covered}
+
+
+def detector_regions(model_dir: Path | None) -> DetectorRegions:
+    """The labels of the detector in ``model_dir`` (its card); raises ModelCardError if the card is unusable."""
+    from nnrouter.modelcard import load_card
+
+    if model_dir is None:
+        return DetectorRegions(None)
+    card = load_card(model_dir)
+    return DetectorRegions(f"{card.name} {card.version}", tuple(card.labels), tuple(card.not_covered))
+
+
+def _conditions(cond: Any, loc: tuple) -> list[tuple[tuple, Any]]:
+    """Every (location, raw condition) under ``cond``, through all/any/not, as written in the file."""
+    if not isinstance(cond, dict):
+        return []
+    out = [(loc, cond)]
+    for key in ("all", "any"):
+        if isinstance(cond.get(key), list):
+            for j, sub in enumerate(cond[key]):
+                out += _conditions(sub, loc + (key, j))
+    if "not" in cond:
+        out += _conditions(cond["not"], loc + ("not",))
+    return out
+
+
+def _region_problems(data: Any, detector: DetectorRegions) -> list[tuple[tuple, str]]:
+    """Region conditions the detector can never answer: each is located at its label."""
+    out: list[tuple[tuple, str]] = []
+    found = data.get("rules") if isinstance(data, dict) else None
+    for i, r in enumerate(found if isinstance(found, list) else []):
+        when = r.get("when") if isinstance(r, dict) else None
+        for loc, cond in _conditions(when, ("rules", i, "when")):
+            region = cond.get("region")
+            label = region.get("label") if isinstance(region, dict) else None
+            if not isinstance(label, str) or not label.strip():
+                continue  # the model validation says what is wrong with it
+            want = label.strip().casefold()
+            never = "can never match" if region.get("present", True) is not False else "always matches"
+            if detector.model is None:
+                why = (f"region {label!r}: no detector is configured (models.detector is null), "
+                       f"so no region is ever found and this condition {never}")
+            elif not detector.covers(label):
+                why = (f"region {label!r}: detector {detector.model} does not cover {want} (its card lists it as "
+                       f"not_covered: it was never trained on it), so a missing {want} box says nothing and this "
+                       f"condition {never}; use a tag or predicted condition for {want}")
+            elif not detector.has(label):
+                labels = ", ".join(detector.labels) or "none"
+                folded = {s.strip().casefold(): s for s in detector.labels}
+                close = difflib.get_close_matches(want, list(folded), n=1)
+                hint = f" (did you mean {folded[close[0]]}?)" if close else ""
+                why = (f"region {label!r} is not a label of detector {detector.model}{hint}; "
+                       f"its labels: {labels}; this condition {never}")
+            else:
+                continue
+            out.append((loc + ("region", "label"), why))
+    return out
 
 
 def _mismatch(value: Any) -> list[str] | Literal["any"]:
@@ -512,12 +591,17 @@ class RuleSet(_Model):
         raise KeyError(name)
 
 
-def load_rules(path: Path) -> RuleSet:
-    """Read and validate a rule file; raises yamlfile.FileProblems listing every problem, by line."""
+def load_rules(path: Path, detector: DetectorRegions | None = None) -> RuleSet:
+    """Read and validate a rule file; raises yamlfile.FileProblems listing every problem, by line.
+
+    With ``detector`` (what the configured detector can find), a region
+    condition it can never answer is a problem too; without, regions are not checked.
+    """
     path = Path(path)
     name = str(path)
     data, positions = yamlfile.load_mapping(path)
-    problems = [yamlfile.problem_at(name, positions, loc, why) for loc, why in _cross_problems(data)]
+    found = _cross_problems(data) + (_region_problems(data, detector) if detector is not None else [])
+    problems = [yamlfile.problem_at(name, positions, loc, why) for loc, why in found]
     ruleset = None
     try:
         ruleset = RuleSet.model_validate(data, context={_SKIP_CONTEXT: True})
