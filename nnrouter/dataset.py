@@ -10,7 +10,11 @@ was seen and left out, never guessed.
 
 The source group of every file is kept so that evaluation can hold out whole
 sources: every class of the shared radiographs comes from one source, and a
-model can learn the source instead of the anatomy.
+model can learn the source instead of the anatomy. For the store the group is
+the sender (the calling AE title the store recorded for the association), or
+the header's Institution Name or Station Name (``group_by``), so that a
+department can hold out whole senders; a group value that repeats the
+patient's name or ID is withheld, never written.
 
 DICOM files are checked through :func:`nnrouter.decode.decode_file`, the
 workers' decode path, so a file that serving could not show is not trained on.
@@ -28,10 +32,11 @@ import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Iterable
+from typing import Annotated
 
 import cv2
 import pydicom
@@ -46,6 +51,7 @@ from nnrouter.decode import DecodeError, decode_file
 from nnrouter.store import Instance, InstanceState, Store
 
 __all__ = [
+    "GROUP_BY",
     "Decision",
     "Entry",
     "Found",
@@ -59,6 +65,8 @@ __all__ = [
     "from_dicom",
     "from_store",
     "load_rules",
+    "source_group",
+    "split_groups",
     "summary_path",
 ]
 
@@ -88,6 +96,10 @@ _CODE_SEQUENCES = ("RequestedProcedureCodeSequence", "ProcedureCodeSequence")
 # What a report may show of a header: acquisition facts, never who the patient is.
 _SEEN_FIELDS = ("Modality", "BodyPartExamined", "ViewPosition", *_DESCRIPTION_FIELDS)
 _SOURCE_FIELDS = ("InstitutionName", "Manufacturer", "StationName")
+# What a store instance's source group can be: the sender, or the header's site or machine.
+GROUP_BY = ("calling_ae", "institution", "station")
+_GROUP_FIELD = {"institution": "InstitutionName", "station": "StationName"}
+_GROUP_PREFIX = {"calling_ae": "AE", "institution": "institution", "station": "station"}
 _LOINC_SCHEMES = frozenset({"LN", "LOINC", ""})
 
 
@@ -514,8 +526,45 @@ def _group(ds: Dataset, path: Path) -> str:
     return " | ".join(parts) if parts else f"folder {path.parent}"
 
 
-def from_dicom(paths: Iterable[Path], rules: Rules, *, check_decode: bool = True) -> Found:
-    """Label DICOM files (or folders of them) from their headers; decode-check the labelled ones."""
+def _printable(text: str) -> str:
+    return "".join(c for c in text if c.isprintable()).strip()
+
+
+def _names_patient(ds: Dataset, value: str) -> bool:
+    """A modality that writes the patient into Station Name (it happens) must not leak it into a manifest."""
+    folded = value.casefold()
+    for keyword in ("PatientName", "PatientID", "OtherPatientIDs"):
+        text = _text(ds, keyword)
+        parts = [text, text.replace("^", " ").strip(), *text.split("^")]
+        if any(len(p) >= 3 and p.casefold() in folded for p in parts if p.strip()):
+            return True
+    return False
+
+
+def source_group(ds: Dataset, group_by: str, calling_ae: str | None) -> str:
+    """The source group of a stored instance: ``AE <title>``, ``institution <name>`` or ``station <name>``.
+
+    An instance without the value gets ``<kind> (not recorded)``: one group of
+    its own, held out as a whole like any other.
+    """
+    if group_by not in GROUP_BY:
+        raise ValueError(f"group_by must be one of {', '.join(GROUP_BY)}, not {group_by!r}")
+    value = _printable(calling_ae or "") if group_by == "calling_ae" else _printable(_text(ds, _GROUP_FIELD[group_by]))
+    prefix = _GROUP_PREFIX[group_by]
+    if not value:
+        return f"{prefix} (not recorded)"
+    if _names_patient(ds, value):
+        return f"{prefix} (withheld: names the patient)"
+    return f"{prefix} {value}"
+
+
+def from_dicom(paths: Iterable[Path], rules: Rules, *, check_decode: bool = True,
+               group: Callable[[Dataset, Path], str] | None = None) -> Found:
+    """Label DICOM files (or folders of them) from their headers; decode-check the labelled ones.
+
+    ``group`` names a file's source group from its header and path; by default
+    the equipment that made it.
+    """
     found = Found()
     seen_uids: dict[str, str] = {}
     done: set[Path] = set()
@@ -547,7 +596,8 @@ def from_dicom(paths: Iterable[Path], rules: Rules, *, check_decode: bool = True
             continue
         if uid:
             seen_uids[uid] = str(path)
-        found.entries.append(Entry(str(path), decision.label or "", _group(ds, path), "dicom", decision.evidence))
+        found.entries.append(Entry(str(path), decision.label or "", (group or _group)(ds, path), "dicom",
+                                   decision.evidence))
     if check_decode:
         found.entries = _check_dicom(found.entries, found.rejected)
     return found
@@ -565,12 +615,18 @@ def _check_dicom(entries: list[Entry], rejected: list[Rejected]) -> list[Entry]:
     return kept
 
 
-def from_store(settings: config.Settings, rules: Rules, *, check_decode: bool = True) -> Found:
+def from_store(settings: config.Settings, rules: Rules, *, check_decode: bool = True,
+               group_by: str = "calling_ae") -> Found:
     """The store's instances whose file is still there: the newest version of each SOP Instance.
 
     Instances a worker already found undecodable are reported with the
-    worker's reason instead of being read again.
+    worker's reason instead of being read again. The source group is the
+    calling AE title the store recorded for the association (``group_by``
+    "calling_ae"), or the header's Institution Name or Station Name, which the
+    store does not keep and are read from the file.
     """
+    if group_by not in GROUP_BY:
+        raise ValueError(f"group_by must be one of {', '.join(GROUP_BY)}, not {group_by!r}")
     url = settings.database.url
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         db = Path(url.split("///", 1)[1])
@@ -581,12 +637,14 @@ def from_store(settings: config.Settings, rules: Rules, *, check_decode: bool = 
         store.require_current()
         with store.read() as s:
             rows = s.execute(
-                select(Instance.sop_instance_uid, Instance.version, Instance.path, Instance.state, Instance.state_reason)
+                select(Instance.sop_instance_uid, Instance.version, Instance.path, Instance.state, Instance.state_reason,
+                       Instance.calling_ae)
                 .order_by(Instance.sop_instance_uid, Instance.version)
             ).all()
     finally:
         store.dispose()
-    newest = {uid: (path, state, reason) for uid, _v, path, state, reason in rows}
+    newest = {uid: (path, state, reason) for uid, _v, path, state, reason, _ae in rows}
+    sender = {Path(path).resolve(): ae for _uid, _v, path, _s, _r, ae in rows}
     found = Found()
     superseded = len(rows) - len(newest)
     if superseded:
@@ -599,7 +657,8 @@ def from_store(settings: config.Settings, rules: Rules, *, check_decode: bool = 
             found.rejected.append(Rejected(path, "unreadable", "the store names this file but it is gone"))
         else:
             paths.append(Path(path))
-    found.extend(from_dicom(sorted(paths), rules, check_decode=check_decode))
+    found.extend(from_dicom(sorted(paths), rules, check_decode=check_decode,
+                            group=lambda ds, path: source_group(ds, group_by, sender.get(path))))
     return found
 
 
@@ -714,13 +773,25 @@ def _write(out: Path, found: Found, rules: Rules | None) -> Summary:
     return summary
 
 
+def split_groups(values: Iterable[str], known: set[str]) -> list[str]:
+    """Group names as given on a command line: ``G1,G2``, or one name that has a comma in it."""
+    out: list[str] = []
+    for value in values:
+        out += [value] if value in known else [g.strip() for g in value.split(",") if g.strip()]
+    return list(dict.fromkeys(out))
+
+
 def build(out: Path, *, images: Path | None = None, dicom: list[Path] | None = None,
           store_config: Path | None = None, mapping: Path = Path("rules/labels.yaml"),
-          check_decode: bool = True) -> Summary:
+          check_decode: bool = True, group_by: str = "calling_ae", exclude_groups: Iterable[str] = ()) -> Summary:
     """Write the manifest ``out`` and ``<out>.summary.json`` from any of the three inputs.
 
     The mapping is read (and checked) only when DICOM is an input: class
-    folders carry their labels in their names.
+    folders carry their labels in their names. ``group_by`` names the store's
+    source groups; ``exclude_groups`` leaves whole groups out, for a training
+    manifest whose held-out sources ``nnrouter models promote`` can then
+    compare models on. A group that no file has is an error: a misspelt name
+    would otherwise train on the source meant to be held out.
     """
     if images is None and not dicom and store_config is None:
         raise ValueError("nothing to build from: give class folders, DICOM files or the store")
@@ -733,7 +804,18 @@ def build(out: Path, *, images: Path | None = None, dicom: list[Path] | None = N
     if dicom:
         found.extend(from_dicom(dicom, rules, check_decode=check_decode))  # type: ignore[arg-type]
     if store_config is not None:
-        found.extend(from_store(config.load(store_config), rules, check_decode=check_decode))  # type: ignore[arg-type]
+        found.extend(from_store(config.load(store_config), rules, check_decode=check_decode,  # type: ignore[arg-type]
+                                group_by=group_by))
+    present = Counter(e.group for e in found.entries)
+    excluded = set(split_groups(exclude_groups, set(present)))
+    if excluded:
+        missing = sorted(excluded - set(present))
+        if missing:
+            raise ValueError(f"no file is in group(s) {', '.join(map(repr, missing))}; the groups are: "
+                             + ", ".join(map(repr, sorted(present))))
+        found.entries = [e for e in found.entries if e.group not in excluded]
+        found.notes.append("held out of this manifest (--exclude-groups): "
+                           + ", ".join(f"{g} ({present[g]} files)" for g in sorted(excluded)))
     if not check_decode:
         found.notes.append("decode check skipped (--no-check-decode): some files may not decode in training")
     return _write(out, found, rules)
