@@ -117,6 +117,18 @@ def load_gray(entry: Entry, side: int = KEEP_SIDE) -> np.ndarray:
 _TEXT = ["L", "R", "PA", "AP", "LAT", "SUPINE", "ERECT", "PORTABLE", "1", "2", "*", "LT", "RT", "ACC 12345", "12/03"]
 
 
+def site_contrast(img: np.ndarray, rng: random.Random, *, clahe_p: float, gamma_p: float) -> np.ndarray:
+    """Contrast processing as vendors and sites differ in it: local equalisation, then a gamma and level change."""
+    out = img
+    if rng.random() < clahe_p:
+        out = cv2.createCLAHE(clipLimit=rng.uniform(1.5, 4.0), tileGridSize=(8, 8)).apply(np.ascontiguousarray(out))
+    if rng.random() < gamma_p:
+        gamma = rng.uniform(0.6, 1.6)
+        lut = np.clip(((np.arange(256) / 255.0) ** gamma) * 255 * rng.uniform(0.8, 1.2) + rng.uniform(-20, 20), 0, 255)
+        out = lut.astype(np.uint8)[out]
+    return out
+
+
 def augment(img: np.ndarray, rng: random.Random, invert_p: float = 0.3) -> np.ndarray:
     """One random, label-preserving variant of a radiograph (no left-right flips)."""
     h, w = img.shape
@@ -132,14 +144,7 @@ def augment(img: np.ndarray, rng: random.Random, invert_p: float = 0.3) -> np.nd
         ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
         y, x = rng.randrange(h - ch + 1), rng.randrange(w - cw + 1)
         out = out[y:y + ch, x:x + cw]
-    # Contrast processing differs by vendor and site.
-    if rng.random() < 0.5:
-        out = cv2.createCLAHE(clipLimit=rng.uniform(1.5, 4.0), tileGridSize=(8, 8)).apply(np.ascontiguousarray(out))
-    if rng.random() < 0.6:
-        gamma = rng.uniform(0.6, 1.6)
-        lut = np.clip(((np.arange(256) / 255.0) ** gamma) * 255 * rng.uniform(0.8, 1.2) + rng.uniform(-20, 20), 0, 255)
-        out = lut.astype(np.uint8)[out]
-    out = np.ascontiguousarray(out)
+    out = np.ascontiguousarray(site_contrast(out, rng, clahe_p=0.5, gamma_p=0.6))
     oh, ow = out.shape
     # Collimation: hard bars at the edges.
     if rng.random() < 0.35:

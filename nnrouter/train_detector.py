@@ -153,13 +153,9 @@ def data_digest(samples: list[Sample]) -> str:
 
 def _photometric(img: np.ndarray, rng: random.Random) -> np.ndarray:
     """Contrast, gamma, blur, resolution and noise: what differs between sites, never where anatomy is."""
-    out = img
-    if rng.random() < 0.3:
-        out = cv2.createCLAHE(clipLimit=rng.uniform(1.5, 4.0), tileGridSize=(8, 8)).apply(np.ascontiguousarray(out))
-    if rng.random() < 0.7:
-        gamma = rng.uniform(0.6, 1.6)
-        lut = np.clip(((np.arange(256) / 255.0) ** gamma) * 255 * rng.uniform(0.8, 1.2) + rng.uniform(-20, 20), 0, 255)
-        out = lut.astype(np.uint8)[out]
+    from nnrouter.train import site_contrast
+
+    out = site_contrast(img, rng, clahe_p=0.3, gamma_p=0.7)
     if rng.random() < 0.2:
         h, w = out.shape
         f = rng.uniform(0.3, 0.6)
