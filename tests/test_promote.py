@@ -116,13 +116,28 @@ def test_a_better_model_on_held_out_sources_is_promoted_and_rolled_back(trained,
     config.write_text(yaml.safe_dump({"models": {"classifier": str(target)}}))
     good_sha, worse_sha = load_card(good).sha256, load_card(worse).sha256
 
-    # The shuffled model's card cannot show it was kept off the held-out sources: refused before any figure.
-    rc = main(["models", "promote", "--config", str(config), "--candidate", str(worse), "--dataset", str(all_csv),
+    # A card that lists no training groups (one written before train() recorded them), whose digest is not this
+    # dataset without the held-out sources (shuffled labels), cannot show it was kept off them: refused first.
+    def without_groups(model: Path, name: str) -> Path:
+        legacy = _install_copy(model, tmp_path / name)
+        card = load_card(legacy)
+        training = {k: v for k, v in card.metrics["training"].items() if k not in ("groups", "manifest_digest")}
+        write_card(card.model_copy(update={"metrics": {**card.metrics, "training": training}}), legacy)
+        return legacy
+
+    legacy = without_groups(worse, "legacy")
+    legacy_good = without_groups(good, "legacy-good")  # proof by manifest digest only (from its provenance)
+    rc = main(["models", "promote", "--config", str(config), "--candidate", str(legacy), "--dataset", str(all_csv),
                "--holdout-groups", ",".join(HELD_OUT)])
     assert rc == 2 and "does not show that it was kept off" in capsys.readouterr().err
+    # The groups train() records are that proof: the same candidate with them gets past this check.
+    assert promote.trained_groups(load_card(worse)) and not promote.trained_groups(load_card(worse)) & set(HELD_OUT)
     rc = main(["models", "promote", "--config", str(config), "--candidate", str(good), "--dataset", str(train_csv),
                "--holdout-groups", SOURCES["chest_pa_ap"][0]])
-    assert rc == 2 and "trained on this whole dataset" in capsys.readouterr().err
+    assert rc == 2 and "card says it was trained on" in capsys.readouterr().err  # by its recorded groups
+    rc = main(["models", "promote", "--config", str(config), "--candidate", str(legacy_good), "--dataset",
+               str(train_csv), "--holdout-groups", SOURCES["chest_pa_ap"][0]])
+    assert rc == 2 and "trained on this whole dataset" in capsys.readouterr().err  # by its manifest digest
     rc = main(["models", "promote", "--config", str(config), "--candidate", str(good), "--dataset", str(all_csv),
                "--holdout-groups", "no/such-source"])
     assert rc == 2 and "no image of the dataset is in group" in capsys.readouterr().err
@@ -132,7 +147,7 @@ def test_a_better_model_on_held_out_sources_is_promoted_and_rolled_back(trained,
     grown = _write(tmp_path / "grown.csv", [(r["file"], r["label"], r["group"]) for r in _rows(all_csv)]
                    + [(str(RADIOGRAPHS / r["file"]), "chest_pa_ap", r["repo"]) for r in _rows(RADIOGRAPHS / "MANIFEST.csv")
                       if r["repo"] == SOURCES["chest_pa_ap"][0]][40:45])
-    args = ["models", "promote", "--config", str(config), "--candidate", str(good), "--dataset", str(grown),
+    args = ["models", "promote", "--config", str(config), "--candidate", str(legacy_good), "--dataset", str(grown),
             "--holdout-groups", ",".join(HELD_OUT), "--dry-run"]
     assert main(args) == 2 and "Give its training manifest" in capsys.readouterr().err
     assert main([*args, "--trained-on", str(tmp_path.parent / "x.csv")]) == 2
