@@ -25,10 +25,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from nnrouter.decode import DecodeError, decode_file
-from nnrouter.runtime import Model
-from nnrouter.send import expand
-from nnrouter.train import fit_mahalanobis, is_validation, load_gray, mahalanobis, read_manifest
+from nnrouter.pixels.decode import DecodeError, decode_file
+from nnrouter.pixels.runtime import Model
+from nnrouter.dicom.send import expand
+from nnrouter.training.train import fit_mahalanobis, is_validation, load_gray, mahalanobis, read_manifest
 
 
 def _with_block_outputs(path: Path) -> tuple[bytes, list[str]]:

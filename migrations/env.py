@@ -6,7 +6,7 @@ passes the engine built from it through ``config.attributes``.
 
 from alembic import context
 
-from nnrouter.store import Base
+from nnrouter.core.store import Base
 
 engine = context.config.attributes["engine"]
 

@@ -10,12 +10,11 @@ import argparse
 import contextlib
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from nnrouter import config as config_mod
-from nnrouter import logs, yamlfile
+from nnrouter.core import config as config_mod
+from nnrouter.core import logs, yamlfile
 
 
 def _settings(args: argparse.Namespace) -> config_mod.Settings:
@@ -26,7 +25,7 @@ def _settings(args: argparse.Namespace) -> config_mod.Settings:
 
 
 def _store(settings: config_mod.Settings):  # type: ignore[no-untyped-def]
-    from nnrouter.store import Store
+    from nnrouter.core.store import Store
 
     return Store(settings.database.url)
 
@@ -42,7 +41,7 @@ def _study(s: Any, study_uid: str) -> Any:
     """The stored study with this Study Instance UID, or None."""
     from sqlalchemy import select
 
-    from nnrouter.store import Study
+    from nnrouter.core.store import Study
 
     return s.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
 
@@ -86,112 +85,14 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from nnrouter import classify, receive
-    from nnrouter.spool import Spool
-    from nnrouter.store import SchemaOutOfDate
+    from nnrouter.service.supervisor import serve
 
-    settings = _settings(args)
-    logs.setup(settings.logging.level, settings.logging.format)
-    log = logs.get("nnrouter")
-    store = _store(settings)
-    try:
-        store.require_current()
-    except SchemaOutOfDate as exc:
-        print(f"nnrouter: {exc}", file=sys.stderr)
-        return 2
-    if settings.workers.count:
-        # A missing or tampered model would kill every worker at start, over
-        # and over: refuse here, once, with the reason.
-        from nnrouter.modelcard import ModelCardError, verify
-
-        for role, path in (("classifier", settings.models.classifier), ("detector", settings.models.detector)):
-            if path is None:
-                continue
-            try:
-                verify(path)
-            except ModelCardError as exc:
-                print(f"nnrouter: models.{role} cannot be used: {exc}", file=sys.stderr)
-                return 2
-    spool = Spool(settings.storage.path)
-    server = receive.serve(settings, store, spool, block=False)
-    # The stage processes, by name, each with how to start it again. They stop
-    # on SIGTERM and die with this process (nnrouter.lifecycle): no shared
-    # multiprocessing state that a killed child could leave locked.
-    spawners: dict[str, Callable[[config_mod.Settings, str], Any]] = {
-        f"nnrouter-worker-{i}": classify.spawn_worker for i in range(settings.workers.count)}
-    if settings.routing.rules is not None or settings.orders.procedures is not None:
-        from nnrouter.route import spawn_router
-
-        spawners["nnrouter-router"] = spawn_router
-    if settings.retention.enabled:  # retention: the cleaner stage (nnrouter.clean)
-        from nnrouter.clean import spawn_cleaner
-
-        spawners["nnrouter-cleaner"] = spawn_cleaner
-    workers = [spawn(settings, name) for name, spawn in spawners.items()]
-    mllp = None
-    if settings.orders.hl7 is not None:
-        from nnrouter import hl7, orders
-
-        def keep_order(order: orders.Order) -> None:
-            with store.write() as s:
-                orders.save(s, order)
-
-        mllp = hl7.MLLPServer.from_config(settings.orders.hl7, keep_order).start()
-
-    from nnrouter.lifecycle import Stop, stop_on_signals
-
-    stop = stop_on_signals(Stop())
-    try:
-        while not stop.wait(1):
-            # A worker that died (a codec crash, out of memory, kill -9) is
-            # replaced; its claims are due for retry at once, each alone.
-            for i, proc in enumerate(workers):
-                if not proc.is_alive() and not stop.is_set():
-                    log.error("worker_died", worker=proc.name, exitcode=proc.exitcode)
-                    if proc.name.startswith("nnrouter-worker-") and proc.pid is not None:
-                        _expire_claims(store, proc.pid, classify.exit_reason(proc.exitcode), log)
-                    workers[i] = spawners[proc.name](settings, proc.name)
-    finally:
-        # SIGTERM to each child, then one deadline for all: stopped within
-        # 15 s whether the signal came to us alone or to the whole group.
-        for proc in workers:
-            if proc.is_alive():
-                proc.terminate()
-        server.shutdown()
-        if mllp is not None:
-            mllp.stop()
-        deadline = time.monotonic() + 10
-        for proc in workers:
-            proc.join(max(0.0, deadline - time.monotonic()))
-        for proc in workers:
-            if proc.is_alive():
-                log.warning("stage_killed", worker=proc.name)
-                proc.kill()
-                proc.join(2)
-        store.dispose()
-        log.info("stopped")
-    return 0
-
-
-def _expire_claims(store: Any, pid: int, reason: str, log: Any) -> None:
-    """Retry a dead worker's claims now; the database may be down too, then their lease does it."""
-    from nnrouter.classify import expire_claims
-    from nnrouter.store import unavailable
-
-    try:
-        n = expire_claims(store, pid, reason)
-    except Exception as exc:
-        if unavailable(exc) is None:
-            raise
-        log.warning("claims_left_to_lease", pid=pid, reason=unavailable(exc))
-        return
-    if n:
-        log.info("claims_due_for_retry", pid=pid, instances=n)
+    return serve(_settings(args))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from nnrouter.classify import run_worker
-    from nnrouter.lifecycle import Stop, stop_on_signals
+    from nnrouter.pixels.classify import run_worker
+    from nnrouter.service.lifecycle import Stop, stop_on_signals
 
     settings = _settings(args)
     totals = run_worker(settings, stop_on_signals(Stop()), until_empty=args.until_empty)
@@ -201,7 +102,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from nnrouter.route import run_router
+    from nnrouter.routing.router import run_router
 
     settings = _settings(args)
     if settings.routing.rules is None:
@@ -221,15 +122,15 @@ def _load_rules(path: Path, *, verdict: bool = False, detector: Any = None):  # 
     """
     from functools import partial
 
-    from nnrouter import rules
+    from nnrouter.routing import rules
 
     return _loaded(partial(rules.load_rules, detector=detector), path, verdict=verdict)
 
 
 def _detector_regions(settings: config_mod.Settings):  # type: ignore[no-untyped-def]
     """What the configured detector can find (rules.DetectorRegions); exits if its card is unusable."""
-    from nnrouter import rules
-    from nnrouter.modelcard import ModelCardError
+    from nnrouter.pixels.modelcard import ModelCardError
+    from nnrouter.routing import rules
 
     try:
         return rules.detector_regions(settings.models.detector)
@@ -248,7 +149,7 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
 
 
 def cmd_rules_schema(args: argparse.Namespace) -> int:
-    from nnrouter import rules
+    from nnrouter.routing import rules
 
     _print_json(rules.json_schema())
     return 0
@@ -259,9 +160,9 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     import datetime as dt
     from dataclasses import replace
 
-    from nnrouter import rules
-    from nnrouter.route import Router, header_facts
-    from nnrouter.send import expand
+    from nnrouter.dicom.send import expand
+    from nnrouter.routing import rules
+    from nnrouter.routing.router import Router, header_facts
 
     ruleset = _load_rules(args.rules, detector=_detector_regions(_settings(args)))
     if ruleset is None:
@@ -279,7 +180,7 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
                 print(f"no study {args.input[0]} in the store", file=sys.stderr)
                 return 1
             # The order check as the router would run it now, on the orders kept so far (nothing is written).
-            from nnrouter.mismatch import OrderCheck
+            from nnrouter.orders.mismatch import OrderCheck
 
             check = OrderCheck(settings, store, record=False)
             check.reload()
@@ -314,7 +215,7 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
 def _outbox_query(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from sqlalchemy import select
 
-    from nnrouter.store import Instance, Outbox, Series, Study
+    from nnrouter.core.store import Instance, Outbox, Series, Study
 
     q = select(Outbox, Instance.sop_instance_uid, Study.study_uid).join(Instance, Instance.id == Outbox.instance_id) \
         .join(Series, Series.id == Instance.series_id).join(Study, Study.id == Series.study_id)
@@ -358,7 +259,7 @@ def _outbox_ids(args: argparse.Namespace, default_states: list[str]) -> Iterator
 def cmd_outbox_retry(args: argparse.Namespace) -> int:
     from sqlalchemy import update
 
-    from nnrouter.store import Outbox, OutboxState, utcnow
+    from nnrouter.core.store import Outbox, OutboxState, utcnow
 
     with _outbox_ids(args, [OutboxState.DEAD, OutboxState.FAILED, OutboxState.HELD]) as (s, ids):
         if ids:
@@ -371,7 +272,7 @@ def cmd_outbox_retry(args: argparse.Namespace) -> int:
 def cmd_outbox_purge(args: argparse.Namespace) -> int:
     from sqlalchemy import delete
 
-    from nnrouter.store import Outbox, OutboxState
+    from nnrouter.core.store import Outbox, OutboxState
 
     with _outbox_ids(args, [OutboxState.SENT]) as (s, ids):
         if ids:
@@ -384,7 +285,7 @@ def cmd_outbox_purge(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from nnrouter.send import SendError, echo
+    from nnrouter.dicom.send import SendError, echo
 
     try:
         status = echo(args.host, args.port, args.aet, args.aec)
@@ -396,7 +297,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from nnrouter.send import SendError, expand, send
+    from nnrouter.dicom.send import SendError, expand, send
 
     files = expand(args.files)
     try:
@@ -419,8 +320,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def cmd_clean(args: argparse.Namespace) -> int:
     """One cleaning pass (or the cleaner's loop): expired studies, early ones when short of space, orphans."""
-    from nnrouter.clean import Cleaner, run_cleaner
-    from nnrouter.store import SchemaOutOfDate
+    from nnrouter.core.store import SchemaOutOfDate
+    from nnrouter.service.clean import Cleaner, run_cleaner
 
     settings = _settings(args)
     logs.setup(settings.logging.level if args.loop else "warning", settings.logging.format)
@@ -458,7 +359,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "rules": store.rules_status("rules"),
         "procedures": store.rules_status("procedures"),
     }
-    from nnrouter import pressure  # back-pressure: would new associations be taken, and what needs a look
+    from nnrouter.service import pressure
 
     health = pressure.measure(settings, store).as_dict()
     report.update(ready=health.pop("ready"), not_ready_because=health.pop("reasons"), health=health)
@@ -496,8 +397,8 @@ def study_report(store, study_uid: str, detector: Any = None) -> dict[str, Any] 
     """
     from sqlalchemy import select
 
-    from nnrouter import orders
-    from nnrouter.store import Flag, Outbox, RoutingDecision
+    from nnrouter.core.store import Flag, Outbox, RoutingDecision
+    from nnrouter.orders import order as orders
 
     with store.read() as s:
         study = _study(s, study_uid)
@@ -589,8 +490,8 @@ def study_report(store, study_uid: str, detector: Any = None) -> dict[str, Any] 
 
 
 def cmd_study_show(args: argparse.Namespace) -> int:
-    from nnrouter import rules
-    from nnrouter.modelcard import ModelCardError
+    from nnrouter.pixels.modelcard import ModelCardError
+    from nnrouter.routing import rules
 
     settings = _settings(args)
     try:
@@ -631,7 +532,7 @@ def cmd_mismatches(args: argparse.Namespace) -> int:
     """Flagged studies, newest check first: what a QA technologist works through."""
     from sqlalchemy import select
 
-    from nnrouter.store import Flag, Study
+    from nnrouter.core.store import Flag, Study
 
     settings = _settings(args)
     store = _store(settings)
@@ -640,7 +541,7 @@ def cmd_mismatches(args: argparse.Namespace) -> int:
     if kinds:
         query = query.where(Flag.kind.in_(kinds))
     elif not args.all:
-        from nnrouter.orders import FlagKind
+        from nnrouter.orders.order import FlagKind
 
         query = query.where(Flag.kind.in_(FlagKind.MISMATCHES))
     if args.study:
@@ -662,9 +563,9 @@ def study_views(s, study):  # type: ignore[no-untyped-def]
     """A stored study as the hanging-protocol layout takes it; None without a usable Study Date."""
     import re
 
-    from nnrouter import hanging
-    from nnrouter.codes import classes
-    from nnrouter.store import current_instances, latest_predictions
+    from nnrouter.core.codes import classes
+    from nnrouter.core.store import current_instances, latest_predictions
+    from nnrouter.results import hanging
 
     if not re.fullmatch(r"\d{8}", study.study_date or ""):
         return None
@@ -693,8 +594,8 @@ def cmd_hang(args: argparse.Namespace) -> int:
     """The layout for one study, with the newest earlier study of the same patient and body part beside it."""
     from sqlalchemy import select
 
-    from nnrouter import hanging
-    from nnrouter.store import Study
+    from nnrouter.core.store import Study
+    from nnrouter.results import hanging
 
     settings = _settings(args)
     with _store(settings).read() as s:
@@ -716,7 +617,7 @@ def cmd_hang(args: argparse.Namespace) -> int:
 
 def cmd_hang_protocols(args: argparse.Namespace) -> int:
     """Write the generic Hanging Protocol instances, and store them to a destination if asked."""
-    from nnrouter import hanging
+    from nnrouter.results import hanging
 
     if args.send and not args.rules:
         print("--send names a destination of a rule file: give --rules FILE too", file=sys.stderr)
@@ -724,7 +625,7 @@ def cmd_hang_protocols(args: argparse.Namespace) -> int:
     paths = hanging.write_protocols(args.out, creator=args.creator, version=args.version)
     print(f"wrote {len(paths)} Hanging Protocol instances to {args.out}")
     if args.send:
-        from nnrouter.send import SendError, send
+        from nnrouter.dicom.send import SendError, send
 
         ruleset = _load_rules(args.rules)
         if ruleset is None:
@@ -749,8 +650,8 @@ def cmd_hang_protocols(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """The study's Comprehensive SR, written to a file (the router makes the same one when a rule asks)."""
-    from nnrouter import report
-    from nnrouter.route import study_findings
+    from nnrouter.results import report
+    from nnrouter.routing.router import study_findings
 
     settings = _settings(args)
     with _store(settings).read() as s:
@@ -765,7 +666,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_procedures_check(args: argparse.Namespace) -> int:
-    from nnrouter.procedures import load_procedures
+    from nnrouter.orders.procedures import load_procedures
 
     book = _loaded(load_procedures, args.file)
     if book is None:
@@ -783,7 +684,7 @@ def _model_dirs(root: Path) -> list[Path]:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from nnrouter.modelcard import ModelCardError, load_card
+    from nnrouter.pixels.modelcard import ModelCardError, load_card
 
     rows = []
     for d in _model_dirs(args.dir):
@@ -802,7 +703,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_verify(args: argparse.Namespace) -> int:
-    from nnrouter.modelcard import ModelCardError, verify
+    from nnrouter.pixels.modelcard import ModelCardError, verify
 
     dirs = args.models or _model_dirs(Path("models"))
     bad = 0
@@ -819,7 +720,7 @@ def read_image(path: Path, max_side: int):  # type: ignore[no-untyped-def]
     """A DICOM file through the serving decode path, or a PNG/JPEG as 8-bit gray."""
     import cv2
 
-    from nnrouter.decode import decode_file
+    from nnrouter.pixels.decode import decode_file
 
     if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
         img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
@@ -830,8 +731,8 @@ def read_image(path: Path, max_side: int):  # type: ignore[no-untyped-def]
 
 
 def cmd_models_run(args: argparse.Namespace) -> int:
-    from nnrouter.decode import DecodeError
-    from nnrouter.runtime import Model
+    from nnrouter.pixels.decode import DecodeError
+    from nnrouter.pixels.runtime import Model
 
     model = Model.load(args.model, providers=args.providers)
     status = 0
@@ -856,9 +757,9 @@ def cmd_models_run(args: argparse.Namespace) -> int:
 
 def cmd_models_promote(args: argparse.Namespace) -> int:
     """0: promoted (or rolled back, or the dry run would promote); 1: refused; 2: cannot compare or switch."""
-    from nnrouter import promote
-    from nnrouter.dataset import split_groups
-    from nnrouter.train import read_manifest
+    from nnrouter.training import promote
+    from nnrouter.training.dataset import split_groups
+    from nnrouter.training.train import read_manifest
 
     if args.current is not None:
         target = args.current
@@ -894,7 +795,7 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_models_import_nncpr(args: argparse.Namespace) -> int:
-    from nnrouter.nncpr import import_nncpr
+    from nnrouter.training.nncpr import import_nncpr
 
     try:
         out = import_nncpr(args.pb, args.out, name=args.name, version=args.version)
@@ -906,7 +807,7 @@ def cmd_models_import_nncpr(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_ingest(args: argparse.Namespace) -> int:
-    from nnrouter import bench
+    from nnrouter.testing import bench
 
     return bench.ingest(
         count=args.count,
@@ -920,8 +821,8 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
 def cmd_bench_infer(args: argparse.Namespace) -> int:
     import importlib.resources
 
-    from nnrouter import bench
-    from nnrouter.send import expand
+    from nnrouter.dicom.send import expand
+    from nnrouter.testing import bench
 
     settings = _settings(args)
     model = args.model or settings.models.classifier
@@ -938,7 +839,7 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_route(args: argparse.Namespace) -> int:
-    from nnrouter import bench
+    from nnrouter.testing import bench
 
     settings = _settings(args)
     model = None if args.no_model else (args.model or settings.models.classifier)
@@ -947,7 +848,7 @@ def cmd_bench_route(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_soak(args: argparse.Namespace) -> int:
-    from nnrouter import bench
+    from nnrouter.testing import bench
 
     seconds = args.seconds if args.seconds is not None else args.minutes * 60
     interval = args.interval_s or (60.0 if seconds >= 300 else max(2.0, seconds / 6))
@@ -958,7 +859,7 @@ def cmd_bench_soak(args: argparse.Namespace) -> int:
 
 
 def cmd_dataset_build(args: argparse.Namespace) -> int:
-    from nnrouter import dataset
+    from nnrouter.training import dataset
 
     if args.store and args.config is None:
         sys.exit("nnrouter: --store reads the database named in --config")
@@ -975,7 +876,7 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
-    from nnrouter.train import TrainConfig, train
+    from nnrouter.training.train import TrainConfig, train
 
     cfg = TrainConfig(epochs=args.epochs, per_class=args.per_class, seed=args.seed, size=args.size,
                       batch_size=args.batch_size, threads=args.threads, min_images=args.min_images)
@@ -987,7 +888,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
 
 def cmd_train_detector(args: argparse.Namespace) -> int:
-    from nnrouter.train_detector import DetectorConfig, train_detector
+    from nnrouter.training.train_detector import DetectorConfig, train_detector
 
     cfg = DetectorConfig(epochs=args.epochs, seed=args.seed, size=args.size, threads=args.threads)
     command = "nnrouter " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("nnrouter") else ""
@@ -1001,7 +902,7 @@ def cmd_train_detector(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_detector(args: argparse.Namespace) -> int:
-    from nnrouter.evaluate_detector import evaluate, update_card
+    from nnrouter.training.evaluate_detector import evaluate, update_card
 
     if not args.regions:
         print("nnrouter: a detector is evaluated on boxes: give --regions CSV|COCO.json|YOLO_DIR", file=sys.stderr)
@@ -1018,9 +919,9 @@ def cmd_evaluate_detector(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from nnrouter.evaluate import evaluate
-    from nnrouter.modelcard import load_card
-    from nnrouter.send import expand
+    from nnrouter.dicom.send import expand
+    from nnrouter.pixels.modelcard import load_card
+    from nnrouter.training.evaluate import evaluate
 
     if load_card(args.model).task == "detect":
         return cmd_evaluate_detector(args)
@@ -1033,7 +934,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       max_epochs=args.max_epochs)
     print(report.text())
     if args.update_card:
-        from nnrouter.evaluate import update_card
+        from nnrouter.training.evaluate import update_card
 
         update_card(args.model, report, args.dataset, args.split)
         print(f"updated {args.model / 'model.yaml'} with these figures")

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import glob
 import importlib.resources
+import json
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
-import json
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from nnrouter import peers
+from nnrouter.testing import peers
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

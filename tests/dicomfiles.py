@@ -13,7 +13,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import RADIOGRAPHS
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -22,8 +21,8 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, StoragePresentationContexts, _config, evt
 
-from nnrouter import peers
-from nnrouter.synthetic import DXSpec, dx_dataset
+from nnrouter.testing import peers
+from nnrouter.testing.synthetic import DXSpec, dx_dataset
 
 # Association-level back-pressure (limits.refuse_below_free_mb) off, so that a
 # node's C-STORE answers are what a test sees.
@@ -298,7 +297,7 @@ def node_rows(node, model) -> list:  # type: ignore[no-untyped-def]
     """Every row of one table in a node's store, oldest first."""
     from sqlalchemy import select
 
-    from nnrouter.store import Store
+    from nnrouter.core.store import Store
 
     store = Store(node.db_url)
     try:

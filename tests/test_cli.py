@@ -6,13 +6,13 @@ import json
 import subprocess
 import sys
 
+from conftest import needs, pydicom_data
+from dicomfiles import by_sop_uid, dataset_bytes
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from conftest import needs, pydicom_data
-from dicomfiles import by_sop_uid, dataset_bytes
-from nnrouter import peers
-from nnrouter.synthetic import write_series
+from nnrouter.testing import peers
+from nnrouter.testing.synthetic import write_series
 
 pytestmark = needs("storescp", "storescu")
 

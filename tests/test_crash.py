@@ -8,14 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import needs
+from dicomfiles import dataset_bytes, storescu_stream
 from pydicom import dcmread
 from sqlalchemy import select, text
 
-from conftest import needs
-from dicomfiles import dataset_bytes, storescu_stream
-from nnrouter import peers
-from nnrouter.store import Instance, Store
-from nnrouter.synthetic import write_series
+from nnrouter.core.store import Instance, Store
+from nnrouter.testing import peers
+from nnrouter.testing.synthetic import write_series
 
 pytestmark = [needs("storescu"), pytest.mark.slow]
 

@@ -25,13 +25,16 @@ from conftest import RADIOGRAPHS, REPO, SHARED, needs, needs_shared
 from dicomfiles import first_png, node_rows, png_study, wait_for
 from onnx import TensorProto, helper, numpy_helper
 from pydicom import dcmread
-from test_detect import _batch_zero
-from test_runtime import make_model
+from pixels.test_detect import _batch_zero
+from pixels.test_runtime import make_model
 
-from nnrouter import hanging, peers, rules, yamlfile
-from nnrouter.modelcard import ModelCard, load_card, write_card
-from nnrouter.report import PRIVATE_SCHEME
-from nnrouter.store import Outbox, OutboxState, RoutingDecision
+from nnrouter.core import yamlfile
+from nnrouter.core.store import Outbox, OutboxState, RoutingDecision
+from nnrouter.pixels.modelcard import ModelCard, load_card, write_card
+from nnrouter.results import hanging
+from nnrouter.results.report import PRIVATE_SCHEME
+from nnrouter.routing import rules
+from nnrouter.testing import peers
 
 SHIPPED_REGIONS = REPO / "models" / "nnrouter-regions"
 needs_shipped = pytest.mark.skipif(
@@ -147,9 +150,9 @@ def test_region_condition_matches_the_detectors_lowercase_labels_in_any_case(tmp
 def test_rules_check_and_the_router_refuse_an_unanswerable_region(tmp_path):
     from sqlalchemy import select
 
-    from nnrouter.config import load
-    from nnrouter.route import Router
-    from nnrouter.store import RulesLoad, Store
+    from nnrouter.core.config import load
+    from nnrouter.core.store import RulesLoad, Store
+    from nnrouter.routing.router import Router
 
     path = tmp_path / "routes.yaml"
     path.write_text(RULES)
@@ -340,14 +343,14 @@ def test_a_film_routed_by_a_region_rule_with_the_region_in_its_sr(node_factory, 
 
 @needs_shipped
 def test_shipped_detector_is_the_default():
-    from nnrouter.config import load
+    from nnrouter.core.config import load
 
     assert load(None).models.detector.resolve() == SHIPPED_REGIONS.resolve()  # what a fresh `make serve` runs with
 
 
 def _decoded(png: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
     """A PNG as the worker sees it: wrapped as the modality would send it, then decoded by nnrouter."""
-    from nnrouter.decode import decode_file
+    from nnrouter.pixels.decode import decode_file
 
     return decode_file(str(png_study(png, tmp_path / f"{png.stem}.dcm", modality="DX")), max_side=1024)
 
@@ -372,7 +375,7 @@ def _iou(a: list[float], b: list[float]) -> float:
     ("knee", lambda: sorted((RADIOGRAPHS / "knee_ap").glob("*.png"))[:3], None),
 ])
 def test_shipped_detector_on_real_films(tmp_path, label, films, found):
-    from nnrouter.runtime import Model
+    from nnrouter.pixels.runtime import Model
 
     model = Model.load(SHIPPED_REGIONS, providers=["CPUExecutionProvider"])
     assert sorted(s.casefold() for s in model.card.labels) == TOY_LABELS

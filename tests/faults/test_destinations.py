@@ -36,9 +36,9 @@ from conftest import needs
 from dicomfiles import StatusSCP, node_rows
 from pydicom import dcmread
 
-from nnrouter import peers
-from nnrouter.store import Instance, Outbox, OutboxState
-from nnrouter.synthetic import write_series
+from nnrouter.core.store import Instance, Outbox, OutboxState
+from nnrouter.testing import peers
+from nnrouter.testing.synthetic import write_series
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

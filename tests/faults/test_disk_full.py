@@ -30,11 +30,17 @@ from pathlib import Path
 
 import pytest
 from conftest import needs
-from dicomfiles import NO_ASSOCIATION_FLOOR, dataset_sha256, echo, node_rows, storescu_statuses
+from dicomfiles import (
+    NO_ASSOCIATION_FLOOR,
+    dataset_sha256,
+    echo,
+    node_rows,
+    storescu_statuses,
+)
 
-from nnrouter import peers
-from nnrouter.store import Instance
-from nnrouter.synthetic import DXSpec, write_dx
+from nnrouter.core.store import Instance
+from nnrouter.testing import peers
+from nnrouter.testing.synthetic import DXSpec, write_dx
 
 pytestmark = [pytest.mark.slow, needs("storescu", "echoscu")]
 

@@ -1,6 +1,6 @@
 """Fuzzed data sets over the network: every one gets a DICOM status or a clean abort.
 
-Real data sets (pydicom-data, ../shared/data/dicom/good, nnrouter.synthetic)
+Real data sets (pydicom-data, ../shared/data/dicom/good, nnrouter.testing.synthetic)
 are mutated the ways broken modalities and hostile peers break them: flipped
 bytes, truncation, wrong element lengths, UIDs that are paths, deep
 sequences, pixel data that does not match its header, unknown VRs. The bytes
@@ -36,9 +36,9 @@ from pydicom.uid import UID, generate_uid
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 from pynetdicom import AE, _config
 
-from nnrouter import peers
-from nnrouter.store import Instance
-from nnrouter.synthetic import DXSpec, write_dx
+from nnrouter.core.store import Instance
+from nnrouter.testing import peers
+from nnrouter.testing.synthetic import DXSpec, write_dx
 
 CASES = int(os.environ.get("NNROUTER_FUZZ_CASES", "60"))
 SEED = int(os.environ.get("NNROUTER_FUZZ_SEED", "11"))

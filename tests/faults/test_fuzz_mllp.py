@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import pytest
 from conftest import connect_from, rss_mb
 
-from nnrouter import hl7, peers
+from nnrouter.orders import hl7
+from nnrouter.testing import peers
 
 pytestmark = pytest.mark.slow
 
@@ -228,7 +229,7 @@ class Hogs:
 def test_malformed_mllp(node_factory, figures):
     from sqlalchemy import func, select
 
-    from nnrouter.store import OrderRequest, Store
+    from nnrouter.core.store import OrderRequest, Store
 
     hl7_port = peers.free_port()
     node = node_factory(settings={"orders": {"hl7": {

@@ -384,7 +384,7 @@ def run_attacks(port: int, pid: int, good: GoodSender, figures, rng: random.Rand
 
 @needs("echoscu", "storescu")
 def test_hostile_peers_do_not_lock_out_a_good_sender(node_factory, tmp_path, figures):
-    from nnrouter.synthetic import write_series
+    from nnrouter.testing.synthetic import write_series
 
     (good_file,) = write_series(tmp_path / "good", 1, rows=32, columns=32)
     node = node_factory(settings=SETTINGS).start()

@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import needs
+from dicomfiles import dataset_bytes, storescu_stream
 from pydicom import dcmread
 from sqlalchemy import func, select, text
 
-from conftest import needs
-from dicomfiles import dataset_bytes, storescu_stream
-from nnrouter.store import Instance, InstanceState, Store
-from nnrouter.synthetic import write_series
-
+from nnrouter.core.store import Instance, InstanceState, Store
+from nnrouter.testing.synthetic import write_series
 
 pytestmark = [needs("storescu"), pytest.mark.slow]
 

@@ -23,11 +23,15 @@ from dicomfiles import dataset_bytes, raw_store, wait_for
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind
-from test_runtime import make_model
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
+from pixels.test_runtime import make_model
 
-from nnrouter import hl7, peers
-from nnrouter.synthetic import DX_FOR_PRESENTATION, DXSpec, dx_dataset
+from nnrouter.orders import hl7
+from nnrouter.testing import peers
+from nnrouter.testing.synthetic import DX_FOR_PRESENTATION, DXSpec, dx_dataset
 
 pytestmark = [pytest.mark.slow, needs("storescp")]
 
@@ -217,7 +221,7 @@ def hl7_cases(port: int, study_uid: str) -> list[tuple[str, bytes]]:
 def test_no_patient_data_in_logs_comments_or_acks(node_factory, database_url, tmp_path, figures):
     from sqlalchemy import select
 
-    from nnrouter.store import Instance, InstanceState, Store
+    from nnrouter.core.store import Instance, InstanceState, Store
 
     models = tmp_path / "models"
     models.mkdir()

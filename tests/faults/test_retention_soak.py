@@ -25,9 +25,9 @@ from dicomfiles import node_rows, wait_for
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from nnrouter import peers
-from nnrouter.spool import Spool
-from nnrouter.store import Instance, Outbox, OutboxState, Study
+from nnrouter.core.spool import Spool
+from nnrouter.core.store import Instance, Outbox, OutboxState, Study
+from nnrouter.testing import peers
 
 pytestmark = [pytest.mark.slow, needs("storescu", "storescp")]
 
@@ -39,7 +39,7 @@ def _mb(folder: Path, pattern: str) -> float:
 
 
 def test_retention_soak(node_factory, storescp, tmp_path, figures):
-    from nnrouter.synthetic import write_series
+    from nnrouter.testing.synthetic import write_series
 
     rules_file = tmp_path / "routes.yaml"
     rules_file.write_text(yaml.safe_dump({

@@ -1,0 +1,198 @@
+"""Mismatch: the ordered-vs-performed check, run by the router against the store.
+
+The logic is ``orders.check``; this stage finds each study's orders (HL7 or
+worklist ones first, else what the images say), asks the worklist once per
+study (again later when it failed), knows which classes the model can
+recognise, and writes the flags. Completeness ("every ordered view is
+here") is answered from the store alone, so a study still in its quiet
+period costs no disk reads.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from pydicom import dcmread
+
+from nnrouter.core import logs, yamlfile
+from nnrouter.core.config import Settings
+from nnrouter.core.store import (
+    Flag,
+    RulesLoad,
+    Store,
+    Study,
+    current_instances,
+    latest_predictions,
+    utcnow,
+)
+from nnrouter.orders import order as orders
+from nnrouter.orders.procedures import ProcedureBook, load_procedures
+
+log = logs.get("nnrouter.orders.mismatch")
+
+WORKLIST_RETRY_S = 60.0  # after a failed query
+WORKLIST_AGAIN_S = 300.0  # after an empty answer: the RIS may enter the order late
+
+
+def covered_classes(settings: Settings) -> set[str]:
+    """The classes the configured classifier can predict; an order for another is never called missing."""
+    from nnrouter.core.codes import classes
+    from nnrouter.pixels.modelcard import load_card
+
+    if settings.models.classifier is None:
+        return set()
+    try:
+        card = load_card(settings.models.classifier)
+    except Exception:  # the workers refuse a broken model too: nothing is recognised
+        return set()
+    return set(card.labels) & set(classes())
+
+
+def seen(s, study_id: int) -> list[orders.Seen]:  # type: ignore[no-untyped-def]
+    """The study's images as the check sees them, from the store (newest versions, images only)."""
+    from nnrouter.core.codes import classes
+
+    known = classes()
+    out = []
+    rows = current_instances(s, study_id)
+    predictions = latest_predictions(s, (i.id for i in rows))
+    for inst in rows:
+        if inst.rows is None:  # not an image (a dose report, a presentation state): not a view
+            continue
+        pred = predictions.get(inst.id)
+        out.append(orders.Seen(
+            sop_instance_uid=inst.sop_instance_uid,
+            label=pred.label if pred else None,
+            score=pred.score if pred else None,
+            confident=bool(pred and pred.label in known),
+            body_part_examined=inst.series.body_part_examined,
+            view_position=inst.view_position,
+            laterality=inst.image_laterality,
+        ))
+    return out
+
+
+class OrderCheck:
+    def __init__(self, settings: Settings, store: Store, *, record: bool = True):
+        """``record=False`` for a dry run: loading procedures.yaml leaves no trace in `nnrouter status`."""
+        self.settings = settings
+        self.store = store
+        self._recording = record
+        path = settings.orders.procedures
+        self._book_file = None if path is None else yamlfile.Reloaded(
+            path, load_procedures, self._record, "procedures", lambda b: {"procedures": len(b.spec.procedures)}, log)
+        self.covered = covered_classes(settings)
+        self._worklist_next: dict[str, float] = {}  # study UID -> when to ask again
+        self._worklist_down_until = 0.0
+        self._headers_read: dict[str, set[int]] = {}  # study UID -> instance ids whose orders are kept
+
+    @property
+    def book(self) -> ProcedureBook | None:
+        return self._book_file.value if self._book_file else None
+
+    def reload(self) -> None:
+        """procedures.yaml, reloaded on change; an invalid edit keeps the running book."""
+        if self._book_file is not None:
+            self._book_file.poll()
+
+    def _record(self, ok: bool, digest: str, errors: str | None) -> None:
+        """Shown by `nnrouter status`, beside the routing rules."""
+        assert self._book_file is not None
+        if not self._recording:
+            return
+        with self.store.write() as s:
+            s.add(RulesLoad(kind="procedures", path=str(self._book_file.path), digest=digest, ok=ok, errors=errors))
+
+    # --- finding the orders ---
+
+    def prepare(self, studies: list[Study], prune: bool = True) -> None:
+        """Before a tick looks at them: ask the worklist, and read each new instance's order, once.
+
+        Runs outside any read session (the worklist is a network call) and
+        keeps what it finds at once, so the answer is there on later ticks.
+        """
+        if prune:  # forget studies that are no longer waiting (decided, or busy again)
+            ready = {st.study_uid for st in studies}
+            self._worklist_next = {k: v for k, v in self._worklist_next.items() if k in ready}
+            self._headers_read = {k: v for k, v in self._headers_read.items() if k in ready}
+        for study in studies:
+            try:
+                with self.store.read() as s:
+                    kept = orders.stored_for(s, study.accession_number, study.study_uid)
+                    fresh = [(i.id, i.path) for i in current_instances(s, study.id)
+                             if i.id not in self._headers_read.get(study.study_uid, set())]
+                if not any(o.source != orders.OrderSource.IMAGE for o in kept):
+                    self._ask_worklist(study)
+                if fresh:  # every image's request: the study is complete only against all of them
+                    self.keep_image_orders([path for _, path in fresh])
+                    self._headers_read.setdefault(study.study_uid, set()).update(i for i, _ in fresh)
+            except Exception as exc:  # the check runs again when the study is due; routing goes on
+                log.error("orders_not_found", study_uid=study.study_uid, error=type(exc).__name__)
+
+    def _ask_worklist(self, study: Study) -> None:
+        wl = self.settings.orders.worklist
+        now = time.monotonic()
+        if (wl is None or not study.accession_number or self._worklist_down_until > now
+                or self._worklist_next.get(study.study_uid, 0.0) > now):
+            return
+        from nnrouter.dicom import worklist
+
+        try:
+            found = worklist.query(wl.host, wl.port, calling_ae=wl.calling_ae, called_ae=wl.ae_title,
+                                   accession_number=study.accession_number, timeout=wl.timeout_s)
+        except worklist.WorklistError as exc:
+            # One failure pauses the worklist for every study: a dead RIS must not cost a timeout per study per tick.
+            self._worklist_down_until = time.monotonic() + WORKLIST_RETRY_S
+            log.warning("worklist_failed", study_uid=study.study_uid, error=str(exc), retry_s=WORKLIST_RETRY_S)
+            return
+        self._worklist_next[study.study_uid] = time.monotonic() + (WORKLIST_AGAIN_S if not found else float("inf"))
+        with self.store.write() as s:
+            for o in found:
+                orders.save(s, o if o.study_uid else replace(o, study_uid=study.study_uid))
+        log.info("worklist_asked", study_uid=study.study_uid, orders=len(found))
+
+    def keep_image_orders(self, paths: list[str]) -> None:
+        """The orders written into these instances, kept (an update when already known)."""
+        found: dict[str, orders.Order] = {}
+        for path in paths:
+            try:
+                for o in orders.from_header(dcmread(path, stop_before_pixels=True, force=True)):
+                    found.setdefault(orders.key(o), o)
+            except Exception:  # an unreadable header has no order to give
+                continue
+        if found:
+            with self.store.write() as s:
+                for o in found.values():
+                    orders.save(s, o)
+
+    def orders_of(self, s, study: Study) -> list[orders.Order]:  # type: ignore[no-untyped-def]
+        """HL7 or worklist orders when there are any; else what the images say."""
+        kept = orders.stored_for(s, study.accession_number, study.study_uid)
+        external = [o for o in kept if o.source != orders.OrderSource.IMAGE]
+        return external or kept
+
+    # --- the check ---
+
+    def complete(self, s, study: Study) -> bool:  # type: ignore[no-untyped-def]
+        """Every view the study's orders expect has arrived and been recognised."""
+        return self.book is not None and orders.complete(self.orders_of(s, study), seen(s, study.id), self.book)
+
+    def findings(self, s, study: Study) -> tuple[list[orders.Order], list[orders.Finding]]:  # type: ignore[no-untyped-def]
+        """The orders the study is checked against, and what the check finds (nothing is written)."""
+        found = self.orders_of(s, study)
+        return found, orders.check(found if self.book else [], seen(s, study.id), self.book, self.covered)
+
+    def run(self, study: Study) -> list[orders.Finding]:
+        """Check one due study (its orders gathered by `prepare`) and replace its flags."""
+        with self.store.read() as s:
+            found, findings = self.findings(s, study)
+        with self.store.write() as s:
+            s.execute(Flag.__table__.delete().where(Flag.study_id == study.id))
+            for f in findings:
+                s.add(Flag(study_id=study.id, kind=f.kind, severity=f.severity, reason=f.reason,
+                           sop_instance_uid=f.sop_instance_uid, evidence=f.evidence))
+            s.execute(Study.__table__.update().where(Study.id == study.id).values(checked_at=utcnow()))
+        log.info("study_checked", study_uid=study.study_uid, orders=len(found), flags=sorted({f.kind for f in findings}))
+        return findings
+
