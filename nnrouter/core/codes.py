@@ -18,7 +18,7 @@ from importlib.resources import files
 
 from pydicom.dataset import Dataset
 
-__all__ = ["Code", "ViewClass", "classes", "nncpr_labels", "sct_meaning"]
+__all__ = ["FAMILIES", "UNKNOWN", "Code", "ViewClass", "classes", "family", "nncpr_labels", "sct_meaning"]
 
 SCT = "SCT"  # Coding Scheme Designator for SNOMED CT in DICOM
 LN = "LN"  # ... and for LOINC
@@ -124,3 +124,43 @@ def sct_meaning(code: str) -> str | None:
     Meanings from the anatomic region context groups (CID 4031, then CID 4) win.
     """
     return _sct_meanings().get(code)
+
+
+# --- view families ------------------------------------------------------------
+
+UNKNOWN = "unknown"  # the classifier's label below its calibrated threshold: no view class
+
+# Reading order of view families; "other" holds the special projections
+# (axial, outlet, decubitus, panoramic) that complement the standard pair.
+FAMILIES = ("frontal", "lateral", "oblique", "other")
+FRONTAL_POSITIONS = frozenset({"AP", "PA"})
+LATERAL_POSITIONS = frozenset({"LL", "RL", "LATERAL"})
+DECUBITUS_POSITIONS = frozenset({"LLD", "RLD"})
+_FRONTAL_MEANINGS = frozenset({"antero-posterior", "postero-anterior", "dorso-plantar", "dorsoplantar", "dorso-palmar", "frontal"})
+
+
+def family(name: str) -> str:
+    """The view family of a class: frontal, lateral, oblique or other (``unknown`` for the unknown label).
+
+    A property of the class table, shared by the hanging protocols (reading
+    order) and the ordered-vs-performed check (frontal and lateral), so it
+    is derived here from the class name, its View Position and its view code
+    meaning: a new class in the table is placed without touching code.
+    """
+    if name == UNKNOWN:
+        return UNKNOWN
+    try:
+        c = classes()[name]
+    except KeyError:
+        raise ValueError(f"{name!r} is not a view class in classes.csv") from None
+    words = set(name.lower().split("_"))
+    meaning = (c.view_code.meaning if c.view_code else "").lower()
+    if c.view_position in DECUBITUS_POSITIONS or "decubitus" in words:
+        return "other"
+    if "oblique" in words or "oblique" in meaning:
+        return "oblique"
+    if "lateral" in words or c.view_position in LATERAL_POSITIONS or meaning.endswith("lateral"):
+        return "lateral"
+    if c.view_position in FRONTAL_POSITIONS or meaning in _FRONTAL_MEANINGS:
+        return "frontal"
+    return "other"

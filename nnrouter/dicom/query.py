@@ -93,11 +93,11 @@ keyword, never values), the number of matches and the duration.
 
 from __future__ import annotations
 
-import re
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from pydicom import Dataset
 from pydicom.datadict import add_private_dict_entry, dictionary_VR, tag_for_keyword
@@ -105,6 +105,16 @@ from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
 from sqlalchemy import (
     Select,
     and_,
@@ -124,13 +134,23 @@ from sqlalchemy.sql.elements import ColumnElement
 from nnrouter.core import logs
 from nnrouter.core.codes import classes
 from nnrouter.core.store import Flag, Instance, Prediction, Series, Store, Study
-from nnrouter.dicom import status as dimse
-from nnrouter.dicom.status import (
+from nnrouter.dicom.matching import (
+    date_range,
+    glob_pattern,
+    has_wildcard,
+    int_matches,
+    like_pattern,
+    query_values,
+    time_matches,
+    wildcard_match,
+)
+from nnrouter.dicom.statuses import (
     CANCEL,
     DATABASE_ERROR,
     IDENTIFIER_DOES_NOT_MATCH,
     PENDING,
     UNABLE_TO_PROCESS,
+    with_comment,
 )
 
 __all__ = [
@@ -149,17 +169,17 @@ __all__ = [
 
 log = logs.get("nnrouter.dicom.query")
 
-PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
-STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+PATIENT_ROOT_FIND = PatientRootQueryRetrieveInformationModelFind
+STUDY_ROOT_FIND = StudyRootQueryRetrieveInformationModelFind
 MODELS = {PATIENT_ROOT_FIND: "patient", STUDY_ROOT_FIND: "study"}
 LEVELS = {PATIENT_ROOT_FIND: ("PATIENT", "STUDY", "SERIES", "IMAGE"), STUDY_ROOT_FIND: ("STUDY", "SERIES", "IMAGE")}
 
 # Identifiers are small: the uncompressed syntaxes (and deflate) are enough.
 TRANSFER_SYNTAXES = [
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
 ]
 
 # At most this many matches per query; then the query ends (success) and a warning is logged.
@@ -231,103 +251,6 @@ def keys_for(level: str) -> dict[str, str]:
         if rank <= _LEVEL_RANK[level]:
             out.update(_KEYS[name])
     return out
-
-
-# --- matching helpers (pure) -------------------------------------------------
-
-
-def query_values(value: Any) -> list[str] | None:
-    """A key's value as a list of items; None for universal matching."""
-    if value is None:
-        return None
-    if isinstance(value, (bytes, bytearray)):
-        value = value.decode("ascii", "replace").rstrip("\0 ").split("\\")
-    if isinstance(value, (list, tuple, MultiValue)):
-        items = [str(v) if v is not None else "" for v in value]
-    else:
-        items = [str(value)]
-    items = [v.strip().rstrip("\0") for v in items]
-    items = [v for v in items if v]
-    if not items or any(set(v) == {"*"} for v in items):
-        return None
-    return items
-
-
-def has_wildcard(value: str) -> bool:
-    return "*" in value or "?" in value
-
-
-def like_pattern(value: str) -> str:
-    """A DICOM wildcard value as an SQL LIKE pattern, escape character backslash."""
-    out = []
-    for c in value:
-        if c == "*":
-            out.append("%")
-        elif c == "?":
-            out.append("_")
-        elif c in "%_\\":
-            out.append("\\" + c)
-        else:
-            out.append(c)
-    return "".join(out)
-
-
-def glob_pattern(value: str) -> str:
-    """A DICOM wildcard value as an SQLite GLOB pattern (case-sensitive, unlike LIKE)."""
-    return "".join("[[]" if c == "[" else c for c in value)
-
-
-def wildcard_match(pattern: str, value: str | None, *, ignore_case: bool = False) -> bool:
-    if value is None:
-        return False
-    if ignore_case:
-        pattern, value = pattern.casefold(), value.casefold()
-    rx = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.fullmatch(rx, value, re.S) is not None
-
-
-def date_range(value: str) -> tuple[str | None, str | None]:
-    """``A-B``, ``A-``, ``-B`` or ``A`` as (low, high), either open (None)."""
-    value = value.replace(".", "").strip()
-    if "-" not in value:
-        return value, value
-    lo, _, hi = value.partition("-")
-    return lo.strip() or None, hi.strip() or None
-
-
-def time_key(value: str, *, upper: bool = False) -> str:
-    """A TM value made comparable: HHMMSS.ffffff, a partial time filled to its start (or end)."""
-    value = value.replace(":", "").strip()
-    main, _, frac = value.partition(".")
-    main = main[:6]
-    fill = "595959" if upper else "000000"
-    main = main + fill[len(main):]
-    if len(value.partition(".")[0]) < 6:
-        frac = ""
-    frac = frac[:6].ljust(6, "9" if upper else "0")
-    return f"{main}.{frac}"
-
-
-def time_matches(query: str, value: str | None) -> bool:
-    if not value:
-        return False
-    if "-" in query:
-        lo, _, hi = query.partition("-")
-    else:
-        lo = hi = query
-    v = time_key(value)
-    if lo.strip() and v < time_key(lo):
-        return False
-    if hi.strip() and v > time_key(hi, upper=True):
-        return False
-    return True
-
-
-def int_matches(query: str, value: Any) -> bool:
-    try:
-        return value not in (None, "") and int(float(str(value))) == int(float(query))
-    except ValueError:
-        return False
 
 
 # --- the effective (found) values --------------------------------------------
@@ -758,22 +681,19 @@ class Query:
         started = time.monotonic()
         sop_class = str(event.request.AffectedSOPClassUID or "")
         model = MODELS.get(sop_class, sop_class)
-        calling_ae = ""
-        try:
-            calling_ae = event.assoc.requestor.ae_title.strip()
-        except Exception:  # noqa: BLE001 - only for the log line
-            pass
+        requestor = getattr(getattr(event, "assoc", None), "requestor", None)  # only for the log line
+        calling_ae = str(getattr(requestor, "ae_title", "") or "").strip()
         try:
             identifier = event.identifier
-        except Exception as exc:  # pydicom raises many types on garbage
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on garbage
             log.warning("query_refused", model=model, calling_ae=calling_ae, reason=f"cannot decode identifier: {type(exc).__name__}")
-            yield dimse.status(UNABLE_TO_PROCESS, "cannot decode identifier"), None
+            yield with_comment(UNABLE_TO_PROCESS, "cannot decode identifier"), None
             return
         try:
             request = parse_request(identifier, sop_class)
         except BadIdentifier as exc:
             log.warning("query_refused", model=model, calling_ae=calling_ae, reason=str(exc))
-            yield dimse.status(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
+            yield with_comment(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
             return
         try:
             answers, truncated = self.find(request)
@@ -782,11 +702,11 @@ class Query:
             # The message of the driver only: SQLAlchemy's own would quote the bound values.
             reason = f"{type(orig).__name__}: {str(orig).splitlines()[0] if str(orig) else ''}"
             log.error("query_failed", model=model, query_level=request.level, calling_ae=calling_ae, error=reason[:200])
-            yield dimse.status(DATABASE_ERROR, f"database error: {reason}"), None
+            yield with_comment(DATABASE_ERROR, f"database error: {reason}"), None
             return
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - answered as Unable to Process; the SCU must get a final status
             log.error("query_failed", model=model, query_level=request.level, calling_ae=calling_ae, error=type(exc).__name__)
-            yield dimse.status(UNABLE_TO_PROCESS, f"unable to process: {type(exc).__name__}"), None
+            yield with_comment(UNABLE_TO_PROCESS, f"unable to process: {type(exc).__name__}"), None
             return
         sent = 0
         cancelled = False
@@ -796,14 +716,14 @@ class Query:
                 break
             yield PENDING, ds
             sent += 1
-        fields = dict(
-            model=model,
-            query_level=request.level,
-            keys=request.used(),
-            matches=len(answers),
-            calling_ae=calling_ae,
-            duration_ms=round((time.monotonic() - started) * 1000, 1),
-        )
+        fields = {
+            "model": model,
+            "query_level": request.level,
+            "keys": request.used(),
+            "matches": len(answers),
+            "calling_ae": calling_ae,
+            "duration_ms": round((time.monotonic() - started) * 1000, 1),
+        }
         if cancelled:
             log.info("query", **fields, sent=sent, cancelled=True)
             yield CANCEL, None

@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pydicom.multival import MultiValue
 from sqlalchemy import and_, or_, select
 
-from nnrouter.core.codes import Code
+from nnrouter.core.codes import Code, family
 from nnrouter.core.codes import classes as view_classes
 from nnrouter.core.store import OrderRequest
 from nnrouter.orders.laterality import laterality_from_text
-from nnrouter.results.hanging import family
 
 
 class OrderSource:

@@ -6,15 +6,18 @@ do that from hanging protocols; nnrouter knows each image's view class, so it
 can both lay out a study itself and hand viewers standard protocols that do
 the same from the headers the router writes.
 
-Three parts, all driven by the class table (``nnrouter/data/classes.csv``):
+Two parts, both driven by the class table (``nnrouter/data/classes.csv``):
 
 * :func:`layout` orders one study's classified images (and a prior's) into
   display sets on a screen grid; :func:`pick_prior` chooses that prior.
 * :func:`protocol_for` / :func:`generic_protocols` build Hanging Protocol
   Storage instances (PS3.3 A.44) per body region; :func:`write_protocols`
   writes them as Part 10 files.
-* :func:`find` / :func:`handle_find` answer the Hanging Protocol Information
-  Model FIND (PS3.4 Annex U) over those instances.
+
+The Hanging Protocol Information Model FIND (PS3.4 Annex U) over those
+instances is a network service and lives with the others, in
+``nnrouter.dicom.protocols_find``; view families come from the class table
+(``nnrouter.core.codes.family``).
 
 The conventions encoded here: frontal before lateral before oblique before
 special views; for both sides of one view, the patient's right on the
@@ -29,57 +32,57 @@ import datetime as dt
 import math
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import Collection
 from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from pynetdicom.sop_class import (
+    HangingProtocolInformationModelFind,
+    HangingProtocolStorage,
+)
 
-from nnrouter.core.codes import Code, ViewClass, sct_meaning
+from nnrouter.core.codes import (
+    DECUBITUS_POSITIONS,
+    FAMILIES,
+    FRONTAL_POSITIONS,
+    LATERAL_POSITIONS,
+    UNKNOWN,
+    Code,
+    ViewClass,
+    family,
+    sct_meaning,
+)
 from nnrouter.core.codes import classes as view_classes
-from nnrouter.dicom import status as dimse
-from nnrouter.dicom.query import has_wildcard, wildcard_match
 
 __all__ = [
-    "HANGING_PROTOCOL_STORAGE",
+    "FAMILIES",
     "HANGING_PROTOCOL_FIND",
+    "HANGING_PROTOCOL_STORAGE",
     "UNKNOWN",
-    "ImageView",
-    "StudyViews",
     "DisplaySet",
+    "ImageView",
     "Layout",
-    "QueryError",
+    "StudyViews",
     "family",
-    "region",
-    "regions",
+    "generic_protocols",
     "layout",
     "pick_prior",
     "protocol_for",
-    "generic_protocols",
+    "region",
+    "regions",
     "write_protocols",
-    "find",
-    "handle_find",
 ]
 
-HANGING_PROTOCOL_STORAGE = "1.2.840.10008.5.1.4.38.1"
-HANGING_PROTOCOL_FIND = "1.2.840.10008.5.1.4.38.2"
-UNKNOWN = "unknown"
-
-# Reading order of view families; "other" holds the special projections
-# (axial, outlet, decubitus, panoramic) that complement the standard pair.
-FAMILIES = ("frontal", "lateral", "oblique", "other")
-_FRONTAL_POSITIONS = frozenset({"AP", "PA"})
-_LATERAL_POSITIONS = frozenset({"LL", "RL", "LATERAL"})
-_DECUBITUS_POSITIONS = frozenset({"LLD", "RLD"})
-_FRONTAL_MEANINGS = frozenset({"antero-posterior", "postero-anterior", "dorso-plantar", "dorsoplantar", "dorso-palmar", "frontal"})
+HANGING_PROTOCOL_STORAGE = HangingProtocolStorage
+HANGING_PROTOCOL_FIND = HangingProtocolInformationModelFind
 
 # Radiological convention: the patient's right on the viewer's left.
 _SIDE_RANK = {"R": 0, None: 1, "L": 2}
@@ -109,28 +112,6 @@ _MAX_ROWS_COLUMNS = 4  # at most this many viewports across one half before wrap
 
 
 # --- view families and regions, from the class table -------------------------
-
-
-def family(name: str) -> str:
-    """The view family of a class: frontal, lateral, oblique or other.
-
-    Derived from the class name, its View Position and its view code meaning
-    so that a new class in the table is placed without touching this code.
-    """
-    if name == UNKNOWN:
-        return UNKNOWN
-    c = _class(name)
-    words = set(name.lower().split("_"))
-    meaning = (c.view_code.meaning if c.view_code else "").lower()
-    if c.view_position in _DECUBITUS_POSITIONS or "decubitus" in words:
-        return "other"
-    if "oblique" in words or "oblique" in meaning:
-        return "oblique"
-    if "lateral" in words or c.view_position in _LATERAL_POSITIONS or meaning.endswith("lateral"):
-        return "lateral"
-    if c.view_position in _FRONTAL_POSITIONS or meaning in _FRONTAL_MEANINGS:
-        return "frontal"
-    return "other"
 
 
 def region(name: str) -> str:
@@ -538,11 +519,11 @@ def _view_selector(c: ViewClass) -> _Selector | None:
     """
     fam = family(c.name)
     vp = c.view_position
-    if fam == "frontal" and vp in _FRONTAL_POSITIONS:
-        return _Selector(_VIEW_POSITION, values=tuple(sorted(_FRONTAL_POSITIONS)))
-    if fam == "lateral" and vp in _LATERAL_POSITIONS:
+    if fam == "frontal" and vp in FRONTAL_POSITIONS:
+        return _Selector(_VIEW_POSITION, values=tuple(sorted(FRONTAL_POSITIONS)))
+    if fam == "lateral" and vp in LATERAL_POSITIONS:
         return _Selector(_VIEW_POSITION, values=("LL", "RL"))
-    if vp in _DECUBITUS_POSITIONS:
+    if vp in DECUBITUS_POSITIONS:
         return _Selector(_VIEW_POSITION, values=(vp,))
     if fam == "lateral":
         return _Selector(_VIEW_CODE_SEQUENCE, codes=tuple(_lateral_codes()))
@@ -608,7 +589,7 @@ def protocol_for(
     if bilateral and not any(_paired(c) for c in vcs):
         raise ValueError(f"none of {', '.join(names)} has a left and a right side")
     name = _protocol_name(group, bilateral)
-    created = created or dt.datetime.now(dt.timezone.utc)
+    created = created or dt.datetime.now(dt.UTC)
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = HANGING_PROTOCOL_STORAGE
@@ -780,7 +761,7 @@ def _display_sets(cells: list[_Cell], numbers: dict[tuple[str, str | None, int],
 
 def generic_protocols(creator: str = "NNROUTER", version: str = "1", *, created: dt.datetime | None = None) -> list[Dataset]:
     """The generic set: one protocol per region with its prior, plus a both-sides one for paired regions."""
-    created = created or dt.datetime.now(dt.timezone.utc)
+    created = created or dt.datetime.now(dt.UTC)
     out = []
     for reg in regions():
         out.append(protocol_for(reg, creator=creator, version=version, created=created))
@@ -806,219 +787,3 @@ def write_protocols(folder: Path | str, protocols: Iterable[Dataset] | None = No
         ds.save_as(path, enforce_file_format=True)
         out.append(path)
     return out
-
-
-# --- Hanging Protocol Information Model FIND ----------------------------------
-
-
-class QueryError(ValueError):
-    """The identifier cannot be matched as the Hanging Protocol model defines: a malformed query."""
-
-
-# Attributes that steer the query rather than match: echoed, never matched.
-_CONTROL = frozenset({Tag(0x0008, 0x0005), Tag(0x0008, 0x0052)})
-_NUMERIC = frozenset({"US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "IS", "DS"})
-_RANGE = frozenset({"DA", "TM", "DT"})
-_NO_WILDCARD = frozenset({"UI", "DA", "TM", "DT"}) | _NUMERIC
-
-
-def find(identifier: Dataset, protocols: Iterable[Dataset]) -> Iterator[Dataset]:
-    """The responses to a Hanging Protocol FIND: one per matching protocol, requested keys only.
-
-    Matching follows PS3.4 C.2.2.2: an empty key matches everything, a UID
-    key may be a list, string keys take * and ?, dates and times take
-    ranges, a sequence key's item matches if any item of the protocol's
-    sequence matches all its keys. Responses carry exactly the keys asked
-    for, filled from the protocol, plus Specific Character Set (so the SCU
-    can decode them) and Query/Retrieve Level when the query carried one.
-    Raises :class:`QueryError` before the first response if the
-    identifier is malformed.
-    """
-    _check(identifier)
-    for p in protocols:
-        if _match_dataset(identifier, p):
-            yield _response(identifier, p)
-
-
-def _check(query: Dataset, depth: int = 0) -> None:
-    for elem in query:
-        if elem.tag in _CONTROL and depth == 0:
-            continue
-        if elem.VR == "SQ":
-            if len(elem.value) > 1:
-                raise QueryError(f"{elem.keyword or elem.tag}: a sequence key holds at most one item")
-            for item in elem.value:
-                _check(item, depth + 1)
-            continue
-        values = _values(elem)
-        if not values:
-            continue
-        if elem.VR in _NO_WILDCARD and any(has_wildcard(v) for v in values):
-            raise QueryError(f"{elem.keyword or elem.tag}: no wildcards in a {elem.VR} key")
-        if elem.VR in _NUMERIC:
-            for v in values:
-                try:
-                    float(v)
-                except ValueError:
-                    raise QueryError(f"{elem.keyword or elem.tag}: {v!r} is not a number") from None
-        if elem.VR in _RANGE:
-            for v in values:
-                if not re.fullmatch(r"[0-9.+\-]*", v) or v.count("-") > 1 + (elem.VR == "DT") * 2:
-                    raise QueryError(f"{elem.keyword or elem.tag}: {v!r} is not a {elem.VR} value or range")
-
-
-def _values(elem: DataElement) -> list[str]:
-    """The element's values as strings, empty for an empty (universal) key."""
-    v = elem.value
-    if v is None or v == "" or v == b"":
-        return []
-    if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
-        return [_str(x) for x in v]
-    return [_str(v)]
-
-
-def _str(x: Any) -> str:
-    if isinstance(x, float) and x.is_integer():
-        return str(int(x))
-    return str(x).strip()
-
-
-def _match_dataset(query: Dataset, target: Dataset) -> bool:
-    for elem in query:
-        if elem.tag in _CONTROL:
-            continue
-        have = target.get(elem.tag)
-        if elem.VR == "SQ":
-            if not elem.value or not _has_keys(elem.value[0]):
-                continue  # universal
-            if have is None or have.VR != "SQ" or not any(_match_dataset(elem.value[0], it) for it in have.value):
-                return False
-            continue
-        wanted = _values(elem)
-        if not wanted or wanted == ["*"]:
-            continue  # a lone * is the same as an empty key
-        if have is None or not _match_element(elem.VR, wanted, _values(have)):
-            return False
-    return True
-
-
-def _has_keys(item: Dataset) -> bool:
-    """Whether a sequence key's item carries any non-empty key (else it is a universal match)."""
-    for elem in item:
-        if elem.VR == "SQ":
-            if elem.value and _has_keys(elem.value[0]):
-                return True
-        elif _values(elem) not in ([], ["*"]):
-            return True
-    return False
-
-
-def _match_element(vr: str, wanted: list[str], have: list[str]) -> bool:
-    if not have:
-        return False
-    if vr == "UI":
-        return any(h in wanted for h in have)  # list of UID matching
-    if len(wanted) > 1:
-        # A multi-valued key is matched value by value.
-        return wanted == have
-    (w,) = wanted
-    if vr in _NUMERIC:
-        return any(float(h) == float(w) for h in have)
-    if vr in _RANGE and _is_range(vr, w):
-        lo, _, hi = _split_range(vr, w)
-        return any((not lo or h[: len(lo)] >= lo) and (not hi or h[: len(hi)] <= hi) for h in have)
-    if has_wildcard(w):
-        return any(wildcard_match(w, h) for h in have)
-    return any(h == w for h in have)
-
-
-def _is_range(vr: str, w: str) -> bool:
-    if vr != "DT":
-        return "-" in w
-    # DT values may carry a UTC offset "-hhmm": a range has a '-' at position 0 or after a full value.
-    return bool(re.fullmatch(r"(\d*(?:[.\d]*)(?:[+\-]\d{4})?)?-(\d*(?:[.\d]*)(?:[+\-]\d{4})?)?", w))
-
-
-def _split_range(vr: str, w: str) -> tuple[str, str, str]:
-    if vr == "DT":
-        m = re.fullmatch(r"([\d.]*(?:[+\-]\d{4})?)-([\d.]*(?:[+\-]\d{4})?)", w)
-        assert m
-        lo, hi = m.group(1), m.group(2)
-        # Offsets are not compared: protocols carry none.
-        return re.sub(r"[+\-]\d{4}$", "", lo), "-", re.sub(r"[+\-]\d{4}$", "", hi)
-    return w.partition("-")
-
-
-def _response(query: Dataset, target: Dataset) -> Dataset:
-    out = Dataset()
-    if "SpecificCharacterSet" in target:
-        out.SpecificCharacterSet = target.SpecificCharacterSet
-    _fill(query, target, out, top=True)
-    return out
-
-
-def _fill(query: Dataset, target: Dataset, out: Dataset, *, top: bool = False) -> None:
-    for elem in query:
-        if top and elem.tag == Tag(0x0008, 0x0005):
-            continue
-        if top and elem.tag == Tag(0x0008, 0x0052):
-            out.add_new(elem.tag, elem.VR, elem.value)
-            continue
-        have = target.get(elem.tag)
-        if elem.VR == "SQ":
-            if have is None or have.VR != "SQ":
-                out.add_new(elem.tag, "SQ", Sequence())
-            elif not elem.value:
-                out.add_new(elem.tag, "SQ", Sequence([_copy(it) for it in have.value]))
-            else:
-                keyed = _has_keys(elem.value[0])
-                items = []
-                for it in have.value:
-                    if keyed and not _match_dataset(elem.value[0], it):
-                        continue
-                    sub = Dataset()
-                    _fill(elem.value[0], it, sub)
-                    items.append(sub)
-                out.add_new(elem.tag, "SQ", Sequence(items))
-        elif have is None:
-            out.add_new(elem.tag, elem.VR, None)
-        else:
-            out.add_new(elem.tag, have.VR, have.value)
-
-
-def _copy(item: Dataset) -> Dataset:
-    new = Dataset()
-    for elem in item:
-        if elem.VR == "SQ":
-            new.add_new(elem.tag, "SQ", Sequence([_copy(i) for i in elem.value]))
-        else:
-            new.add_new(elem.tag, elem.VR, elem.value)
-    return new
-
-
-def handle_find(event: Any, protocols: Iterable[Dataset]) -> Iterator[tuple[Any, Dataset | None]]:
-    """pynetdicom EVT_C_FIND handler for the Hanging Protocol model.
-
-    Bind with ``(evt.EVT_C_FIND, handle_find, [protocols])``. Failures:
-    0xA900 (identifier does not match the SOP class) for a malformed
-    identifier, 0xC000 (unable to process) for one that cannot be decoded;
-    0xFE00 when the SCU cancels.
-    """
-    if event.request.AffectedSOPClassUID != HANGING_PROTOCOL_FIND:
-        yield dimse.status(dimse.IDENTIFIER_DOES_NOT_MATCH, f"not the Hanging Protocol FIND model: {event.request.AffectedSOPClassUID}"), None
-        return
-    try:
-        identifier = event.identifier
-    except Exception as exc:  # noqa: BLE001 - any decoding failure is the peer's
-        yield dimse.status(dimse.UNABLE_TO_PROCESS, f"identifier could not be decoded: {type(exc).__name__}"), None
-        return
-    try:
-        matches = list(find(identifier, protocols))
-    except QueryError as exc:
-        yield dimse.status(dimse.IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
-        return
-    for m in matches:
-        if event.is_cancelled:
-            yield dimse.CANCEL, None
-            return
-        yield dimse.PENDING, m

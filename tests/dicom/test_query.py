@@ -29,12 +29,7 @@ from nnrouter.dicom.query import (
     STUDY_ROOT_FIND,
     TRANSFER_SYNTAXES,
     Query,
-    date_range,
-    glob_pattern,
-    like_pattern,
     parse_request,
-    query_values,
-    time_matches,
 )
 from nnrouter.testing import peers
 from nnrouter.testing.synthetic import DXSpec, dx_dataset
@@ -45,34 +40,6 @@ PA = "272479007"
 
 
 # --- the pure parts: no network ----------------------------------------------
-
-
-def test_wildcards_become_escaped_patterns():
-    assert like_pattern("DOE*") == "DOE%"
-    assert like_pattern("D?E") == "D_E"
-    assert like_pattern("100%_a\\b*") == "100\\%\\_a\\\\b%"
-    assert glob_pattern("A[1]*") == "A[[]1]*"
-
-
-def test_query_values_and_ranges():
-    assert query_values(None) is None
-    assert query_values("") is None
-    assert query_values("*") is None  # a lone * is universal matching
-    assert query_values(["1.2", "", "1.3 "]) == ["1.2", "1.3"]
-    assert query_values(b"A\\B ") == ["A", "B"]
-    assert date_range("20240101-20240131") == ("20240101", "20240131")
-    assert date_range("20240101-") == ("20240101", None)
-    assert date_range("-20240101") == (None, "20240101")
-    assert date_range("2024.01.01") == ("20240101", "20240101")
-
-
-def test_time_ranges_cover_the_span_a_partial_time_names():
-    assert time_matches("1000-1200", "120059.5")
-    assert not time_matches("1000-1200", "130000")
-    assert time_matches("-0930", "093000")
-    assert time_matches("12", "124500")
-    assert not time_matches("0930-", "0929")
-    assert not time_matches("0930-", None)
 
 
 def _request(level: str, sop: str = STUDY_ROOT_FIND, **keys) -> Dataset:
@@ -205,7 +172,7 @@ def findscu(
         qf = out / "query.dcm"
         query.save_as(qf, implicit_vr=False, little_endian=True)
         args.append(str(qf))
-    res = subprocess.run(args, capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
+    res = subprocess.run(args, capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}, check=False)
     return [dcmread(f) for f in sorted(out.glob("rsp*.dcm"))], res
 
 

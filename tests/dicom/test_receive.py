@@ -87,7 +87,7 @@ def test_real_radiographs_arrive_as_sent(node_factory, database_url, storescp, t
         assert row.size_bytes == kept.stat().st_size
         assert row.state == "received"
         assert dcmread(kept, stop_before_pixels=True).file_meta.TransferSyntaxUID == row.transfer_syntax_uid
-    assert sorted(r.version for r in rows if r.sop_instance_uid == rows[0].sop_instance_uid)[0] == 1
+    assert min(r.version for r in rows if r.sop_instance_uid == rows[0].sop_instance_uid) == 1
     # Compressed files are kept in their own syntax: nothing was transcoded.
     kept_syntaxes = {(r.sop_instance_uid, r.transfer_syntax_uid) for r in rows}
     for f in files:
@@ -109,7 +109,7 @@ def test_echo_and_association_checks(node_factory):
     def echo(aet: str, aec: str = "NNROUTER") -> subprocess.CompletedProcess:
         return subprocess.run(
             ["echoscu", "-v", "-aet", aet, "-aec", aec, "127.0.0.1", str(node.port)],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True, text=True, timeout=30, check=False,
         )
 
     ok = echo("MODALITY1")
@@ -244,7 +244,7 @@ def test_refuses_to_start_behind_migrations(node_factory):
     node = node_factory()
     node.write_config()
     res = node.cli("serve", check=False)
-    assert res.returncode == 2
+    assert res.returncode == 3  # configuration or schema (nnrouter --help)
     assert "nnrouter db upgrade" in res.stderr
 
 
