@@ -1,17 +1,16 @@
 """Mismatch: the ordered-vs-performed check, run by the router against the store.
 
 The logic is ``orders.check``; this stage finds each study's orders (HL7 or
-worklist ones first, else what the images say), asks the worklist once per
-study (again later when it failed), knows which classes the model can
-recognise, and writes the flags. Completeness ("every ordered view is
-here") is answered from the store alone, so a study still in its quiet
-period costs no disk reads.
+worklist ones first, else what the images say), knows which classes the
+model can recognise, and writes the flags. It makes no network call: the
+worklist is asked by a stage of its own (``nnrouter.orders.worklist_poll``),
+and this check only reads what that stage kept, and whether it has asked
+yet (``worklist_pending``). Completeness ("every ordered view is here") is
+answered from the store alone, so a study still in its quiet period costs
+no disk reads.
 """
 
 from __future__ import annotations
-
-import time
-from dataclasses import replace
 
 from pydicom import dcmread
 
@@ -28,11 +27,15 @@ from nnrouter.core.store import (
 )
 from nnrouter.orders import order as orders
 from nnrouter.orders.procedures import ProcedureBook, load_procedures
+from nnrouter.orders.worklist_poll import (
+    WORKLIST_AGAIN_S,
+    WORKLIST_RETRY_S,
+    WORKLIST_WAIT_S,
+)
+
+__all__ = ["WORKLIST_AGAIN_S", "WORKLIST_RETRY_S", "WORKLIST_WAIT_S", "OrderCheck", "covered_classes", "seen"]
 
 log = logs.get("nnrouter.orders.mismatch")
-
-WORKLIST_RETRY_S = 60.0  # after a failed query
-WORKLIST_AGAIN_S = 300.0  # after an empty answer: the RIS may enter the order late
 
 
 def covered_classes(settings: Settings) -> set[str]:
@@ -83,8 +86,6 @@ class OrderCheck:
         self._book_file = None if path is None else yamlfile.Reloaded(
             path, load_procedures, self._record, "procedures", lambda b: {"procedures": len(b.spec.procedures)}, log)
         self.covered = covered_classes(settings)
-        self._worklist_next: dict[str, float] = {}  # study UID -> when to ask again
-        self._worklist_down_until = 0.0
         self._headers_read: dict[str, set[int]] = {}  # study UID -> instance ids whose orders are kept
 
     @property
@@ -107,50 +108,38 @@ class OrderCheck:
     # --- finding the orders ---
 
     def prepare(self, studies: list[Study], prune: bool = True) -> None:
-        """Before a tick looks at them: ask the worklist, and read each new instance's order, once.
+        """Before a tick looks at them: read each new instance's order, once, and keep it.
 
-        Runs outside any read session (the worklist is a network call) and
+        Runs outside any read session (it reads the instances' headers) and
         keeps what it finds at once, so the answer is there on later ticks.
+        The worklist is not asked here (see ``worklist_pending``).
         """
         if prune:  # forget studies that are no longer waiting (decided, or busy again)
             ready = {st.study_uid for st in studies}
-            self._worklist_next = {k: v for k, v in self._worklist_next.items() if k in ready}
             self._headers_read = {k: v for k, v in self._headers_read.items() if k in ready}
         for study in studies:
             try:
                 with self.store.read() as s:
-                    kept = orders.stored_for(s, study.accession_number, study.study_uid)
                     fresh = [(i.id, i.path) for i in current_instances(s, study.id)
                              if i.id not in self._headers_read.get(study.study_uid, set())]
-                if not any(o.source != orders.OrderSource.IMAGE for o in kept):
-                    self._ask_worklist(study)
                 if fresh:  # every image's request: the study is complete only against all of them
                     self.keep_image_orders([path for _, path in fresh])
                     self._headers_read.setdefault(study.study_uid, set()).update(i for i, _ in fresh)
             except Exception as exc:  # the check runs again when the study is due; routing goes on
                 log.error("orders_not_found", study_uid=study.study_uid, error=type(exc).__name__)
 
-    def _ask_worklist(self, study: Study) -> None:
-        wl = self.settings.orders.worklist
-        now = time.monotonic()
-        if (wl is None or not study.accession_number or self._worklist_down_until > now
-                or self._worklist_next.get(study.study_uid, 0.0) > now):
-            return
-        from nnrouter.dicom import worklist
+    def worklist_pending(self, s, study: Study) -> bool:  # type: ignore[no-untyped-def]
+        """The worklist stage is yet to ask about this study, and its answer could change the check.
 
-        try:
-            found = worklist.query(wl.host, wl.port, calling_ae=wl.calling_ae, called_ae=wl.ae_title,
-                                   accession_number=study.accession_number, timeout=wl.timeout_s)
-        except worklist.WorklistError as exc:
-            # One failure pauses the worklist for every study: a dead RIS must not cost a timeout per study per tick.
-            self._worklist_down_until = time.monotonic() + WORKLIST_RETRY_S
-            log.warning("worklist_failed", study_uid=study.study_uid, error=str(exc), retry_s=WORKLIST_RETRY_S)
-            return
-        self._worklist_next[study.study_uid] = time.monotonic() + (WORKLIST_AGAIN_S if not found else float("inf"))
-        with self.store.write() as s:
-            for o in found:
-                orders.save(s, o if o.study_uid else replace(o, study_uid=study.study_uid))
-        log.info("worklist_asked", study_uid=study.study_uid, orders=len(found))
+        True only with a worklist configured, for a study with an accession
+        number and no HL7 or worklist order kept: the worklist stage asks
+        about exactly those, and marks each as asked (also when the RIS is
+        down, so that nobody waits for a dead RIS).
+        """
+        if self.settings.orders.worklist is None or not study.accession_number or study.worklist_asked_at is not None:
+            return False
+        kept = orders.stored_for(s, study.accession_number, study.study_uid)
+        return not any(o.source != orders.OrderSource.IMAGE for o in kept)
 
     def keep_image_orders(self, paths: list[str]) -> None:
         """The orders written into these instances, kept (an update when already known)."""

@@ -5,8 +5,12 @@ a thread of its own that claims that destination's due rows from the store,
 sends them on its association (reused while there is work, released when
 idle) and records each outcome. Lanes never wait for one another, so a peer
 that hangs for its whole timeout delays only its own deliveries: the other
-destinations' sends and retries go on at their own pace. The router's tick
-only tells the forwarder which destinations the running rules name.
+destinations' sends and retries go on at their own pace.
+
+The forwarder is a stage of its own (``run_forwarder``): it meets the router
+only in the outbox, and reads the destinations from the rule file itself,
+reloaded when it changes (an invalid edit keeps the running destinations, as
+it keeps the router's rules; the router is the one that records each load).
 
 The instance goes out as it was received (the spool bytes, streamed) when
 the destination accepts its transfer syntax; when it does not, it is
@@ -58,11 +62,13 @@ from nnrouter.core.store import (
     Outbox,
     OutboxState,
     Store,
+    held_here,
     latest_predictions,
     unavailable,
     utcnow,
 )
 from nnrouter.dicom.send import MAX_CONTEXTS
+from nnrouter.dicom.statuses import stored
 from nnrouter.routing import rules
 from nnrouter.service import lifecycle
 
@@ -80,7 +86,7 @@ PERMANENT_STATUSES = {
 
 def ok_status(status: int) -> bool:
     # Success, or the warnings (coercion, elements discarded, data set does not match) that still mean stored.
-    return status == 0x0000 or status in (0x0001, 0x0107, 0x0116) or status & 0xF000 == 0xB000
+    return stored(status)  # pynetdicom's code_to_category: Success or Warning
 
 
 def permanent_status(status: int) -> bool:
@@ -393,6 +399,8 @@ class Forwarder:
         self.store = store
         self.batch = batch
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        # Deliveries of the instances whose file this node's spool holds (all of them on a shared spool).
+        self.node = None if settings.storage.shared else settings.node.name
         self.lanes: dict[str, Lane] = {}
         # pynetdicom streams a file's data set unchanged (no decode, no
         # re-encode) only in this mode. It is a pynetdicom-wide switch, set in
@@ -452,9 +460,14 @@ class Forwarder:
 
     # --- the queue ---
 
+    def _held(self):  # type: ignore[no-untyped-def]
+        """Rows whose instance's file is on this node: another node's would fail to open and be retried to death."""
+        return select(Instance.id).where(Instance.id == Outbox.instance_id, held_here(self.node)).exists()
+
     def _eligible(self, destination: str, now: dt.datetime):  # type: ignore[no-untyped-def]
         return and_(
             Outbox.destination == destination,
+            self._held(),
             or_(
                 and_(Outbox.state.in_([OutboxState.PENDING, OutboxState.FAILED]), Outbox.next_attempt_at <= now),
                 and_(Outbox.state == OutboxState.SENDING, Outbox.lease_until < now),
@@ -466,11 +479,12 @@ class Forwarder:
         with self.store.read() as s:
             waiting = s.execute(
                 select(func.min(Outbox.next_attempt_at))
-                .where(Outbox.destination == destination, Outbox.state.in_([OutboxState.PENDING, OutboxState.FAILED]))
+                .where(Outbox.destination == destination, Outbox.state.in_([OutboxState.PENDING, OutboxState.FAILED]),
+                       self._held())
             ).scalar()
             leased = s.execute(
                 select(func.min(Outbox.lease_until))
-                .where(Outbox.destination == destination, Outbox.state == OutboxState.SENDING)
+                .where(Outbox.destination == destination, Outbox.state == OutboxState.SENDING, self._held())
             ).scalar()
         times = [_utc(t) for t in (waiting, leased) if t is not None]
         if not times:
@@ -536,3 +550,81 @@ class Forwarder:
                 .values(state=state, claimed_by=None, lease_until=None, **values)
             )
         return state
+
+
+# --- the forwarder stage ---------------------------------------------------------
+
+
+class Destinations:
+    """The destinations of the rule file, reloaded when it changes; an invalid edit keeps the running ones.
+
+    The router loads the same file and records every load for `nnrouter
+    status`; this copy records nothing (one row per load, not two), and
+    checks region conditions against the same detector, so that both stages
+    accept and refuse the same edits.
+    """
+
+    def __init__(self, settings: Settings):
+        from functools import partial
+
+        from nnrouter.core import yamlfile
+
+        self.path = settings.routing.rules
+        detector = None if self.path is None else _detector_regions(settings)
+        self._file = None if self.path is None else yamlfile.Reloaded(
+            self.path, partial(rules.load_rules, detector=detector, calling_ae=settings.dicom.ae_title), lambda _ok, _digest, _errors: None,
+            "destinations", lambda r: {"destinations": len(r.destinations)}, log)
+
+    def current(self) -> rules.RuleSet | None:
+        """The rule set running now (None until a valid file was read)."""
+        if self._file is None:
+            return None
+        self._file.poll()
+        return self._file.value
+
+
+def _detector_regions(settings: Settings) -> rules.DetectorRegions | None:
+    """What the detector can find, as the router checks it; None (regions unchecked) when its card cannot be read."""
+    from nnrouter.pixels.modelcard import ModelCardError
+
+    try:
+        return rules.detector_regions(settings.models.detector)
+    except ModelCardError:  # the router says so in the log; the destinations do not depend on it
+        return None
+
+
+def run_forwarder(settings: Settings, stop=None, parent_pid: int | None = None) -> None:  # type: ignore[no-untyped-def]
+    """The forwarder process: keep a lane per association for each destination, every tick_s (APScheduler).
+
+    Started by ``serve`` when routing.rules is set (``parent_pid`` set), it
+    stops on SIGTERM and when that parent is gone: each lane finishes the
+    instance it is sending and puts back what it had not tried. A database
+    outage is logged once and waited out, by the tick as by each lane.
+    """
+    opened = lifecycle.open_stage(settings, "forwarder", stop, parent_pid)
+    if opened is None:
+        return
+    stop, store = opened
+    forwarder = None
+    try:
+        destinations = Destinations(settings)
+        forwarder = Forwarder(settings, store)
+        fwd = forwarder
+
+        def tick() -> None:
+            ruleset = destinations.current()
+            if ruleset is not None:
+                fwd.tick(ruleset)
+
+        ticker = lifecycle.Ticker("forwarder", [("forward", tick)], worker=forwarder.worker_id)
+        log.info("forwarder_started", rules=str(settings.routing.rules), worker=forwarder.worker_id)
+        lifecycle.tick_until_stopped(ticker, settings.routing.tick_s, stop)
+    finally:
+        if forwarder is not None:
+            forwarder.close()
+        store.dispose()
+
+
+def spawn_forwarder(settings: Settings, name: str = "nnrouter-forwarder"):  # type: ignore[no-untyped-def]
+    """The forwarder as a child process of ``serve``: it stops on SIGTERM and dies with its parent."""
+    return lifecycle.spawn_stage("nnrouter.routing.forward:run_forwarder", name, settings=settings)

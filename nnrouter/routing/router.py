@@ -6,6 +6,12 @@ why, which deliveries) is written with the outbox rows in one transaction, so
 a crash either leaves the study undecided or fully queued. Instances that
 arrive after the decision follow it. The rule file is reloaded when it
 changes; a file that fails validation never replaces the running rules.
+
+The router only decides and writes: it sends nothing (the forwarder, a
+stage of its own in ``nnrouter.routing.forward``, reads the outbox rows) and
+asks no one over the network (the worklist stage keeps the RIS's orders in
+the store; a study whose worklist answer is still to come waits for it, at
+most ``WORKLIST_WAIT_S`` past its quiet period).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from nnrouter.core.store import (
     latest_predictions,
     utcnow,
 )
-from nnrouter.orders.mismatch import OrderCheck
+from nnrouter.orders.mismatch import WORKLIST_WAIT_S, OrderCheck
 from nnrouter.routing import rules
 
 log = logs.get("nnrouter.routing.router")
@@ -73,7 +79,7 @@ def header_facts(path: str) -> dict[str, Any]:
 
 def _utc(ts: dt.datetime) -> dt.datetime:
     """SQLite hands back naive datetimes; they were written in UTC."""
-    return ts if ts.tzinfo else ts.replace(tzinfo=dt.timezone.utc)
+    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
 
 
 def _detector_regions(settings: Settings) -> rules.DetectorRegions | None:
@@ -105,7 +111,7 @@ class Router:
         # Region conditions are checked against the configured detector: one it cannot answer never fires.
         detector = None if self.path is None else _detector_regions(settings)
         self._rules_file = None if self.path is None else yamlfile.Reloaded(
-            self.path, partial(rules.load_rules, detector=detector), self._record, "rules",
+            self.path, partial(rules.load_rules, detector=detector, calling_ae=settings.dicom.ae_title), self._record, "rules",
             lambda r: {"rules": len(r.rules), "destinations": len(r.destinations)}, log)
         self.order_check = OrderCheck(settings, store)
 
@@ -128,7 +134,7 @@ class Router:
     def quiet_s(self, calling_aes: set[str]) -> float:
         st = self.loaded.ruleset.settings if self.loaded else None
         if st is None:
-            return 30.0
+            return rules.RouteSettings.model_validate({}).quiet_s  # no rules yet: the rule files' default quiet period
         per_ae = [st.quiet_s_by_calling_ae[a] for a in calling_aes if a in st.quiet_s_by_calling_ae]
         return max(per_ae) if per_ae else st.quiet_s
 
@@ -193,9 +199,17 @@ class Router:
             for study in ready:
                 calling = {i for i in s.execute(
                     select(Instance.calling_ae).join(Series).where(Series.study_id == study.id)).scalars() if i}
-                last = _utc(study.last_received_at)
+                waited = (now - _utc(study.last_received_at)).total_seconds()
+                quiet = self.quiet_s(calling)
+                if self.order_check.worklist_pending(s, study):
+                    # Its order may yet come from the worklist stage: checked now, the study would be checked
+                    # against the wrong orders (or none) and perhaps sent early as complete.
+                    if waited < quiet + WORKLIST_WAIT_S:
+                        continue
+                    log.warning("worklist_not_asked", study_uid=study.study_uid, waited_s=round(waited))
+                    due.append(study)
                 # Every ordered view is here: no reason to wait out the quiet period.
-                if (now - last).total_seconds() >= self.quiet_s(calling) or self.order_check.complete(s, study):
+                elif waited >= quiet or self.order_check.complete(s, study):
                     due.append(study)
         for study in due:
             try:
@@ -253,8 +267,8 @@ class Router:
         """The study's Comprehensive SR, kept in the spool and the store like a received instance."""
         from pydicom.uid import generate_uid
 
+        from nnrouter.core import ingest
         from nnrouter.core.spool import Spool
-        from nnrouter.dicom.receive import Receiver
         from nnrouter.results import report
 
         with self.store.read() as s:
@@ -268,8 +282,8 @@ class Router:
             instance_uid=generate_uid(entropy_srcs=[study.study_uid, "nnrouter SR", self.loaded.digest if self.loaded else ""]),
             now=when,
         )
-        kept = Receiver(self.settings, self.store, Spool(self.settings.storage.path)).keep_created(
-            sr, self.settings.dicom.ae_title)
+        kept = ingest.keep(self.store, Spool(self.settings.storage.path), sr, self.settings.dicom.ae_title,
+                           node=self.settings.node.name)
         log.info("report_made", study_uid=str(sr.StudyInstanceUID), sop_instance_uid=str(sr.SOPInstanceUID),
                  images=len(findings.images), flags=len(findings.flags), duplicate=kept.duplicate)
         return str(sr.SOPInstanceUID)
@@ -377,65 +391,26 @@ def study_findings(s, study_id: int):  # type: ignore[no-untyped-def]
 
 
 def run_router(settings: Settings, stop=None, parent_pid: int | None = None) -> None:  # type: ignore[no-untyped-def]
-    """The router process: decide complete studies, then deliver, every tick_s (APScheduler).
+    """The router process: decide complete studies and queue their deliveries, every tick_s (APScheduler).
 
     Started by ``serve`` (``parent_pid`` set), it stops on SIGTERM and when
     that parent is gone. A database outage is logged once and waited out:
-    ticks are skipped with backoff until the database answers again.
+    ticks are skipped with backoff until the database answers again. It
+    sends nothing: the forwarder (``nnrouter.routing.forward.run_forwarder``)
+    delivers the outbox rows it writes.
     """
-    import time
-
-    from apscheduler.schedulers.background import BackgroundScheduler
-
-    from nnrouter.core.store import unavailable
-    from nnrouter.routing.forward import Forwarder
     from nnrouter.service import lifecycle
 
     opened = lifecycle.open_stage(settings, "router", stop, parent_pid)
     if opened is None:
         return
     stop, store = opened
-    router = Router(settings, store)
-    forwarder = Forwarder(settings, store)
-    outage = lifecycle.Outage("router", worker=forwarder.worker_id)
-    retry_at = [0.0]
-
-    def tick() -> None:
-        if outage.down and time.monotonic() < retry_at[0]:
-            return
-        down: str | None = None
-        # Deciding and delivering fail apart: a study that cannot be decided must not stop deliveries.
-        # Exception types only: messages may quote patient data.
-        try:
-            router.tick()
-        except Exception as exc:
-            down = unavailable(exc)
-            if down is None:
-                log.error("route_tick_failed", error=type(exc).__name__)
-                log.debug("route_tick_failed_detail", exc_info=True)
-        try:
-            if router.loaded is not None and down is None:
-                forwarder.tick(router.loaded.ruleset)
-        except Exception as exc:
-            down = unavailable(exc)
-            if down is None:
-                log.error("forward_tick_failed", error=type(exc).__name__)
-                log.debug("forward_tick_failed_detail", exc_info=True)
-        if down is not None:
-            retry_at[0] = time.monotonic() + outage.failed(down)
-        else:
-            outage.over()
-
-    sched = BackgroundScheduler(timezone="UTC")
-    sched.add_job(tick, "interval", seconds=settings.routing.tick_s, max_instances=1, coalesce=True,
-                  next_run_time=dt.datetime.now(dt.timezone.utc))
-    sched.start()
-    log.info("router_started", rules=str(settings.routing.rules), worker=forwarder.worker_id)
     try:
-        stop.wait()
+        router = Router(settings, store)
+        ticker = lifecycle.Ticker("router", [("route", router.tick)])
+        log.info("router_started", rules=str(settings.routing.rules))
+        lifecycle.tick_until_stopped(ticker, settings.routing.tick_s, stop)
     finally:
-        sched.shutdown(wait=True)
-        forwarder.close()
         store.dispose()
 
 

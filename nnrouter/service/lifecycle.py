@@ -1,6 +1,6 @@
 """How a stage process stops: on a signal, or when the process that started it is gone.
 
-``nnrouter serve`` starts workers and a router as child processes. Two things
+``nnrouter serve`` starts its stages (workers, router, forwarder, ...) as child processes. Two things
 must hold whatever happens to the parent:
 
 - A child stops when its parent dies, even by ``kill -9``: otherwise it lives
@@ -219,6 +219,59 @@ def wait_for_database(call: Callable[[], object], stop: Stop | None, stage: str)
         outage.over()
         return True
     return False
+
+
+class Ticker:
+    """A stage's tick as its scheduler runs it: one or more parts, in order, that fail apart.
+
+    A part that fails for a database outage ends the tick; the outage is
+    logged once (``Outage``) and later ticks are skipped with its backoff
+    until one gets through. Any other failure is logged by exception type only
+    (messages from DICOM libraries quote patient data) as
+    ``<part>_tick_failed``, and the next part and the next tick go on.
+    """
+
+    def __init__(self, stage: str, parts: list[tuple[str, Callable[[], object]]], **context: object) -> None:
+        self.parts = parts
+        self.outage = Outage(stage, **context)
+        self._retry_at = 0.0
+
+    def __call__(self) -> None:
+        from nnrouter.core.store import unavailable
+
+        if self.outage.down and time.monotonic() < self._retry_at:
+            return
+        for name, part in self.parts:
+            try:
+                part()
+            except Exception as exc:
+                down = unavailable(exc)
+                if down is not None:
+                    self._retry_at = time.monotonic() + self.outage.failed(down)
+                    return
+                log.error(f"{name}_tick_failed", error=type(exc).__name__)
+                log.debug(f"{name}_tick_failed_detail", exc_info=True)
+        self.outage.over()
+
+
+def tick_until_stopped(tick: Callable[[], object], every_s: float, stop: Stop) -> None:
+    """Run ``tick`` now and every ``every_s`` (APScheduler) until ``stop`` is set; a tick under way finishes first.
+
+    Ticks never overlap: one that runs long delays the next, which then runs
+    once (coalesced), not once per interval missed.
+    """
+    import datetime as dt
+
+    from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
+
+    sched = BackgroundScheduler(timezone="UTC")
+    sched.add_job(tick, "interval", seconds=every_s, max_instances=1, coalesce=True,
+                  next_run_time=dt.datetime.now(dt.UTC))
+    sched.start()
+    try:
+        stop.wait()
+    finally:
+        sched.shutdown(wait=True)
 
 
 def open_stage(settings: Settings, stage: str, stop: Stop | None, parent_pid: int | None) -> tuple[Stop, Store] | None:
