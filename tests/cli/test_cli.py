@@ -18,7 +18,7 @@ pytestmark = needs("storescp", "storescu")
 
 
 def nnrouter(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nnrouter", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "nnrouter", *args], check=False, capture_output=True, text=True, timeout=120)
 
 
 def test_echo(storescp):
@@ -26,6 +26,15 @@ def test_echo(storescp):
     assert ok.returncode == 0 and "status 0x0000" in ok.stdout
     closed = nnrouter("echo", "127.0.0.1", str(peers.free_port()), "--aec", "NOBODY")
     assert closed.returncode == 1 and "echo failed" in closed.stderr
+
+    # --json: the same answers, one document on stdout.
+    ok = nnrouter("echo", "127.0.0.1", str(storescp.port), "--aec", storescp.aet, "--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout) == {
+        "host": "127.0.0.1", "port": storescp.port, "calling_ae": "NNROUTER_SCU", "called_ae": storescp.aet,
+        "ok": True, "status": 0, "error": None}
+    closed = nnrouter("echo", "127.0.0.1", str(peers.free_port()), "--aec", "NOBODY", "--json")
+    answer = json.loads(closed.stdout)
+    assert closed.returncode == 1 and answer["ok"] is False and answer["status"] is None and answer["error"]
 
 
 def test_send_files_and_folders_on_one_association(storescp, tmp_path):
@@ -51,6 +60,13 @@ def test_send_reports_unreadable_files(storescp, tmp_path):
     res = nnrouter("send", "127.0.0.1", str(storescp.port), str(junk), str(good), "--aec", storescp.aet)
     assert res.returncode == 1
     assert "not sent" in res.stdout and "1 sent, 1 failed" in res.stdout
+
+    res = nnrouter("send", "127.0.0.1", str(storescp.port), str(junk), str(good), "--aec", storescp.aet, "--json")
+    out = json.loads(res.stdout)
+    assert res.returncode == 1 and (out["sent"], out["failed"], out["error"]) == (1, 1, None)
+    by_path = {f["path"]: f for f in out["files"]}
+    assert by_path[str(junk)]["ok"] is False and by_path[str(junk)]["status"] is None
+    assert by_path[str(good)] == {"path": str(good), "ok": True, "status": 0, "comment": None}
 
 
 def test_status_and_study_show(node_factory, tmp_path):

@@ -1,0 +1,5 @@
+import sys
+
+from nnrouter.cli import main
+
+sys.exit(main())
