@@ -9,9 +9,10 @@ node, so we load once into plain data and keep a map from field path to line.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -60,25 +61,65 @@ def _walk(node: yaml.Node, path: tuple[Any, ...], out: Positions) -> None:
             _walk(item, path + (i,), out)
 
 
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+def _duplicates(loader: yaml.SafeLoader, node: yaml.Node, path: tuple[Any, ...], file: str) -> list[Problem]:
+    """Keys given twice in one mapping, at any depth.
+
+    PyYAML keeps the last silently, so an admin who pasted a second
+    ``destinations:`` block gets the file half of them wrote, with no word.
+    Keys compare as YAML reads them (``1`` and ``01`` are one key); a ``<<``
+    merge may still be overridden, that is what it is for.
+    """
+    found: list[Problem] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[Any, yaml.Node] = {}
+        for key, value in node.value:
+            if key.tag == _MERGE:
+                continue
+            try:
+                seen = first.setdefault(loader.construct_object(key, deep=True), key)
+            except (TypeError, yaml.YAMLError):  # a key that cannot be a dict key: the constructor says so later
+                seen = key
+            name = getattr(key, "value", "?")
+            if seen is not key:
+                found.append(Problem(file, key.start_mark.line + 1, key.start_mark.column + 1,
+                                     field_path(path + (name,)),
+                                     f"duplicate key {name!r} (first at line {seen.start_mark.line + 1})"))
+            found += _duplicates(loader, value, path + (name,), file)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found += _duplicates(loader, item, path + (i,), file)
+    return found
+
+
 def load(path: Path) -> tuple[Any, Positions]:
-    """Read a YAML file into plain data plus the position of every field."""
+    """Read a YAML file into plain data plus the position of every field; a key given twice is a problem."""
     name = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise FileProblems([Problem(name, None, None, "", f"cannot read file: {exc.strerror}")]) from exc
+    loader = yaml.SafeLoader(text)
+    positions: Positions = {}
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is not None:
+            # Before constructing: it folds `<<` merges into the mapping, and those may repeat a key.
+            duplicates = _duplicates(loader, node, (), name)
+            if duplicates:
+                raise FileProblems(duplicates)
+            _walk(node, (), positions)
+        data = None if node is None else loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
         col = mark.column + 1 if mark else None
         reason = getattr(exc, "problem", None) or str(exc)
         raise FileProblems([Problem(name, line, col, "", f"not valid YAML: {reason}")]) from exc
-    positions: Positions = {}
-    if node is not None:
-        _walk(node, (), positions)
+    finally:
+        loader.dispose()
     return ({} if data is None else data), positions
 
 

@@ -46,7 +46,7 @@ from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from nnrouter.core import logs
+from nnrouter.core import config, logs
 
 if TYPE_CHECKING:
     from pynetdicom import AE
@@ -75,12 +75,12 @@ ABORT_SEND_S = 1.0
 class Limits:
     """What a connection may do, from the ``dicom`` settings."""
 
-    first_pdu_timeout_s: float = 10.0
-    pdu_timeout_s: float = 30.0
-    max_associate_pdu: int = 65536
-    max_pdata_pdu: int | None = 131072 + PDATA_SLACK  # None: no limit (dicom.max_pdu 0)
-    max_connections_per_host: int = 8  # 0: no cap
-    max_pending_connections: int = 32
+    first_pdu_timeout_s: float = config.Dicom.model_fields["first_pdu_timeout_s"].default
+    pdu_timeout_s: float = config.Dicom.model_fields["pdu_timeout_s"].default
+    max_associate_pdu: int = config.Dicom.model_fields["max_associate_pdu"].default
+    max_pdata_pdu: int | None = config.Dicom.model_fields["max_pdu"].default + PDATA_SLACK  # None: no limit (dicom.max_pdu 0)
+    max_connections_per_host: int = config.Dicom.model_fields["max_connections_per_host"].default  # 0: no cap
+    max_pending_connections: int = config.Dicom.model_fields["max_pending_connections"].default
 
     @classmethod
     def from_settings(cls, d: Dicom) -> Limits:

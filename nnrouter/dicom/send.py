@@ -7,9 +7,9 @@ out as they are on disk.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -43,8 +43,20 @@ def expand(paths: Iterable[Path]) -> list[Path]:
     return files
 
 
-def echo(host: str, port: int, aet: str, aec: str, timeout: float = 30) -> int:
-    """C-ECHO; returns the status (0 = the peer is there and talks DICOM)."""
+def _destination_timeout() -> float:
+    """A rule file destination's default ``timeout_s``: a link tested by hand waits as the forwarder would.
+
+    Read from the rules model, its one home, rather than written here again;
+    imported late because the routing wing builds on this module (MAX_CONTEXTS).
+    """
+    from nnrouter.routing.rules import Destination
+
+    return float(Destination.model_fields["timeout_s"].default)
+
+
+def echo(host: str, port: int, aet: str, aec: str, timeout: float | None = None) -> int:
+    """C-ECHO; returns the status (0 = the peer is there and talks DICOM). ``timeout`` None: a destination's default."""
+    timeout = _destination_timeout() if timeout is None else timeout
     ae = AE(ae_title=aet)
     ae.acse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)
@@ -78,15 +90,16 @@ def _read_header(path: Path):  # type: ignore[no-untyped-def]
     return str(sop_class), (str(ts) if ts else None)
 
 
-def send(host: str, port: int, files: list[Path], aet: str, aec: str, timeout: float = 60) -> list[Outcome]:
-    """Store every file on one association; returns one outcome per file."""
+def send(host: str, port: int, files: list[Path], aet: str, aec: str, timeout: float | None = None) -> list[Outcome]:
+    """Store every file on one association; returns one outcome per file. ``timeout`` None: a destination's default."""
+    timeout = _destination_timeout() if timeout is None else timeout
     outcomes: list[Outcome] = []
     readable: list[tuple[Path, str, str | None]] = []
     for f in files:
         try:
             sop_class, ts = _read_header(f)
             readable.append((f, sop_class, ts))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a file that is no DICOM; said per file
             outcomes.append(Outcome(f, None, None, f"not a DICOM file: {exc}"))
     contexts: dict[str, list[str]] = {}
     for _, sop_class, ts in readable:

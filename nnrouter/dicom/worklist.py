@@ -15,15 +15,14 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
 from nnrouter.core import logs
-from nnrouter.dicom.query import has_wildcard
+from nnrouter.dicom.matching import has_wildcard
+from nnrouter.dicom.statuses import STATUS_SUCCESS, category, pending
 from nnrouter.orders.laterality import laterality_from_text
 from nnrouter.orders.order import Order, OrderSource, codes_of, text_of
 
 __all__ = ["WorklistError", "query"]
 
 log = logs.get("nnrouter.dicom.worklist")
-
-_PENDING = (0xFF00, 0xFF01)
 
 
 class WorklistError(Exception):
@@ -38,7 +37,7 @@ def query(
     called_ae: str,
     accession_number: str | None = None,
     study_uid: str | None = None,
-    timeout: float = 30,
+    timeout: float,  # orders.worklist.timeout_s: its one default lives there
 ) -> list[Order]:
     """The orders the worklist SCP holds for an accession number and/or Study Instance UID.
 
@@ -70,10 +69,10 @@ def query(
             if "Status" not in status:
                 raise WorklistError(f"worklist {peer}: no response to C-FIND (timeout or abort)")
             code = int(status.Status)
-            if code in _PENDING:
+            if pending(code):
                 if identifier is not None:
                     found.append(identifier)
-            elif code != 0x0000:
+            elif category(code) != STATUS_SUCCESS:
                 comment = status.get("ErrorComment", "")
                 raise WorklistError(f"worklist {peer}: C-FIND failed with status 0x{code:04X}"
                                     + (f" ({comment})" if comment else ""))

@@ -24,9 +24,12 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any, Self
+
+import hl7 as hl7v2  # type: ignore[import-untyped]  # python-hl7 ships no type information
 
 from nnrouter.core import logs
 from nnrouter.core.codes import Code
@@ -40,7 +43,9 @@ log = logs.get("nnrouter.orders.hl7")
 
 START = b"\x0b"  # VT
 END = b"\x1c"  # FS, followed by CR on the wire
-MAX_MESSAGE = 1 << 20  # bytes; an order is a few KiB, anything near this is not one
+# The orders.hl7 section's defaults, which are also those of a listener or client made without it: one home.
+_DEFAULTS = Hl7.model_validate({})
+MAX_MESSAGE = _DEFAULTS.max_message_bytes  # bytes; an order is a few KiB, anything near this is not one
 
 SUPPORTED = frozenset({("ORM", "O01"), ("OMI", "O23")})
 
@@ -68,7 +73,8 @@ _CHARSETS = {
 # are mapped; "RAD" or "RX" could be CR or DX and give no modality rather
 # than a wrong one the mismatch check would trip on.
 _DICOM_MODALITIES = frozenset(
-    "CR DX CT MR US NM PT XA RF MG IO PX OT ES XC OP SM BMD DG IVUS OCT".split()
+    ["CR", "DX", "CT", "MR", "US", "NM", "PT", "XA", "RF", "MG", "IO", "PX", "OT", "ES", "XC", "OP", "SM", "BMD",
+     "DG", "IVUS", "OCT"]
 )
 _SECTIONS = {"NMR": "MR", "NMS": "NM", "VUS": "US", "OUS": "US", "CUS": "US"}
 
@@ -93,10 +99,22 @@ class HL7Error(Exception):
 
 
 # --- reading ------------------------------------------------------------------
+#
+# python-hl7 splits the message into segments, fields, repetitions, components
+# and subcomponents, and escapes the ACK's texts. What it does not do is kept
+# here: checking the separators MSH-1/MSH-2 declare (it takes any), the
+# character set of MSH-18 (it takes one codec from the caller), and reading
+# escape sequences. Its unescape drops what it does not know ("\Left" with no
+# closing escape, a \Z..\ of the sender's own) and so loses text such as a
+# side; it fails on "\.sp x\"; and it logs the field it could not read, which
+# may hold the patient's name, to a logger nnrouter's log receives. Ours
+# keeps what it does not know as sent.
 
 
 @dataclass(frozen=True)
 class _Encoding:
+    """The separators a message declares; "" for one it does not (then nothing splits on it)."""
+
     field: str = "|"
     component: str = "^"
     repetition: str = "~"
@@ -114,6 +132,21 @@ class _Encoding:
         if not chars or len(set(used)) != len(used) or any(c.isalnum() or c.isspace() for c in used):
             raise HL7Error("AR", "MSH-1/MSH-2 declare unusable separators", "102")
         return enc
+
+    def _complete(self, text: str, escape: str | None = None) -> tuple[str, str, str, str]:
+        """Component, repetition, escape, subcomponent for python-hl7, which assumes HL7's default for any not declared.
+
+        A character found nowhere in ``text`` stands in for each undeclared
+        one, so that, as the sender meant, nothing splits on it.
+        """
+        spare = (c for c in map(chr, range(0xE000, 0xF900)) if c not in text)  # Unicode private use
+        return (self.component or next(spare), self.repetition or next(spare),
+                (escape if escape is not None else self.escape) or next(spare), self.subcomponent or next(spare))
+
+    def header(self, msh: str, text: str) -> str:
+        """The MSH line of ``text`` with every separator declared (stand-ins from ``_complete``), for python-hl7 to split on."""
+        rest = msh[4:].split(self.field, 1)
+        return "MSH" + self.field + "".join(self._complete(text)) + self.field + (rest[1] if len(rest) > 1 else "")
 
     def unescape(self, value: str) -> str:
         e = self.escape
@@ -151,50 +184,65 @@ class _Encoding:
         return self.escape + seq + self.escape  # unknown: as sent
 
     def escaped(self, text: str) -> str:
-        """Text made safe to put in a field: separators escaped, line breaks as \\.br\\."""
-        e = self.escape or "\\"
-        table = {e: f"{e}E{e}", self.field: f"{e}F{e}", self.component: f"{e}S{e}",
-                 "\r": f"{e}.br{e}", "\n": f"{e}.br{e}"}
-        if self.repetition:
-            table[self.repetition] = f"{e}R{e}"
-        if self.subcomponent:
-            table[self.subcomponent] = f"{e}T{e}"
-        return "".join(table.get(c, c) for c in text)
+        """Text made safe to put in a field of the ACK, by python-hl7: separators escaped, line breaks as \\.br\\.
+
+        Before it sees the text, line ends become CR and other control
+        characters blanks (it would write LF or TAB as a malformed \\X 9\\).
+        Characters outside ASCII are kept as they are: python-hl7 writes the
+        code point as \\Xhh\\, a byte, wrong in a UTF-8 message; the ACK goes
+        back in the message's own character set, which carries them.
+        """
+        clean = "".join(c if c >= " " or c == "\r" else " " for c in re.sub(r"\r\n|\n", "\r", text))
+        comp, rep, esc, sub = self._complete(clean, escape=self.escape or "\\")
+        container = hl7v2.Message(separators="\r" + self.field + rep + comp + sub, esc=esc)
+        return "".join(part if len(part) == 1 and part > "~" else container.escape(part)
+                       for part in re.split(r"([^\r -~])", clean) if part)
 
 
 @dataclass
 class _Segment:
     name: str
-    fields: list[str]  # fields[n] is SEG-n, raw (escaped); for MSH fields[1] is MSH-1
+    tree: Any  # a python-hl7 Segment: tree[n] is SEG-n (for MSH, tree[1] is MSH-1, the field separator itself)
     enc: _Encoding
 
-    def repetitions(self, n: int) -> list[str]:
-        raw = self.fields[n] if n < len(self.fields) else ""
-        return raw.split(self.enc.repetition) if self.enc.repetition else [raw]
+    def raw(self, n: int) -> str:
+        """Field ``n`` as the sender wrote it (escapes and components kept); "" when absent."""
+        return str(self.tree[n]) if 0 < n < len(self.tree) else ""
+
+    def repetitions(self, n: int) -> int:
+        return len(self.tree[n]) if 0 < n < len(self.tree) else 1
+
+    def _leaf(self, n: int, rep: int, component: int, sub: int) -> str:
+        """One leaf as sent. python-hl7 nests only as deep as the separators found: "A" is a bare string, "A^B" has components."""
+        if not 0 < n < len(self.tree):
+            return ""
+        node: Any = self.tree[n]
+        path = (rep, component - 1, sub - 1)
+        for depth, i in enumerate(path):
+            if isinstance(node, str):  # the value ends here: only the first of each deeper level is it
+                return node if not any(path[depth:]) else ""
+            if i >= len(node):
+                return ""
+            node = node[i]
+        return str(node)
 
     def value(self, n: int, component: int = 1, sub: int = 1, rep: int = 0) -> str:
         """One leaf value, unescaped; "" when absent. HL7's null ("") reads as absent."""
-        reps = self.repetitions(n)
-        if rep >= len(reps):
-            return ""
-        comps = reps[rep].split(self.enc.component)
-        if component > len(comps):
-            return ""
-        subs = comps[component - 1].split(self.enc.subcomponent) if self.enc.subcomponent else [comps[component - 1]]
-        if sub > len(subs):
-            return ""
-        v = _text(self.enc.unescape(subs[sub - 1]))
+        v = _text(self.enc.unescape(self._leaf(n, rep, component, sub)))
         return "" if v == '""' else v
 
     def leaves(self, n: int) -> list[str]:
         """Every non-empty leaf value of a field, all repetitions and components."""
-        out = []
-        for rep in self.repetitions(n):
-            for comp in rep.split(self.enc.component):
-                for sub in comp.split(self.enc.subcomponent) if self.enc.subcomponent else [comp]:
-                    v = _text(self.enc.unescape(sub))
-                    if v and v != '""':
-                        out.append(v)
+        out: list[str] = []
+        todo: list[Any] = [self.tree[n]] if 0 < n < len(self.tree) else []
+        while todo:
+            node = todo.pop(0)
+            if isinstance(node, str):
+                v = _text(self.enc.unescape(node))
+                if v and v != '""':
+                    out.append(v)
+            else:
+                todo[:0] = list(node)
         return out
 
 
@@ -236,15 +284,10 @@ class _Message:
         lines = [line for line in re.split(r"\r\n|\r|\n", text) if line.strip()]
         if not lines or not lines[0].lstrip().startswith("MSH"):
             raise HL7Error("AR", "no MSH segment at the start of the message", "100")
-        lines[0] = lines[0].lstrip()
-        enc = _Encoding.from_msh(lines[0])
-        segments = []
-        for i, line in enumerate(lines):
-            parts = line.split(enc.field)
-            if i == 0:
-                parts = ["MSH", enc.field, *parts[1:]]
-            segments.append(_Segment(parts[0].strip().upper(), parts, enc))
-        return cls(enc, segments, codec)
+        enc = _Encoding.from_msh(lines[0].lstrip())
+        lines[0] = enc.header(lines[0].lstrip(), text)
+        tree = hl7v2.parse("\r".join(lines))
+        return cls(enc, [_Segment(str(seg[0]).strip().upper(), seg, enc) for seg in tree], codec)
 
 
 def _decode(message: bytes | str) -> tuple[str, str]:
@@ -371,18 +414,18 @@ def _patient(pid: _Segment | None) -> tuple[str | None, str | None]:
     """PID-3 and PID-5, the name in DICOM PN component order so it compares with the images'."""
     if pid is None:
         return None, None
-    ids = [(pid.value(3, 1, rep=r), pid.value(3, 5, rep=r).upper()) for r in range(len(pid.repetitions(3)))]
+    ids = [(pid.value(3, 1, rep=r), pid.value(3, 5, rep=r).upper()) for r in range(pid.repetitions(3))]
     # PID-3 repeats (MRN, national ID, ...); the medical record number is the one images carry.
     patient_id = next((i for i, kind in ids if i and kind in ("MR", "PI")), None) or next((i for i, _ in ids if i), None)
     # XPN: family^given^middle^suffix^prefix; DICOM PN: family^given^middle^prefix^suffix.
     family, given, middle, suffix, prefix = (pid.value(5, c) for c in range(1, 6))
-    name = "^".join((family, given, middle, prefix, suffix)).rstrip("^")
+    name = f"{family}^{given}^{middle}^{prefix}^{suffix}".rstrip("^")
     return patient_id, name or None
 
 
 def _modifier_side(obr: _Segment) -> str | None:
     """Laterality from OBR-15 (specimen source: body site modifier) or OBR-46 (supplemental service info)."""
-    for code in [obr.value(15, 5, 1)] + [obr.value(46, 1, rep=r) for r in range(len(obr.repetitions(46)))]:
+    for code in [obr.value(15, 5, 1)] + [obr.value(46, 1, rep=r) for r in range(obr.repetitions(46))]:
         if code.upper() in _SITE_MODIFIERS:
             return code.upper()
     return laterality_from_text(" ".join(obr.leaves(15) + obr.leaves(46)))
@@ -419,7 +462,7 @@ def _ack(msg: _Message | None, code: str, text: str, condition: str | None) -> b
     fs, cs, ss = enc.field, enc.component, enc.subcomponent or enc.component
 
     def raw(n: int) -> str:  # a field as the sender wrote it (escapes and components kept)
-        return msg.msh.fields[n] if msg and n < len(msg.msh.fields) else ""
+        return msg.msh.raw(n) if msg else ""
 
     version = raw(12) or "2.5"
     trigger = msg.type[1] if msg else ""
@@ -474,13 +517,13 @@ class Limits:
     # Addresses, networks (10.1.2.0/24) or host names (resolved once, at
     # start); empty: loopback only, so a listener nobody configured takes
     # orders from this machine alone.
-    allowed_hosts: tuple[str, ...] = ()
-    max_connections: int = 20
-    max_connections_per_host: int = 4
+    allowed_hosts: tuple[str, ...] = tuple(_DEFAULTS.allowed_hosts)
+    max_connections: int = _DEFAULTS.max_connections
+    max_connections_per_host: int = _DEFAULTS.max_connections_per_host
     # From connect, or from the last answered message, to the next message's first byte.
-    idle_timeout_s: float = 300.0
+    idle_timeout_s: float = _DEFAULTS.idle_timeout_s
     # From a message's first byte to its end block; also for the peer to take our ACK.
-    message_timeout_s: float = 30.0
+    message_timeout_s: float = _DEFAULTS.message_timeout_s
     max_message: int = MAX_MESSAGE
 
     @classmethod
@@ -660,7 +703,7 @@ class MLLPServer:
     def port(self) -> int:
         return self._server.server_address[1] if self._server else self._port
 
-    def start(self) -> MLLPServer:
+    def start(self) -> Self:
         self.allowed = _Allowed(self.limits.allowed_hosts)
         for name in self.allowed.unresolved:
             log.warning("mllp_allowed_host_unresolved", host=name, reason="cannot resolve the name; it is not allowed")
@@ -691,7 +734,7 @@ class MLLPServer:
             self._thread.join(10)
         log.info("mllp_stopped", port=server.server_address[1])
 
-    def __enter__(self) -> MLLPServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -40,7 +40,7 @@ from pydantic import (
 from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 
 from nnrouter.core import codes, yamlfile
-from nnrouter.core.config import valid_ae_title
+from nnrouter.core.config import Dicom, valid_ae_title
 from nnrouter.orders.order import FlagKind
 
 __all__ = [
@@ -59,6 +59,8 @@ UNTESTABLE_VRS = {"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"}
 _INT_VRS = {"US", "SS", "UL", "SL", "UV", "SV"}
 _FLOAT_VRS = {"FL", "FD"}
 _SKIP_CONTEXT = "located_cross_checks"
+# Validation context: our AE title (the config's dicom.ae_title), for destinations that do not name one.
+_CALLING_AE_CONTEXT = "calling_ae"
 
 
 class _Model(BaseModel):
@@ -81,9 +83,9 @@ Names = Annotated[list[str], BeforeValidator(_listify), WithJsonSchema(_STR_OR_L
 def _scalar(value: Any) -> str | int | float:
     # YAML 1.1 reads yes/no/on/off as booleans: `equals: NO` (Norway) would compare against False.
     if isinstance(value, bool):
-        raise ValueError("YAML read this as true/false; put the value in quotes")
+        raise ValueError("YAML read this as true/false; put the value in quotes")  # noqa: TRY004 - pydantic reports ValueError only
     if not isinstance(value, (str, int, float)):
-        raise ValueError("expected a string or a number")
+        raise ValueError("expected a string or a number")  # noqa: TRY004 - pydantic reports ValueError only
     return value
 
 
@@ -239,7 +241,9 @@ class Destination(_Model):
     ae_title: str
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
-    calling_ae: str = "NNROUTER"
+    # validate_default: an omitted calling_ae is filled in (_our_title) before it is checked.
+    calling_ae: str = Field(None, validate_default=True, description="who we say we are to this peer; "
+                            "default: our own AE title, dicom.ae_title of the configuration")
     tls: Tls = Tls()
     max_associations: int = Field(1, ge=1)
     timeout_s: float = Field(30, gt=0, description="seconds to wait for the association and for each answer; "
@@ -249,6 +253,14 @@ class Destination(_Model):
     windows: list[TimeWindow] = Field([], description="when sending is allowed; empty: always")
 
     _check_ae = field_validator("ae_title", "calling_ae")(valid_ae_title)
+
+    @field_validator("calling_ae", mode="before")
+    @classmethod
+    def _our_title(cls, value: Any, info: ValidationInfo) -> Any:
+        """Omitted: the title the configuration gives us, so a site that renames nnrouter renames it once."""
+        if value is not None:
+            return value
+        return (info.context or {}).get(_CALLING_AE_CONTEXT) or Dicom.model_fields["ae_title"].default
 
     @field_validator("transfer_syntaxes")
     @classmethod
@@ -591,11 +603,13 @@ class RuleSet(_Model):
         raise KeyError(name)
 
 
-def load_rules(path: Path, detector: DetectorRegions | None = None) -> RuleSet:
+def load_rules(path: Path, detector: DetectorRegions | None = None, calling_ae: str | None = None) -> RuleSet:
     """Read and validate a rule file; raises yamlfile.FileProblems listing every problem, by line.
 
     With ``detector`` (what the configured detector can find), a region
     condition it can never answer is a problem too; without, regions are not checked.
+    ``calling_ae`` (the configuration's dicom.ae_title) is the calling AE title of
+    destinations that do not give one; None: dicom.ae_title's default.
     """
     path = Path(path)
     name = str(path)
@@ -604,7 +618,7 @@ def load_rules(path: Path, detector: DetectorRegions | None = None) -> RuleSet:
     problems = [yamlfile.problem_at(name, positions, loc, why) for loc, why in found]
     ruleset = None
     try:
-        ruleset = RuleSet.model_validate(data, context={_SKIP_CONTEXT: True})
+        ruleset = RuleSet.model_validate(data, context={_SKIP_CONTEXT: True, _CALLING_AE_CONTEXT: calling_ae})
     except ValidationError as exc:
         # pydantic names a bad dict key `.[key]`; the key itself is the field people look for.
         problems += [replace(p, field=p.field.removesuffix(".[key]")) for p in yamlfile.problems_from(exc, name, positions)]
