@@ -94,6 +94,36 @@ class Storage(_Section):
     min_free_mb: int = Field(1024, ge=0)
     # What nnrouter makes from the images (class activation map overlays).
     derived_path: Path = Path("var/derived")
+    # Every node sees the same spool (one shared file system): any node may
+    # work on any instance. false: a node works only on what it holds.
+    shared: bool = False
+
+
+def _host_name(value: str | None = None) -> str:
+    """This machine's host name where no node name is given."""
+    import socket
+
+    return socket.gethostname() if value is None else value
+
+
+class Node(_Section):
+    """Which node this is: every instance row names the node whose spool holds its file.
+
+    Nodes on one database each classify and forward only what they hold
+    (unless ``storage.shared``); rows from before nodes were named (NULL)
+    belong to any node, as they did on a single machine.
+    """
+
+    name: str = Field(default_factory=_host_name, min_length=1, max_length=64)
+
+    _default = field_validator("name", mode="before")(_host_name)
+
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if value != value.strip() or not value.isprintable():
+            raise ValueError("a node name may not have spaces at its ends or control characters")
+        return value
 
 
 class Workers(_Section):
@@ -105,20 +135,35 @@ class Workers(_Section):
     poll_ms: int = Field(500, ge=10)
 
 
-_SHIPPED = Path(__file__).resolve().parents[2]  # the checkout or install that nnrouter runs from
+# Where the default models/ and rules/ are when not where nnrouter runs: the
+# checkout (an editable install), then the copy the wheel carries beside the
+# package (pyproject.toml's force-include puts them in nnrouter/_shipped).
+_CHECKOUT = Path(__file__).resolve().parents[2]
+_PACKAGE_DATA = Path(__file__).resolve().parents[1] / "_shipped"
+
+
+def shipped_path(value: Path) -> Path:
+    """A relative path (a model, rules/procedures.yaml) where we run, else in the checkout, else in the wheel's copy.
+
+    Where we run comes first so that a site's own file of the same name wins;
+    a path found nowhere is returned as given, for the reader's own message.
+    """
+    if value.is_absolute() or value.exists():
+        return value
+    for root in (_CHECKOUT, _PACKAGE_DATA):
+        if (root / value).exists():
+            return root / value
+    return value
 
 
 def _shipped(value: Path | None) -> Path | None:
-    """A relative path (a model, rules/procedures.yaml) is looked up where we run, then among what ships with nnrouter."""
-    if value is None or value.is_absolute() or value.exists():
-        return value
-    shipped = _SHIPPED / value
-    return shipped if shipped.exists() else value
+    return None if value is None else shipped_path(value)
 
 
 class Models(_Section):
-    classifier: Path | None = Path("models/nnrouter-view")
-    detector: Path | None = Path("models/nnrouter-regions")
+    # validate_default: the defaults are looked up too (_shipped), not only the paths a config names.
+    classifier: Path | None = Field(Path("models/nnrouter-view"), validate_default=True)
+    detector: Path | None = Field(Path("models/nnrouter-regions"), validate_default=True)
 
     _find = field_validator("classifier", "detector")(_shipped)
     providers: list[str] | None = None
@@ -143,10 +188,10 @@ class Worklist(_Section):
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
     ae_title: str
-    calling_ae: str = "NNROUTER"
+    calling_ae: str | None = None  # who we say we are to the worklist; null: dicom.ae_title
     timeout_s: float = Field(10.0, gt=0)
 
-    _check_ae = field_validator("ae_title", "calling_ae")(valid_ae_title)
+    _check_ae = field_validator("ae_title", "calling_ae")(lambda v: None if v is None else valid_ae_title(v))
 
 
 class Hl7(_Section):
@@ -184,7 +229,7 @@ class Hl7(_Section):
 class Orders(_Section):
     # What each procedure expects (view classes and counts); null: no
     # ordered-vs-performed check, only header-vs-pixel flags.
-    procedures: Path | None = Path("rules/procedures.yaml")
+    procedures: Path | None = Field(Path("rules/procedures.yaml"), validate_default=True)
     worklist: Worklist | None = None
     hl7: Hl7 | None = None
 
@@ -243,7 +288,8 @@ class Database(_Section):
 
 class Logging(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["json", "console"] = "json"
+    # auto: readable lines on a terminal, JSON lines otherwise (journald, files, log shippers).
+    format: Literal["auto", "json", "console"] = "auto"
 
 
 class Settings(BaseSettings):
@@ -254,11 +300,12 @@ class Settings(BaseSettings):
     )
 
     dicom: Dicom = Dicom()
+    node: Node = Node()
     storage: Storage = Storage()
     workers: Workers = Workers()
-    models: Models = Models()
+    models: Models = Field(default_factory=Models)  # made at load, so the defaults are looked up from where it runs
     routing: Routing = Routing()
-    orders: Orders = Orders()
+    orders: Orders = Field(default_factory=Orders)
     database: Database = Database()
     logging: Logging = Logging()
     retention: Retention = Retention()
@@ -351,6 +398,15 @@ dicom:
   #  - ae_title: PACS
   #    host: 10.1.2.10
 
+node:
+  # This node's name, recorded on every instance it receives: nodes sharing
+  # one database classify and forward only the instances whose files their
+  # own spool holds. null = this machine's host name. Keep it stable (a
+  # container's host name changes when it is re-created): instances received
+  # under an old name wait for a node of that name. Rows from before
+  # nodes had names belong to any node.
+  name: null
+
 storage:
   # Spool folder for received instances (fsync'd before we acknowledge them).
   path: var/spool
@@ -358,6 +414,9 @@ storage:
   min_free_mb: 1024
   # Class activation map overlays (PNG) that the workers make.
   derived_path: var/derived
+  # true: every node sees this same spool (a shared file system), so any node
+  # may classify and forward any instance. false: each node its own.
+  shared: false
 
 workers:
   # Worker processes that `nnrouter serve` starts to decode and classify
@@ -409,7 +468,7 @@ orders:
   #  host: ris.example
   #  port: 104
   #  ae_title: RIS_MWL
-  #  calling_ae: NNROUTER
+  #  calling_ae: null  # our AE title towards the worklist; null: dicom.ae_title
   #  timeout_s: 10
   # HL7 v2 ORM^O01 / OMI^O23 over MLLP: a listener that ACKs and keeps orders.
   # null: off.
@@ -485,6 +544,7 @@ logging:
   # debug | info | warning | error. Patient names, IDs and birth dates
   # are never logged at info.
   level: info
-  # json (one JSON object a line, for journald / log shippers) | console
-  format: json
+  # auto (console lines on a terminal, JSON lines otherwise) | json (one JSON
+  # object a line, for journald / log shippers) | console
+  format: auto
 """

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -33,7 +33,9 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    or_,
     select,
+    true,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import (
@@ -44,10 +46,11 @@ from sqlalchemy.orm import (
     relationship,
     sessionmaker,
 )
+from sqlalchemy.sql.elements import ColumnElement
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class Base(DeclarativeBase):
@@ -77,6 +80,11 @@ class Study(Base):
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # When the ordered-vs-performed check last ran (its flags are in `flag`).
     checked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the worklist stage (nnrouter.orders.worklist_poll) last asked the RIS for this study's order,
+    # or found it down; the router waits for it. NULL: not asked yet.
+    worklist_asked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # When to ask again (an empty answer, a failure); NULL: not again.
+    worklist_next_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
 
@@ -149,6 +157,8 @@ class Instance(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The node whose spool holds the file (``node.name``); NULL: any node (rows from before nodes were named).
+    node: Mapped[str | None] = mapped_column(String(64))
 
     series: Mapped[Series] = relationship(back_populates="instances")
     predictions: Mapped[list[Prediction]] = relationship(back_populates="instance", order_by="Prediction.id")
@@ -431,6 +441,18 @@ class Store:
         with self.read() as s:
             rows = s.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()
         return {state: n for state, n in rows}
+
+
+def held_here(node: str | None) -> ColumnElement[bool]:
+    """Instances whose file this node can read: its own, and those no node is named for.
+
+    ``node`` None (``storage.shared``: every node sees one spool) means all.
+    Work that opens the file (classify, forward) claims only these; a node
+    that took another's would find no file and fail the instance.
+    """
+    if node is None:
+        return true()
+    return or_(Instance.node == node, Instance.node.is_(None))
 
 
 def latest_predictions(s: Session, instance_ids: Iterable[int]) -> dict[int, Prediction]:

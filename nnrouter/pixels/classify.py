@@ -46,6 +46,7 @@ from nnrouter.core.store import (
     InstanceState,
     Prediction,
     Store,
+    held_here,
     unavailable,
     utcnow,
 )
@@ -89,13 +90,17 @@ class Queue:
     died, stalled or gave them back) one at a time, each counted in
     ``attempts``. A retry due with ``max_attempts`` used up ends ``failed``
     without another try.
+
+    ``node`` (``node.name``; None when ``storage.shared``) limits both kinds
+    to the instances whose file this node's spool holds.
     """
 
-    def __init__(self, store: Store, worker_id: str, lease_s: float, max_attempts: int):
+    def __init__(self, store: Store, worker_id: str, lease_s: float, max_attempts: int, node: str | None = None):
         self.store = store
         self.worker_id = worker_id
         self.lease = dt.timedelta(seconds=lease_s)
         self.max_attempts = max_attempts
+        self.node = node
 
     def claim(self, n: int, *, fresh_only: bool = False) -> list[Claim]:
         """One retry alone if any is due (unless ``fresh_only``), else up to ``n`` fresh instances."""
@@ -109,7 +114,7 @@ class Queue:
 
     def _take(self, where, n: int, *, count: bool) -> list[Claim]:  # type: ignore[no-untyped-def]
         now = utcnow()
-        eligible = select(Instance.id).where(where).order_by(Instance.id).limit(n)
+        eligible = select(Instance.id).where(where, held_here(self.node)).order_by(Instance.id).limit(n)
         if not self.store.is_sqlite:
             eligible = eligible.with_for_update(skip_locked=True)
         values: dict[str, Any] = {
@@ -269,7 +274,8 @@ class Worker:
         self.detector = detector
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         w = settings.workers
-        self.queue = Queue(store, self.worker_id, w.lease_s, w.max_attempts)
+        self.queue = Queue(store, self.worker_id, w.lease_s, w.max_attempts,
+                           None if settings.storage.shared else settings.node.name)
         from nnrouter.pixels.watch import CardWatch
 
         # A model promoted into models.classifier (nnrouter models promote) is picked up between batches.

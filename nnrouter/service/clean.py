@@ -203,13 +203,18 @@ class StudyFiles:
     overlay_bytes: int = 0
 
 
-def _views(s, study_ids: list[int]) -> dict[int, tuple[StudyView, StudyFiles]]:  # type: ignore[no-untyped-def]
-    """The policy's view of these studies and the files each holds, in a few queries."""
+def _views(s, study_ids: list[int], node: str | None = None) -> dict[int, tuple[StudyView, StudyFiles]]:  # type: ignore[no-untyped-def]
+    """The policy's view of these studies and the files each holds, in a few queries.
+
+    The files are those on this node (``node``; None: a shared spool, all):
+    another node's are in its own spool, and its sweep removes them once
+    their rows are gone.
+    """
     studies = {row.id: row for row in s.execute(
         select(Study.id, Study.study_uid, Study.last_received_at).where(Study.id.in_(study_ids))).all()}
     inst_rows = s.execute(
         select(Instance.id, Series.study_id, Instance.sop_instance_uid, Instance.version, Instance.state,
-               Instance.calling_ae, Instance.path, Instance.size_bytes)
+               Instance.calling_ae, Instance.path, Instance.size_bytes, Instance.node)
         .join(Series, Series.id == Instance.series_id).where(Series.study_id.in_(study_ids))
     ).all()
     by_study: dict[int, list[Any]] = {sid: [] for sid in studies}
@@ -248,8 +253,9 @@ def _views(s, study_ids: list[int]) -> dict[int, tuple[StudyView, StudyFiles]]: 
             decided=d is not None, hold=bool(d and d.hold), discard=bool(d and d.discard), destinations=dests,
             outbox=tuple((dest, state, sent) for _, dest, state, sent in outbox[sid]), unqueued=unqueued,
         )
-        files = StudyFiles(spool=[r.path for r in rows if r.path], overlays=sorted(overlays[sid]),
-                           bytes=sum(r.size_bytes or 0 for r in rows))
+        here = [r for r in rows if node is None or r.node is None or r.node == node]
+        files = StudyFiles(spool=[r.path for r in here if r.path], overlays=sorted(overlays[sid]),
+                           bytes=sum(r.size_bytes or 0 for r in here))
         files.overlay_bytes = sum(_size(p) for p in files.overlays)
         out[sid] = (view, files)
     return out
@@ -358,6 +364,7 @@ class Cleaner:
         self.derived_root = Path(settings.storage.derived_path).resolve()
         self.overlay_folder = Path(settings.storage.derived_path) / "cam"  # as the workers write it
         self.below = clean_below_free_mb(settings)
+        self.node = None if settings.storage.shared else settings.node.name
 
     def free_mb(self) -> float | None:
         return pressure.free_mb(self.spool_root)
@@ -379,7 +386,7 @@ class Cleaner:
                 page = s.execute(q).all()
                 if not page:
                     return
-                views = _views(s, [r.id for r in page])
+                views = _views(s, [r.id for r in page], self.node)
             for r in page:
                 view, files = views[r.id]
                 yield view, files, judge(view, self.policy, now)
@@ -401,7 +408,7 @@ class Cleaner:
                 self._take(result, view, files, verdict.reason, False, dry_run, now)
             else:
                 result.kept[verdict.code] += 1
-                if verdict.early:
+                if verdict.early and files.spool:  # early only where it frees room here, not another node's studies
                     early.append((view, files))
         # Oldest delivered first, until the spool has room again. A dry run estimates the room from the sizes.
         freed = sum(c.files.bytes + c.files.overlay_bytes for c in result.studies) / (1024 * 1024)
@@ -460,7 +467,7 @@ class Cleaner:
                                    .execution_options(synchronize_session=False))
                 if not getattr(locked, "rowcount", 1):
                     return None
-                view, files = _views(s, [study_id])[study_id]
+                view, files = _views(s, [study_id], self.node)[study_id]
                 verdict = judge(view, self.policy, now)
                 if not (verdict.go or (early and verdict.early)):
                     return None

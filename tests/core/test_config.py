@@ -28,7 +28,7 @@ def test_issue_keys_exist():
         assert hasattr(s.dicom, key)
     assert s.storage.path and s.storage.min_free_mb >= 0
     assert s.database.url.startswith("sqlite")
-    assert s.logging.format == "json"
+    assert s.logging.format == "auto"  # console lines on a terminal, JSON lines elsewhere
 
 
 def test_environment_overrides_file(tmp_path, monkeypatch):
