@@ -202,3 +202,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: igno
         with open(out, "a") as f:
             for row in _FIGURES:
                 f.write(json.dumps(row) + "\n")
+
+
+def children_of(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (zombies count as gone), from /proc."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(d.name))
+    return out

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import needs
+from conftest import children_of, needs
 from dicomfiles import dataset_bytes, storescu_stream
 from pydicom import dcmread
 from sqlalchemy import select, text
@@ -67,18 +67,6 @@ def test_kill_9_mid_stream_loses_nothing_acknowledged(node_factory, database_url
 # --- the supervisor's children (issue 11, finding 5) ------------------------------
 
 
-def children_of(pid: int) -> list[int]:
-    """Live child processes of ``pid`` (zombies count as gone), from /proc."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                out.append(int(d.name))
-    return out
 
 
 def alive(pid: int) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import needs
+from conftest import children_of, needs
 
 from nnrouter.core.config import Settings
 from nnrouter.service.lifecycle import Stop
@@ -38,17 +38,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-def children_of(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                out.append(int(d.name))
-    return out
 
 
 def wait_gone(pids: list[int], timeout: float) -> list[int]:
