@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import subprocess
@@ -13,9 +12,10 @@ import yaml
 from conftest import needs
 from dicomfiles import by_sop_uid
 from pydicom import dcmread
+from routing.test_forward import queue
 from sqlalchemy import select
 
-from nnrouter.core.store import Instance, Outbox, OutboxState, Series, Store, Study
+from nnrouter.core.store import Outbox, OutboxState, Store
 from nnrouter.testing.synthetic import write_series
 
 pytestmark = needs("storescp")
@@ -33,18 +33,7 @@ def test_forward_delivers_the_outbox_and_stops_on_sigterm(node_factory, storescp
     files = write_series(node.spool / "in", 3, rows=32, columns=32)
     store = Store(node.db_url)
     try:
-        first = dcmread(files[0], stop_before_pixels=True)
-        with store.write() as s:
-            study = Study(study_uid=str(first.StudyInstanceUID))
-            series = Series(study=study, series_uid=str(first.SeriesInstanceUID), modality="DX")
-            s.add_all([study, series])
-            for f in files:
-                ds = dcmread(f, stop_before_pixels=True)
-                inst = Instance(series=series, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-                                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=str(f),
-                                size_bytes=f.stat().st_size, sha256=hashlib.sha256(f.read_bytes()).hexdigest(),
-                                state="decoded")
-                s.add_all([inst, Outbox(instance=inst, destination="pacs", rule="all")])
+        queue(store, files, ["pacs"])
 
         with open(tmp_path / "forward.log", "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "nnrouter", "forward", "--config", str(node.config_path)],

@@ -70,6 +70,11 @@ class Mute:
 def queued_store(tmp_path: Path, files: list[Path], destinations: list[str]) -> Store:
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     store.upgrade()
+    return queue(store, files, destinations)
+
+
+def queue(store: Store, files: list[Path], destinations: list[str]) -> Store:
+    """Rows for ``files`` as if received and decoded, each with an outbox row per destination."""
     first = dcmread(files[0], stop_before_pixels=True)
     with store.write() as s:
         study = Study(study_uid=str(first.StudyInstanceUID))
