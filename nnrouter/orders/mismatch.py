@@ -27,13 +27,8 @@ from nnrouter.core.store import (
 )
 from nnrouter.orders import order as orders
 from nnrouter.orders.procedures import ProcedureBook, load_procedures
-from nnrouter.orders.worklist_poll import (
-    WORKLIST_AGAIN_S,
-    WORKLIST_RETRY_S,
-    WORKLIST_WAIT_S,
-)
 
-__all__ = ["WORKLIST_AGAIN_S", "WORKLIST_RETRY_S", "WORKLIST_WAIT_S", "OrderCheck", "covered_classes", "seen"]
+__all__ = ["OrderCheck", "covered_classes", "seen"]
 
 log = logs.get("nnrouter.orders.mismatch")
 

@@ -46,7 +46,8 @@ from nnrouter.core.store import (
     latest_predictions,
     utcnow,
 )
-from nnrouter.orders.mismatch import WORKLIST_WAIT_S, OrderCheck
+from nnrouter.orders.mismatch import OrderCheck
+from nnrouter.orders.worklist_poll import WORKLIST_WAIT_S
 from nnrouter.routing import rules
 
 log = logs.get("nnrouter.routing.router")
