@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from nnrouter.dicom.send import expand
 from nnrouter.pixels.decode import DecodeError, decode_file
 from nnrouter.pixels.runtime import Model
-from nnrouter.dicom.send import expand
 from nnrouter.training.train import fit_mahalanobis, is_validation, load_gray, mahalanobis, read_manifest
 
 
@@ -73,7 +73,7 @@ def main() -> None:
     labels = model.card.labels
     y = np.array([labels.index(e.label) for e in entries])
     val = np.array([is_validation(e, args.val_percent, args.seed) for e in entries])
-    chunks = [features([load_gray(e) for e in entries[s:s + 64]]) for s in range(0, len(entries), 64)]
+    chunks = [features([load_gray(e) for e in entries[s : s + 64]]) for s in range(0, len(entries), 64)]
     train_f = [np.concatenate([c[j] for c in chunks]) for j in range(len(names))]
 
     files, ext = [], []
@@ -86,7 +86,9 @@ def main() -> None:
         ext.append(features([img]))
     ext_f = [np.concatenate([e[j] for e in ext]) for j in range(len(names))]
 
-    print("distance / 95th percentile of validation distances (above 1: farther than 95 % of held-out training-source images)")
+    print(
+        "distance / 95th percentile of validation distances (above 1: farther than 95 % of held-out training-source images)"
+    )
     print(f"{'layer':<8} {'dim':>5}  " + "  ".join(f"{n[:14]:>14}" for n in files))
     for j, name in enumerate(names):
         f = train_f[j]

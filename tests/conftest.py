@@ -39,7 +39,9 @@ needs_shared = pytest.mark.skipif(
 
 def needs(*tools: str):  # type: ignore[no-untyped-def]
     missing = peers.have(*tools)
-    return pytest.mark.skipif(bool(missing), reason=f"missing tools: {', '.join(missing)} (run `make test`, which installs them)")
+    return pytest.mark.skipif(
+        bool(missing), reason=f"missing tools: {', '.join(missing)} (run `make test`, which installs them)"
+    )
 
 
 def pydicom_data(name: str) -> Path:
@@ -76,9 +78,21 @@ def init_pg_cluster(prefix: str = "nnrouter-pg-") -> tuple[Path, Path]:
     (base / "sock").mkdir()
     os.chmod(base / "sock", 0o777)
     subprocess.run(
-        _as_postgres([str(pg_bin / "initdb"), "-D", str(base / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                      "--no-sync"]),
-        check=True, capture_output=True,
+        _as_postgres(
+            [
+                str(pg_bin / "initdb"),
+                "-D",
+                str(base / "data"),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]
+        ),
+        check=True,
+        capture_output=True,
     )
     return pg_bin, base
 
@@ -90,11 +104,23 @@ def postgres_server():
     data, sock = base / "data", base / "sock"
     port = peers.free_port()
     proc = subprocess.Popen(
-        _as_postgres([
-            str(pg_bin / "postgres"), "-D", str(data), "-p", str(port), "-k", str(sock),
-            "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200",
-        ]),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        _as_postgres(
+            [
+                str(pg_bin / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(port),
+                "-k",
+                str(sock),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "max_connections=200",
+            ]
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         peers.wait_port(port, proc=proc)

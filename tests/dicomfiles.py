@@ -91,8 +91,10 @@ def raw_store(
         ae.add_requested_context(sop_class, [transfer_syntax])
     results: list[tuple[int | None, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths = [write_part10(Path(tmp) / f"{i}.dcm", sop_class, sop_uid, transfer_syntax, raw)
-                 for i, (sop_class, sop_uid, raw) in enumerate(items)]
+        paths = [
+            write_part10(Path(tmp) / f"{i}.dcm", sop_class, sop_uid, transfer_syntax, raw)
+            for i, (sop_class, sop_uid, raw) in enumerate(items)
+        ]
         before = _config.STORE_SEND_CHUNKED_DATASET
         _config.STORE_SEND_CHUNKED_DATASET = True
         try:
@@ -153,7 +155,10 @@ def storescu_stream(node, files: list[Path], at_ack: int, action, timeout: float
     """
     proc = subprocess.Popen(
         ["storescu", "-v", "-aec", node.ae_title, "127.0.0.1", str(node.port), *map(str, files)],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, bufsize=1,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        bufsize=1,
     )
     acked: list[Path] = []
     current: Path | None = None
@@ -190,8 +195,11 @@ class StatusSCP:
         self.port = peers.free_port()
         ae = AE(ae_title="PEER")
         ae.supported_contexts = contexts if contexts is not None else StoragePresentationContexts
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
-            (evt.EVT_C_STORE, self._store), (evt.EVT_CONN_OPEN, self._open)])
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._store), (evt.EVT_CONN_OPEN, self._open)],
+        )
 
     def _open(self, event) -> None:  # type: ignore[no-untyped-def]
         self.associations += 1
@@ -209,17 +217,31 @@ class StatusSCP:
 # --- real radiographs as a modality would send them ------------------------------
 
 
-
-def png_study(png: Path, out: Path, *, modality: str, body_part: str = "", description: str = "",
-              study_uid: str | None = None, series_uid: str | None = None, **attrs) -> Path:  # type: ignore[no-untyped-def]
+def png_study(
+    png: Path,
+    out: Path,
+    *,
+    modality: str,
+    body_part: str = "",
+    description: str = "",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    **attrs,
+) -> Path:  # type: ignore[no-untyped-def]
     """A real radiograph from the shared PNGs wrapped as a DX instance, as a modality would send it.
 
     ``attrs`` are set on the data set by keyword (AccessionNumber, RequestAttributesSequence, ...).
     """
     img = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE)
     h, w = img.shape
-    spec = DXSpec(rows=h, columns=w, bits_stored=12, study_uid=study_uid or generate_uid(), study_description=description,
-                  series_uid=series_uid or generate_uid())
+    spec = DXSpec(
+        rows=h,
+        columns=w,
+        bits_stored=12,
+        study_uid=study_uid or generate_uid(),
+        study_description=description,
+        series_uid=series_uid or generate_uid(),
+    )
     ds = dx_dataset(spec)
     ds.PixelData = (img.astype(np.uint16) * 16).tobytes()
     ds.Modality = modality
@@ -257,8 +279,19 @@ def code_item(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
-def worklist_entry(path: Path, *, accession: str, study_uid: str, code: Dataset, description: str, modality: str,
-                   sps_description: str, patient_name: str, patient_id: str, station: list[str]) -> None:
+def worklist_entry(
+    path: Path,
+    *,
+    accession: str,
+    study_uid: str,
+    code: Dataset,
+    description: str,
+    modality: str,
+    sps_description: str,
+    patient_name: str,
+    patient_id: str,
+    station: list[str],
+) -> None:
     """One worklist entry as wlmscpfs reads it: a DICOM file with every type 1 return key."""
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"

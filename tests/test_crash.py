@@ -40,7 +40,9 @@ def test_kill_9_mid_stream_loses_nothing_acknowledged(node_factory, database_url
             else:
                 # Foreign keys hold: no instance without its series and study.
                 orphans = s.execute(
-                    text("SELECT count(*) FROM instance i LEFT JOIN series se ON se.id = i.series_id WHERE se.id IS NULL")
+                    text(
+                        "SELECT count(*) FROM instance i LEFT JOIN series se ON se.id = i.series_id WHERE se.id IS NULL"
+                    )
                 ).scalar()
                 assert orphans == 0
     finally:
@@ -65,8 +67,6 @@ def test_kill_9_mid_stream_loses_nothing_acknowledged(node_factory, database_url
 
 
 # --- the supervisor's children (issue 11, finding 5) ------------------------------
-
-
 
 
 def alive(pid: int) -> bool:
@@ -101,9 +101,13 @@ def _serve_in_own_group(node):  # type: ignore[no-untyped-def]
     node.write_config()
     node.cli("db", "upgrade")
     log = open(node.log_path, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "nnrouter", "serve", "--config", str(node.config_path)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nnrouter", "serve", "--config", str(node.config_path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     log.close()
     node.proc = proc
     peers.wait_port(node.port, proc=proc)
@@ -172,9 +176,21 @@ class OwnPostgres:
         os.chmod(self.sock, 0o777)
         self.port = peers.free_port()
         subprocess.run(
-            _as_postgres([str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                          "--no-sync"]),
-            check=True, capture_output=True,
+            _as_postgres(
+                [
+                    str(self.bin / "initdb"),
+                    "-D",
+                    str(self.data),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                ]
+            ),
+            check=True,
+            capture_output=True,
         )
         self.proc: subprocess.Popen | None = None
 
@@ -184,17 +200,35 @@ class OwnPostgres:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            self.as_postgres([str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.sock),
-                              "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            self.as_postgres(
+                [
+                    str(self.bin / "postgres"),
+                    "-D",
+                    str(self.data),
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    str(self.sock),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    "fsync=off",
+                ]
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         peers.wait_port(self.port, proc=self.proc)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             # Fast shutdown: clients are cut off, as in an outage (runuser passes no SIGINT on).
-            subprocess.run(self.as_postgres([str(self.bin / "pg_ctl"), "stop", "-D", str(self.data), "-m", "fast", "-w"]),
-                           check=True, capture_output=True, timeout=60)
+            subprocess.run(
+                self.as_postgres([str(self.bin / "pg_ctl"), "stop", "-D", str(self.data), "-m", "fast", "-w"]),
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
             self.proc.wait(30)
 
 
@@ -219,9 +253,13 @@ OUTAGE_S = 8
 
 def test_worker_and_router_wait_out_a_database_outage(own_postgres, node_factory, tmp_path):
     # The worker waits 5 s to fill a batch: the outage finds it holding claims.
-    node = node_factory(database_url=own_postgres.url,
-                        settings={"workers": {"count": 1, "batch_size": 16, "max_wait_ms": 5000, "poll_ms": 100},
-                                  "retention": {"enabled": False}}).start()  # the worker and the router only
+    node = node_factory(
+        database_url=own_postgres.url,
+        settings={
+            "workers": {"count": 1, "batch_size": 16, "max_wait_ms": 5000, "poll_ms": 100},
+            "retention": {"enabled": False},
+        },
+    ).start()  # the worker and the router only
     wait_started(node)
     kids = children_of(node.proc.pid)
     stages = [p for p in kids if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]

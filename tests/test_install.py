@@ -47,7 +47,8 @@ def test_a_site_file_wins_and_the_rest_comes_from_the_checkout(tmp_path: Path, m
 
 
 def test_the_package_data_comes_last_and_a_path_found_nowhere_stays_as_given(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without a checkout (an installed wheel), the copy beside the package is used; else the reader names the path."""
     from nnrouter.core import config
 
@@ -79,16 +80,32 @@ def _install_wheel(tmp: Path) -> Path:
     The test checks both before it starts anything.
     """
     wheels = tmp / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(REPO), "-w", str(wheels)],
-                   check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(REPO), "-w", str(wheels)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     (wheel,) = wheels.glob("nnrouter-*.whl")
     env = tmp / "venv"
     venv.create(env, with_pip=False)
     python = env / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
-                    str(wheel)], check=True, capture_output=True, text=True, timeout=300)
-    own = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              check=True, capture_output=True, text=True).stdout.strip())
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    own = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     deps = Path(sysconfig.get_paths()["purelib"])
     assert deps.resolve() != REPO.resolve()
     (own / "nnrouter-test-deps.pth").write_text(f"{deps}\n")
@@ -96,14 +113,22 @@ def _install_wheel(tmp: Path) -> Path:
 
 
 def _python(bin_dir: Path, code: str) -> str:
-    return subprocess.run([str(bin_dir / "python"), "-c", code], cwd="/", env=_env(), check=True,
-                          capture_output=True, text=True, timeout=60).stdout.strip()
+    return subprocess.run(
+        [str(bin_dir / "python"), "-c", code],
+        cwd="/",
+        env=_env(),
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
 
 
 def _env() -> dict[str, str]:
     """The environment without whatever would lead Python back to the checkout."""
     return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")} | {
-        "PYTHONUNBUFFERED": "1"}
+        "PYTHONUNBUFFERED": "1"
+    }
 
 
 def _predictions(db: Path) -> list[tuple[str, str]]:
@@ -126,38 +151,63 @@ def test_installed_wheel_serves_from_any_folder_with_its_shipped_model(tmp_path:
     config = home / "nnrouter.yaml"
     # Only where this site keeps its data (and a free port): models and
     # procedures are left to their defaults, which must be found in the wheel.
-    config.write_text(yaml.safe_dump({
-        "dicom": {"port": port, "bind": "127.0.0.1"},
-        "storage": {"path": str(home / "spool"), "derived_path": str(home / "derived"), "min_free_mb": 50},
-        "database": {"url": f"sqlite:///{db}"},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "dicom": {"port": port, "bind": "127.0.0.1"},
+                "storage": {"path": str(home / "spool"), "derived_path": str(home / "derived"), "min_free_mb": 50},
+                "database": {"url": f"sqlite:///{db}"},
+            }
+        )
+    )
     nnrouter = str(bin_dir / "nnrouter")
 
-    listed = subprocess.run([nnrouter, "models", "list", "--json"], check=False, cwd="/", env=_env(), capture_output=True,
-                            text=True, timeout=120)
+    listed = subprocess.run(
+        [nnrouter, "models", "list", "--json"],
+        check=False,
+        cwd="/",
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert listed.returncode == 0, listed.stdout + listed.stderr
     shipped = {load_card(REPO / "models" / n).name for n in ("nnrouter-view", "nnrouter-regions")}
     assert {row["name"] for row in json.loads(listed.stdout)} == shipped
 
-    upgrade = subprocess.run([nnrouter, "db", "upgrade", "--config", str(config)], check=False, cwd="/",
-                             env=_env(), capture_output=True, text=True, timeout=120)
+    upgrade = subprocess.run(
+        [nnrouter, "db", "upgrade", "--config", str(config)],
+        check=False,
+        cwd="/",
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
 
     log_path = home / "serve.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([nnrouter, "serve", "--config", str(config)], cwd="/", env=_env(),
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [nnrouter, "serve", "--config", str(config)], cwd="/", env=_env(), stdout=log, stderr=subprocess.STDOUT
+        )
     try:
         try:
             peers.wait_port(port, timeout=60, proc=proc)
         except (RuntimeError, TimeoutError) as exc:
             pytest.fail(f"{exc}; serve said:\n{log_path.read_text(errors='replace')[-3000:]}")
-        echo = subprocess.run(["echoscu", "-aec", "NNROUTER", "127.0.0.1", str(port)], check=False, capture_output=True,
-                              text=True, timeout=60)
+        echo = subprocess.run(
+            ["echoscu", "-aec", "NNROUTER", "127.0.0.1", str(port)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert echo.returncode == 0, echo.stdout + echo.stderr
         film = pydicom_data("RG1_UNCI.dcm")
-        sent = peers.storescu(port, [film], config=peers.storescu_config([film], tmp_path / "storescu.cfg"),
-                              timeout=120)
+        sent = peers.storescu(
+            port, [film], config=peers.storescu_config([film], tmp_path / "storescu.cfg"), timeout=120
+        )
         assert sent.returncode == 0, sent.stdout + sent.stderr
 
         view = load_card(REPO / "models" / "nnrouter-view").name
@@ -167,7 +217,8 @@ def test_installed_wheel_serves_from_any_folder_with_its_shipped_model(tmp_path:
             time.sleep(0.5)
             rows = _predictions(db)
         assert [name for name, _ in rows] == [view], (
-            f"predictions {rows}; serve said:\n{log_path.read_text(errors='replace')[-3000:]}")
+            f"predictions {rows}; serve said:\n{log_path.read_text(errors='replace')[-3000:]}"
+        )
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

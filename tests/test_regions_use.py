@@ -24,9 +24,9 @@ import yaml
 from conftest import RADIOGRAPHS, REPO, SHARED, needs, needs_shared
 from dicomfiles import first_png, node_rows, png_study, wait_for
 from onnx import TensorProto, helper, numpy_helper
-from pydicom import dcmread
 from pixels.test_detect import _batch_zero
 from pixels.test_runtime import make_model
+from pydicom import dcmread
 
 from nnrouter.core import yamlfile
 from nnrouter.core.store import Outbox, OutboxState, RoutingDecision
@@ -58,26 +58,49 @@ def toy_regions(root: Path) -> Path:
     pred[0, 4 + TOY_LABELS.index("head"), 1] = 0.05  # below any threshold: no head
     nodes: list = []
     zero = _batch_zero(nodes, 0)
-    inits = [numpy_helper.from_array(np.zeros((), np.float32), "zero"),
-             numpy_helper.from_array(np.array([1, 2], np.int64), "axes0"), numpy_helper.from_array(pred, "pred")]
+    inits = [
+        numpy_helper.from_array(np.zeros((), np.float32), "zero"),
+        numpy_helper.from_array(np.array([1, 2], np.int64), "axes0"),
+        numpy_helper.from_array(pred, "pred"),
+    ]
     nodes.append(helper.make_node("Add", ["pred", zero], ["output0"]))
     graph = helper.make_graph(
-        nodes, "regions_toy", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, *NET])],
-        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["N", 4 + len(TOY_LABELS), 2])], inits)
+        nodes,
+        "regions_toy",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, *NET])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["N", 4 + len(TOY_LABELS), 2])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     blob = model.SerializeToString()
     d = root / "regions-toy"
     d.mkdir(parents=True)
     (d / "model.onnx").write_bytes(blob)
-    write_card(ModelCard.model_validate({
-        "name": "regions-toy", "task": "detect", "labels": TOY_LABELS, "not_covered": NOT_COVERED,
-        "input": {"size": list(NET), "channels": 3, "layout": "NCHW", "resize": "letterbox",
-                  "normalisation": {"mean": [0, 0, 0], "std": [255, 255, 255]}},
-        "input_name": "images", "outputs": {"predictions": "output0"}, "version": "0.1",
-        "sha256": hashlib.sha256(blob).hexdigest(), "provenance": "one constant spine box, built by the test",
-        "licence": "CC0-1.0",
-    }), d)
+    write_card(
+        ModelCard.model_validate(
+            {
+                "name": "regions-toy",
+                "task": "detect",
+                "labels": TOY_LABELS,
+                "not_covered": NOT_COVERED,
+                "input": {
+                    "size": list(NET),
+                    "channels": 3,
+                    "layout": "NCHW",
+                    "resize": "letterbox",
+                    "normalisation": {"mean": [0, 0, 0], "std": [255, 255, 255]},
+                },
+                "input_name": "images",
+                "outputs": {"predictions": "output0"},
+                "version": "0.1",
+                "sha256": hashlib.sha256(blob).hexdigest(),
+                "provenance": "one constant spine box, built by the test",
+                "licence": "CC0-1.0",
+            }
+        ),
+        d,
+    )
     return d
 
 
@@ -133,10 +156,14 @@ def test_region_conditions_are_checked_against_the_detector(tmp_path):
 
 
 def test_region_condition_matches_the_detectors_lowercase_labels_in_any_case(tmp_path):
-    rs = rules.RuleSet.model_validate({
-        "destinations": [{"name": "a", "ae_title": "A", "host": "h", "port": 1}],
-        "rules": [{"name": "spine", "when": {"region": {"label": "SPINE", "min_score": 0.5}}, "then": {"forward": "a"}}],
-    })
+    rs = rules.RuleSet.model_validate(
+        {
+            "destinations": [{"name": "a", "ae_title": "A", "host": "h", "port": 1}],
+            "rules": [
+                {"name": "spine", "when": {"region": {"label": "SPINE", "min_score": 0.5}}, "then": {"forward": "a"}}
+            ],
+        }
+    )
 
     def routed(*found: tuple[str, float]) -> bool:
         inst = rules.InstanceFacts("1.2", {}, "DX", "unknown", 0.1, regions=found)
@@ -158,12 +185,24 @@ def test_rules_check_and_the_router_refuse_an_unanswerable_region(tmp_path):
     path.write_text(RULES)
     cfg = tmp_path / "nnrouter.yaml"
     db = f"sqlite:///{tmp_path / 'nnrouter.db'}"
-    cfg.write_text(yaml.safe_dump({"models": {"classifier": None, "detector": str(toy_regions(tmp_path))},
-                                   "database": {"url": db}, "routing": {"rules": str(path)}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "models": {"classifier": None, "detector": str(toy_regions(tmp_path))},
+                "database": {"url": db},
+                "routing": {"rules": str(path)},
+            }
+        )
+    )
 
     def check() -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "nnrouter", "rules", "check", str(path), "--config", str(cfg)],
-                              check=False, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "nnrouter", "rules", "check", str(path), "--config", str(cfg)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     res = check()
     assert res.returncode == 1, res.stdout
@@ -193,11 +232,15 @@ def test_rules_check_and_the_router_refuse_an_unanswerable_region(tmp_path):
 
 
 def test_unclassified_set_says_what_the_detector_found_and_keeps_its_images():
-    s = hanging.StudyViews("1", "20240501", images=(
-        hanging.ImageView("pa", label="chest_pa_ap", score=0.9, regions=(("spine", 0.8),)),
-        hanging.ImageView("u1", label=hanging.UNKNOWN, score=0.2, regions=(("spine", 0.91), ("spine", 0.4))),
-        hanging.ImageView("u2", label=hanging.UNKNOWN, score=0.3),
-    ))
+    s = hanging.StudyViews(
+        "1",
+        "20240501",
+        images=(
+            hanging.ImageView("pa", label="chest_pa_ap", score=0.9, regions=(("spine", 0.8),)),
+            hanging.ImageView("u1", label=hanging.UNKNOWN, score=0.2, regions=(("spine", 0.91), ("spine", 0.4))),
+            hanging.ImageView("u2", label=hanging.UNKNOWN, score=0.3),
+        ),
+    )
     lay = hanging.layout(s)
     assert lay.protocol == "XR CHEST"
     chest, unknown = lay.display_sets
@@ -237,8 +280,11 @@ def _region_groups(sr) -> list:  # type: ignore[no-untyped-def]
 
 def _films(tmp_path: Path, names: list[str]) -> dict[str, Path]:
     """Real films as a modality would send them, each its own study, body part left empty as many do."""
-    pngs = {"spine": first_png("whole_spine_ap"), "knee": first_png("knee_ap"),
-            "head": REGIONS_DATA / "images" / "vpouramin__hamedan_001.png"}
+    pngs = {
+        "spine": first_png("whole_spine_ap"),
+        "knee": first_png("knee_ap"),
+        "head": REGIONS_DATA / "images" / "vpouramin__hamedan_001.png",
+    }
     return {n: png_study(pngs[n], tmp_path / f"{n}.dcm", modality="DX", description=f"XR {n}") for n in names}
 
 
@@ -258,22 +304,39 @@ def test_a_film_routed_by_a_region_rule_with_the_region_in_its_sr(node_factory, 
         # The detector's own operating point (chosen on its validation split), as an admin would start.
         at = load_card(detector).conf_threshold
         rules_file = tmp_path / "routes.yaml"
-        rules_file.write_text(yaml.safe_dump({
-            "settings": {"quiet_s": 1},
-            "destinations": [{"name": n, "ae_title": s.aet, "host": "127.0.0.1", "port": s.port} for n, s in scps.items()],
-            "rules": [
-                {"name": "spine", "when": {"region": {"label": "SPINE", "min_score": at}},
-                 "then": {"forward": ["spine_ws"], "report": True}, "continue": True},
-                {"name": "head", "when": {"region": {"label": "HEAD", "min_score": at}}, "then": {"forward": ["head_ws"]}},
-                {"name": "rest", "fallback": True, "then": {"forward": ["other"]}},
-            ],
-        }))
+        rules_file.write_text(
+            yaml.safe_dump(
+                {
+                    "settings": {"quiet_s": 1},
+                    "destinations": [
+                        {"name": n, "ae_title": s.aet, "host": "127.0.0.1", "port": s.port} for n, s in scps.items()
+                    ],
+                    "rules": [
+                        {
+                            "name": "spine",
+                            "when": {"region": {"label": "SPINE", "min_score": at}},
+                            "then": {"forward": ["spine_ws"], "report": True},
+                            "continue": True,
+                        },
+                        {
+                            "name": "head",
+                            "when": {"region": {"label": "HEAD", "min_score": at}},
+                            "then": {"forward": ["head_ws"]},
+                        },
+                        {"name": "rest", "fallback": True, "then": {"forward": ["other"]}},
+                    ],
+                }
+            )
+        )
         # (test_shipped_detector_is_the_default checks that the shipped one is what a fresh config runs.)
         model_settings = {"classifier": str(classifier), "detector": str(detector)}
-        node = node_factory(settings={
-            "models": model_settings, "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 100},
-            "routing": {"rules": str(rules_file), "tick_s": 0.3},
-        }).start()
+        node = node_factory(
+            settings={
+                "models": model_settings,
+                "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 100},
+                "routing": {"rules": str(rules_file), "tick_s": 0.3},
+            }
+        ).start()
         films = _films(tmp_path, ["spine"] if which == "toy" else ["spine", "knee", "head"])
         expected = {"spine": "spine_ws", "knee": "other", "head": "head_ws"}
         res = peers.storescu(node.port, list(films.values()))
@@ -293,7 +356,9 @@ def test_a_film_routed_by_a_region_rule_with_the_region_in_its_sr(node_factory, 
 
         def delivered() -> bool | list:
             sent = node_rows(node, Outbox)
-            done = len(node_rows(node, RoutingDecision)) == len(films) and all(o.state == OutboxState.SENT for o in sent)
+            done = len(node_rows(node, RoutingDecision)) == len(films) and all(
+                o.state == OutboxState.SENT for o in sent
+            )
             return (done and bool(sent)) or [(o.destination, o.state, o.last_error) for o in sent]
 
         wait_for(delivered, timeout=180)
@@ -301,15 +366,20 @@ def test_a_film_routed_by_a_region_rule_with_the_region_in_its_sr(node_factory, 
         assert arrived() == want
 
         # The SR that went with the spine film carries its spine box as a TID 1410 group, and is valid.
-        (sr_file,) = [f for f in _files(scps["spine_ws"].folder) if dcmread(f, stop_before_pixels=True).Modality == "SR"]
+        (sr_file,) = [
+            f for f in _files(scps["spine_ws"].folder) if dcmread(f, stop_before_pixels=True).Modality == "SR"
+        ]
         assert peers.dciodvfy(sr_file) == []
         sr = dcmread(sr_file)
         film = dcmread(films["spine"], stop_before_pixels=True)
         groups = [(f, ref, pts) for f, ref, pts in _region_groups(sr) if ref == uid["spine"]]
         assert [(f.CodeValue.casefold(), f.CodingSchemeDesignator) for f, _, _ in groups] == [("spine", PRIVATE_SCHEME)]
-        (_, _, pts), = groups
+        ((_, _, pts),) = groups
         assert len(pts) == 5 and (pts[0] == pts[-1]).all()
-        assert 0 <= pts[:, 0].min() < pts[:, 0].max() <= film.Columns and 0 <= pts[:, 1].min() < pts[:, 1].max() <= film.Rows
+        assert (
+            0 <= pts[:, 0].min() < pts[:, 0].max() <= film.Columns
+            and 0 <= pts[:, 1].min() < pts[:, 1].max() <= film.Rows
+        )
 
         # study show: the boxes in pixels, and what the detector does not cover.
         show = json.loads(node.cli("study", "show", str(film.StudyInstanceUID), "--json").stdout)
@@ -317,7 +387,9 @@ def test_a_film_routed_by_a_region_rule_with_the_region_in_its_sr(node_factory, 
         assert sorted(s.casefold() for s in show["detector"]["labels"]) == TOY_LABELS
         (inst,) = [i for se in show["series"] for i in se["instances"] if i["sop_instance_uid"] == uid["spine"]]
         (det,) = [d for d in inst["detections"] if d["label"].casefold() == "spine"]
-        assert np.allclose(det["box_px"], [pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()], atol=0.01)
+        assert np.allclose(
+            det["box_px"], [pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()], atol=0.01
+        )
         text = node.cli("study", "show", str(film.StudyInstanceUID)).stdout
         box = ", ".join(f"{v:.0f}" for v in det["box_px"])
         assert f"region {det['label']} {det['score']:.2f} box [{box}] px" in text
@@ -357,8 +429,11 @@ def _decoded(png: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def _annotated(label: str) -> dict[str, list[float]]:
     with open(REGIONS_DATA / "regions.csv", newline="") as f:
-        return {str((REGIONS_DATA / r["file"]).resolve()): [float(r[k]) for k in ("x0", "y0", "x1", "y1")]
-                for r in csv.DictReader(f) if r["label"] == label}
+        return {
+            str((REGIONS_DATA / r["file"]).resolve()): [float(r[k]) for k in ("x0", "y0", "x1", "y1")]
+            for r in csv.DictReader(f)
+            if r["label"] == label
+        }
 
 
 def _iou(a: list[float], b: list[float]) -> float:
@@ -369,11 +444,14 @@ def _iou(a: list[float], b: list[float]) -> float:
 
 @needs_shared
 @needs_shipped
-@pytest.mark.parametrize("label, films, found", [
-    ("spine", lambda: sorted((RADIOGRAPHS / "whole_spine_ap").glob("*.png"))[-3:], "spine"),
-    ("head", lambda: sorted((REGIONS_DATA / "images").glob("vpouramin__*.png"))[-3:], "head"),
-    ("knee", lambda: sorted((RADIOGRAPHS / "knee_ap").glob("*.png"))[:3], None),
-])
+@pytest.mark.parametrize(
+    "label, films, found",
+    [
+        ("spine", lambda: sorted((RADIOGRAPHS / "whole_spine_ap").glob("*.png"))[-3:], "spine"),
+        ("head", lambda: sorted((REGIONS_DATA / "images").glob("vpouramin__*.png"))[-3:], "head"),
+        ("knee", lambda: sorted((RADIOGRAPHS / "knee_ap").glob("*.png"))[:3], None),
+    ],
+)
 def test_shipped_detector_on_real_films(tmp_path, label, films, found):
     from nnrouter.pixels.runtime import Model
 

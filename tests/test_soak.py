@@ -13,9 +13,27 @@ pytestmark = pytest.mark.slow
 
 def test_soak_smoke_run(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "nnrouter", "bench", "soak", "--seconds", "30", "--senders", "3",
-         "--per-association", "5", "--interval-s", "5", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=240, check=False,
+        [
+            sys.executable,
+            "-m",
+            "nnrouter",
+            "bench",
+            "soak",
+            "--seconds",
+            "30",
+            "--senders",
+            "3",
+            "--per-association",
+            "5",
+            "--interval-s",
+            "5",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
     )
     out = res.stdout
     assert res.returncode in (0, 1), res.stdout + res.stderr

@@ -26,8 +26,10 @@ __all__ = ["CONFIG", "FAILED", "OK", "USAGE", "build_parser", "main"]
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.replaced_by:
-        print(f"nnrouter: `{args.command}` is now `nnrouter {args.replaced_by}`; the old name goes in the next release",
-              file=sys.stderr)
+        print(
+            f"nnrouter: `{args.command}` is now `nnrouter {args.replaced_by}`; the old name goes in the next release",
+            file=sys.stderr,
+        )
     # Until a command sets logging up from its config: on stderr, never into
     # the result on stdout (structlog's own default prints to stdout).
     logs.setup("info", "auto")

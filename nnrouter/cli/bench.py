@@ -19,7 +19,9 @@ _SHARED_GOOD = Path(__file__).resolve().parents[3] / "shared" / "data" / "dicom"
 def cmd_bench_ingest(args: argparse.Namespace) -> int:
     from nnrouter.testing import bench
 
-    return bench.ingest(count=args.count, rounds=args.rounds, rows=args.rows, columns=args.columns, workdir=args.workdir)
+    return bench.ingest(
+        count=args.count, rounds=args.rounds, rows=args.rows, columns=args.columns, workdir=args.workdir
+    )
 
 
 def cmd_bench_infer(args: argparse.Namespace) -> int:
@@ -45,8 +47,17 @@ def cmd_bench_route(args: argparse.Namespace) -> int:
 
     settings = common.settings(args)
     model = None if args.no_model else (args.model or settings.models.classifier)
-    return bench.route(args.studies, args.images, args.rows, args.columns, args.workers, args.quiet_s, model,
-                       args.max_associations, args.workdir)
+    return bench.route(
+        args.studies,
+        args.images,
+        args.rows,
+        args.columns,
+        args.workers,
+        args.quiet_s,
+        model,
+        args.max_associations,
+        args.workdir,
+    )
 
 
 def cmd_bench_soak(args: argparse.Namespace) -> int:
@@ -55,9 +66,18 @@ def cmd_bench_soak(args: argparse.Namespace) -> int:
     seconds = args.seconds if args.seconds is not None else args.minutes * 60
     interval = args.interval_s or (60.0 if seconds >= 300 else max(2.0, seconds / 6))
     warmup = args.warmup_s if args.warmup_s is not None else min(300.0, max(interval, seconds * 0.2))
-    return bench.soak(seconds, senders=args.senders, per_association=args.per_association, rows=args.rows,
-                      columns=args.columns, workers=args.workers, model=args.model, interval_s=interval,
-                      warmup_s=warmup, workdir=args.workdir)
+    return bench.soak(
+        seconds,
+        senders=args.senders,
+        per_association=args.per_association,
+        rows=args.rows,
+        columns=args.columns,
+        workers=args.workers,
+        model=args.model,
+        interval_s=interval,
+        warmup_s=warmup,
+        workdir=args.workdir,
+    )
 
 
 def register(sub: Any) -> None:
@@ -73,7 +93,9 @@ def register(sub: Any) -> None:
     inf.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     inf.add_argument("--images", type=int, default=64, help="images per batch size")
     inf.add_argument("--providers", nargs="+", default=None)
-    inf.add_argument("files", nargs="*", type=Path, help="DICOM files or folders (default: pydicom-data + ../shared good)")
+    inf.add_argument(
+        "files", nargs="*", type=Path, help="DICOM files or folders (default: pydicom-data + ../shared good)"
+    )
     rt = add(bench, "route", cmd_bench_route, "end to end: storescu -> nnrouter -> storescp vs direct")
     rt.add_argument("--studies", type=int, default=5)
     rt.add_argument("--images", type=int, default=4, help="images per study")
@@ -81,11 +103,15 @@ def register(sub: Any) -> None:
     rt.add_argument("--columns", type=int, default=2048)
     rt.add_argument("--workers", type=int, default=2, help="classify worker processes")
     rt.add_argument("--quiet-s", type=float, default=1.0, help="the routing quiet period")
-    rt.add_argument("--max-associations", type=int, default=1, help="associations to the destination (storescp takes one at a time)")
+    rt.add_argument(
+        "--max-associations", type=int, default=1, help="associations to the destination (storescp takes one at a time)"
+    )
     rt.add_argument("--model", type=Path, default=None, help="classifier (default: models.classifier)")
     rt.add_argument("--no-model", action="store_true", help="route without classifying")
     rt.add_argument("--workdir", type=Path, default=None)
-    sk = add(bench, "soak", cmd_bench_soak, "hours of small instances: RSS per process, images/s, counts", config="none")
+    sk = add(
+        bench, "soak", cmd_bench_soak, "hours of small instances: RSS per process, images/s, counts", config="none"
+    )
     sk_len = sk.add_mutually_exclusive_group()
     sk_len.add_argument("--minutes", type=float, default=30.0)
     sk_len.add_argument("--seconds", type=float, default=None, help="instead of --minutes (short runs, tests)")
@@ -96,5 +122,7 @@ def register(sub: Any) -> None:
     sk.add_argument("--workers", type=int, default=1, help="decode/classify worker processes")
     sk.add_argument("--model", type=Path, default=None, help="classifier for the workers (default: none, decode only)")
     sk.add_argument("--interval-s", type=float, default=None, help="seconds between RSS lines (default 60)")
-    sk.add_argument("--warmup-s", type=float, default=None, help="RSS growth is measured from here (default 20 %%, at most 300 s)")
+    sk.add_argument(
+        "--warmup-s", type=float, default=None, help="RSS growth is measured from here (default 20 %%, at most 300 s)"
+    )
     sk.add_argument("--workdir", type=Path, default=None)

@@ -66,12 +66,14 @@ def err(message: str, code: int = FAILED) -> int:
 
 
 def problems_dicts(exc: yamlfile.FileProblems) -> list[dict[str, Any]]:
-    return [{"file": p.file, "line": p.line, "column": p.column, "field": p.field, "reason": p.reason}
-            for p in exc.problems]
+    return [
+        {"file": p.file, "line": p.line, "column": p.column, "field": p.field, "reason": p.reason} for p in exc.problems
+    ]
 
 
-def loaded(load: Callable[[Path], Any], path: Path, *, verdict: bool = False,
-           problems: list[dict[str, Any]] | None = None) -> Any:
+def loaded(
+    load: Callable[[Path], Any], path: Path, *, verdict: bool = False, problems: list[dict[str, Any]] | None = None
+) -> Any:
     """What ``load`` makes of a YAML file, or None after printing every problem with file, line and field.
 
     ``problems``, when given, collects them as plain data too (for ``--json``).
@@ -87,8 +89,9 @@ def loaded(load: Callable[[Path], Any], path: Path, *, verdict: bool = False,
         return None
 
 
-def load_rules(path: Path, *, verdict: bool = False, detector: Any = None,
-               problems: list[dict[str, Any]] | None = None) -> Any:
+def load_rules(
+    path: Path, *, verdict: bool = False, detector: Any = None, problems: list[dict[str, Any]] | None = None
+) -> Any:
     """The rule file (rules.RuleSet), or None after printing every problem with file, line and field.
 
     ``detector`` (rules.DetectorRegions): region conditions are checked against what it can find.
@@ -137,8 +140,16 @@ def add_json(parser: argparse.ArgumentParser) -> None:
 Command = Callable[[argparse.Namespace], int]
 
 
-def add(parent: Any, name: str, func: Command, help: str, *, config: str = "optional", json: bool = False,
-        replaced_by: str | None = None) -> argparse.ArgumentParser:
+def add(
+    parent: Any,
+    name: str,
+    func: Command,
+    help: str,
+    *,
+    config: str = "optional",
+    json: bool = False,
+    replaced_by: str | None = None,
+) -> argparse.ArgumentParser:
     """One sub-command: its function, ``--config`` (optional, required or none) and ``--json``.
 
     ``replaced_by`` marks an old name kept for one release: it still works and
@@ -150,7 +161,10 @@ def add(parent: Any, name: str, func: Command, help: str, *, config: str = "opti
     sp.set_defaults(func=func, replaced_by=replaced_by)
     if config != "none":
         sp.add_argument(
-            "--config", "-c", type=Path, required=config == "required",
+            "--config",
+            "-c",
+            type=Path,
+            required=config == "required",
             help="YAML config file" + (" (default: embedded defaults)" if config == "optional" else ""),
         )
     if json:

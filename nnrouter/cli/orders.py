@@ -16,12 +16,20 @@ def cmd_procedures_check(args: argparse.Namespace) -> int:
     problems: list[dict[str, Any]] = []
     book = common.loaded(load_procedures, args.file, problems=problems)
     if args.json:
-        common.print_json({"file": str(args.file), "ok": book is not None, "problems": problems,
-                           "procedures": None if book is None else len(book.spec.procedures),
-                           "class_codes": None if book is None else bool(book.spec.class_codes)})
+        common.print_json(
+            {
+                "file": str(args.file),
+                "ok": book is not None,
+                "problems": problems,
+                "procedures": None if book is None else len(book.spec.procedures),
+                "class_codes": None if book is None else bool(book.spec.class_codes),
+            }
+        )
     elif book is not None:
-        print(f"{args.file}: OK, {len(book.spec.procedures)} procedures"
-              + (" plus the single-view codes of classes.csv" if book.spec.class_codes else ""))
+        print(
+            f"{args.file}: OK, {len(book.spec.procedures)} procedures"
+            + (" plus the single-view codes of classes.csv" if book.spec.class_codes else "")
+        )
     return FAILED if book is None else OK
 
 
@@ -29,13 +37,16 @@ def cmd_mismatches(args: argparse.Namespace) -> int:
     """Flagged studies, newest check first: what a QA technologist works through."""
     from nnrouter.results.views import flagged
 
-    out = flagged(common.store(common.settings(args)), kinds=args.kind, every=args.all, study_uid=args.study,
-                  limit=args.limit)
+    out = flagged(
+        common.store(common.settings(args)), kinds=args.kind, every=args.all, study_uid=args.study, limit=args.limit
+    )
     if args.json:
         common.print_json(out)
     else:
         for r in out:
-            print(f"{r['study_uid']}  {r['accession_number'] or '-':<12} {r['severity']:<7} {r['kind']:<20} {r['reason']}")
+            print(
+                f"{r['study_uid']}  {r['accession_number'] or '-':<12} {r['severity']:<7} {r['kind']:<20} {r['reason']}"
+            )
         if not out:
             print("no flagged studies")
     return OK

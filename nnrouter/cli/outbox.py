@@ -21,8 +21,10 @@ def cmd_outbox_list(args: argparse.Namespace) -> int:
         common.print_json(rows)
     else:
         for r in rows:
-            print(f"{r['id']:>6} {r['state']:<8} {r['destination']:<16} tries {r['attempts']:<3} {r['sop_instance_uid']}"
-                  + (f"  {r['last_error']}" if r["last_error"] else ""))
+            print(
+                f"{r['id']:>6} {r['state']:<8} {r['destination']:<16} tries {r['attempts']:<3} {r['sop_instance_uid']}"
+                + (f"  {r['last_error']}" if r["last_error"] else "")
+            )
         print(f"{len(rows)} row(s)")
     return OK
 

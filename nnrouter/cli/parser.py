@@ -41,8 +41,12 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nnrouter", description=DESCRIPTION, epilog=EXIT_CODES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="nnrouter",
+        description=DESCRIPTION,
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"nnrouter {version()}")
     sub = p.add_subparsers(dest="command", required=True)
     for group in (service, dicom, rules, outbox, study, protocols, orders, models, training, bench):

@@ -49,13 +49,21 @@ def cmd_protocols_send(args: argparse.Namespace) -> int:
             return common.err(f"nnrouter: {exc}")
     bad = [o for o in outcomes if o.status != 0]
     if args.json:
-        common.print_json({
-            "out": None if args.out is None else str(args.out),
-            "written": [str(p) for p in paths] if args.out else [],
-            "destination": {"name": args.destination, "ae_title": dest.ae_title, "host": dest.host, "port": dest.port},
-            "stored": len(outcomes) - len(bad), "of": len(outcomes),
-            "failed": [{"path": str(o.path), "status": o.status, "comment": o.comment or None} for o in bad],
-        })
+        common.print_json(
+            {
+                "out": None if args.out is None else str(args.out),
+                "written": [str(p) for p in paths] if args.out else [],
+                "destination": {
+                    "name": args.destination,
+                    "ae_title": dest.ae_title,
+                    "host": dest.host,
+                    "port": dest.port,
+                },
+                "stored": len(outcomes) - len(bad),
+                "of": len(outcomes),
+                "failed": [{"path": str(o.path), "status": o.status, "comment": o.comment or None} for o in bad],
+            }
+        )
     else:
         print(f"stored {len(outcomes) - len(bad)} of {len(outcomes)} at {dest.ae_title}@{dest.host}:{dest.port}")
     for o in bad:
@@ -74,23 +82,30 @@ def cmd_hang_protocols(args: argparse.Namespace) -> int:
 
 
 def _protocol_args(p: argparse.ArgumentParser, *, out_required: bool) -> None:
-    p.add_argument("--out", type=Path, required=out_required, help="folder for the .dcm files"
-                   + ("" if out_required else " (default: a temporary folder, removed afterwards)"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=out_required,
+        help="folder for the .dcm files"
+        + ("" if out_required else " (default: a temporary folder, removed afterwards)"),
+    )
     p.add_argument("--creator", default="NNROUTER")
     p.add_argument("--version", default="1")
 
 
 def register(sub: Any) -> None:
     pr = group(sub, "protocols", "the generic DICOM Hanging Protocol instances")
-    _protocol_args(add(pr, "write", cmd_protocols_write, "write them to a folder", config="none", json=True),
-                   out_required=True)
+    _protocol_args(
+        add(pr, "write", cmd_protocols_write, "write them to a folder", config="none", json=True), out_required=True
+    )
     ps = add(pr, "send", cmd_protocols_send, "store them to a destination of a rule file", config="none", json=True)
     ps.add_argument("destination", metavar="DESTINATION", help="a destination of the rule file")
     ps.add_argument("--rules", type=Path, required=True, help="the rule file that names the destination")
     _protocol_args(ps, out_required=False)
 
-    old = add(sub, "hang-protocols", cmd_hang_protocols, "", config="none", json=True,
-              replaced_by="protocols write|send")
+    old = add(
+        sub, "hang-protocols", cmd_hang_protocols, "", config="none", json=True, replaced_by="protocols write|send"
+    )
     _protocol_args(old, out_required=True)
     old.add_argument("--send", metavar="DESTINATION", help="also store them to this destination of the rule file")
     old.add_argument("--rules", type=Path, help="the rule file that names the destination")

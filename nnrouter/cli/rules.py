@@ -17,12 +17,20 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
     rs = common.load_rules(args.file, verdict=True, detector=detector, problems=problems)
     what = f"detector {detector.model}" if detector.model else "no detector configured"
     if args.json:
-        common.print_json({"file": str(args.file), "ok": rs is not None, "problems": problems,
-                           "rules": None if rs is None else len(rs.rules),
-                           "destinations": None if rs is None else len(rs.destinations),
-                           "detector": detector.model})
+        common.print_json(
+            {
+                "file": str(args.file),
+                "ok": rs is not None,
+                "problems": problems,
+                "rules": None if rs is None else len(rs.rules),
+                "destinations": None if rs is None else len(rs.destinations),
+                "detector": detector.model,
+            }
+        )
     elif rs is not None:
-        print(f"{args.file}: OK ({len(rs.rules)} rules, {len(rs.destinations)} destinations; regions checked against {what})")
+        print(
+            f"{args.file}: OK ({len(rs.rules)} rules, {len(rs.destinations)} destinations; regions checked against {what})"
+        )
     return FAILED if rs is None else OK
 
 
@@ -62,8 +70,14 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     for uid, facts in studies.items():
         decision = rules.decide(ruleset, facts)
         if args.json:
-            out.append({"study_uid": uid, "instances": len(facts.instances), "flags": flags.get(uid, []),
-                        **dryrun.decision_dict(decision)})
+            out.append(
+                {
+                    "study_uid": uid,
+                    "instances": len(facts.instances),
+                    "flags": flags.get(uid, []),
+                    **dryrun.decision_dict(decision),
+                }
+            )
             continue
         for f in flags.get(uid, []):
             print(f"flag {f['severity']} {f['kind']}: {f['reason']}")
@@ -77,13 +91,30 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     rl = group(sub, "rules", "routing rules")
-    rc = add(rl, "check", cmd_rules_check, "validate a rule file; every problem with file, line, column, field "
-             "(region conditions against the detector of --config)", json=True)
+    rc = add(
+        rl,
+        "check",
+        cmd_rules_check,
+        "validate a rule file; every problem with file, line, column, field "
+        "(region conditions against the detector of --config)",
+        json=True,
+    )
     rc.add_argument("file", type=Path)
-    add(rl, "schema", cmd_rules_schema, "print the JSON Schema of rule files, for editors (always JSON)",
-        config="none", json=True)
-    rtest = add(rl, "test", cmd_rules_test, "show what the rules would do with DICOM files or a stored study; sends nothing",
-                json=True)
+    add(
+        rl,
+        "schema",
+        cmd_rules_schema,
+        "print the JSON Schema of rule files, for editors (always JSON)",
+        config="none",
+        json=True,
+    )
+    rtest = add(
+        rl,
+        "test",
+        cmd_rules_test,
+        "show what the rules would do with DICOM files or a stored study; sends nothing",
+        json=True,
+    )
     rtest.add_argument("--rules", type=Path, required=True)
     rtest.add_argument("--calling-ae", nargs="*", help="calling AE titles to assume for files")
     rtest.add_argument("input", nargs="+", help="DICOM files or folders, or a Study Instance UID in the store")

@@ -119,12 +119,24 @@ def register(sub: Any) -> None:
     add(sub, "serve", cmd_serve, "run the DICOM node (C-STORE / C-ECHO SCP) and its workers")
     wk = add(sub, "worker", cmd_worker, "decode and classify received instances (one worker process)", json=True)
     wk.add_argument("--until-empty", action="store_true", help="exit when no work is left; print counts (JSON)")
-    add(sub, "route", cmd_route, "run the router alone: decide complete studies, queue their deliveries "
-        "(serve runs one when routing.rules is set; `nnrouter forward` delivers)")
-    add(sub, "forward", cmd_forward, "run the forwarder alone: deliver the outbox to the destinations of routing.rules "
-        "(serve runs one when routing.rules is set)")
+    add(
+        sub,
+        "route",
+        cmd_route,
+        "run the router alone: decide complete studies, queue their deliveries "
+        "(serve runs one when routing.rules is set; `nnrouter forward` delivers)",
+    )
+    add(
+        sub,
+        "forward",
+        cmd_forward,
+        "run the forwarder alone: deliver the outbox to the destinations of routing.rules "
+        "(serve runs one when routing.rules is set)",
+    )
     add(sub, "status", cmd_status, "counts of instances per state", json=True)
-    cl = add(sub, "clean", cmd_clean, "delete delivered studies kept long enough, and orphan files (retention)", json=True)
+    cl = add(
+        sub, "clean", cmd_clean, "delete delivered studies kept long enough, and orphan files (retention)", json=True
+    )
     cl.add_argument("--dry-run", action="store_true", help="show what would go and why; delete nothing")
     cl.add_argument("--loop", action="store_true", help="run the cleaner stage until stopped (serve runs one itself)")
 
@@ -134,4 +146,3 @@ def register(sub: Any) -> None:
 
     db = group(sub, "db", "database schema")
     add(db, "upgrade", cmd_db_upgrade, "apply database migrations up to the newest", json=True)
-

@@ -16,8 +16,10 @@ def _show_text(report: dict[str, Any]) -> None:
     det = report["detector"]
     if det is not None:
         missing = ", ".join(det["not_covered"])
-        print(f"  detector {det['model']} looks for {', '.join(det['labels'])}"
-              + (f"; does not cover {missing}: no box there says nothing about them" if missing else ""))
+        print(
+            f"  detector {det['model']} looks for {', '.join(det['labels'])}"
+            + (f"; does not cover {missing}: no box there says nothing about them" if missing else "")
+        )
     for f in report["flags"]:
         print(f"  flag {f['severity']:<7} {f['kind']}: {f['reason']}")
     for se in report["series"]:
@@ -98,10 +100,14 @@ def register(sub: Any) -> None:
     study = group(sub, "study", "look at one study")
     show = add(study, "show", cmd_study_show, "series, instances, paths and states of a study", json=True)
     show.add_argument("study_uid")
-    _hang_args(add(study, "hang", cmd_study_hang, "hanging-protocol layout of a study, with its prior (always JSON)",
-                   json=True))
-    _report_args(add(study, "report", cmd_study_report, "write a study's Comprehensive SR (what nnrouter found)",
-                     json=True))
+    _hang_args(
+        add(
+            study, "hang", cmd_study_hang, "hanging-protocol layout of a study, with its prior (always JSON)", json=True
+        )
+    )
+    _report_args(
+        add(study, "report", cmd_study_report, "write a study's Comprehensive SR (what nnrouter found)", json=True)
+    )
     # The names before `study` gathered them, kept for one release.
     _hang_args(add(sub, "hang", cmd_study_hang, "", json=True, replaced_by="study hang"))
     _report_args(add(sub, "report", cmd_study_report, "", json=True, replaced_by="study report"))

@@ -136,7 +136,9 @@ FAMILIES = ("frontal", "lateral", "oblique", "other")
 FRONTAL_POSITIONS = frozenset({"AP", "PA"})
 LATERAL_POSITIONS = frozenset({"LL", "RL", "LATERAL"})
 DECUBITUS_POSITIONS = frozenset({"LLD", "RLD"})
-_FRONTAL_MEANINGS = frozenset({"antero-posterior", "postero-anterior", "dorso-plantar", "dorsoplantar", "dorso-palmar", "frontal"})
+_FRONTAL_MEANINGS = frozenset(
+    {"antero-posterior", "postero-anterior", "dorso-plantar", "dorsoplantar", "dorso-palmar", "frontal"}
+)
 
 
 def family(name: str) -> str:

@@ -221,7 +221,10 @@ class Hl7(_Section):
             try:
                 ipaddress.ip_network(host, strict=False)
             except ValueError:
-                if not re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*", host):
+                if not re.fullmatch(
+                    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*",
+                    host,
+                ):
                     raise ValueError(f"{host!r} is not an address, a network (10.1.2.0/24) or a host name") from None
         return value
 

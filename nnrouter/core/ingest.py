@@ -145,7 +145,7 @@ def _int(ds: Dataset, keyword: str) -> int | None:
     try:
         value = ds.get(keyword)
         return int(value) if value not in (None, "") else None
-    except Exception:  # noqa: BLE001 - a damaged value (wrong length, several values, not a number) is no number
+    except Exception:
         return None
 
 
@@ -249,7 +249,9 @@ def parse_header(ds: Dataset, affected_sop_instance_uid: str = "", affected_sop_
 _STRIPES = [threading.Lock() for _ in range(64)]
 
 
-def keep_encoded(store: Store, spool: Spool, header: Header, meta: bytes, data: memoryview, origin: dict[str, Any]) -> Kept:
+def keep_encoded(
+    store: Store, spool: Spool, header: Header, meta: bytes, data: memoryview, origin: dict[str, Any]
+) -> Kept:
     """Write and record one instance (file meta and data set as encoded); after this returns it may be acknowledged.
 
     ``origin`` holds the instance row's columns that say where it came from
@@ -269,7 +271,9 @@ def keep_encoded(store: Store, spool: Spool, header: Header, meta: bytes, data: 
                 return Kept(row.id, row.version, duplicate=True)
         version = max((r.version for r in rows), default=0) + 1
         if rows:
-            log.warning("instance_changed_content", sop_instance_uid=header.sop_instance_uid, kept_versions=len(rows) + 1)
+            log.warning(
+                "instance_changed_content", sop_instance_uid=header.sop_instance_uid, kept_versions=len(rows) + 1
+            )
         dest = spool.path_for(header.study_uid, header.series_uid, header.sop_instance_uid, version)
         size = spool.keep([meta, data], dest)  # type: ignore[list-item]  # a memoryview writes like bytes
         try:
@@ -342,16 +346,24 @@ def _insert_ignore(session: Session, model: Any, values: dict[str, Any], key: st
     return session.execute(select(model.id).where(getattr(model, key) == values[key])).scalar_one()
 
 
-def _record(store: Store, header: Header, dest: Path, size: int, digest: str, version: int, origin: dict[str, Any]) -> int:
+def _record(
+    store: Store, header: Header, dest: Path, size: int, digest: str, version: int, origin: dict[str, Any]
+) -> int:
     now = utcnow()
     with store.write() as s:
         study_id = _insert_ignore(
-            s, Study, {"study_uid": header.study_uid, **header.study, "created_at": now, "last_received_at": now}, "study_uid"
+            s,
+            Study,
+            {"study_uid": header.study_uid, **header.study, "created_at": now, "last_received_at": now},
+            "study_uid",
         )
         if origin.get("state") != InstanceState.CREATED:  # our own objects do not restart the quiet period
             s.query(Study).filter(Study.id == study_id).update({"last_received_at": now})
         series_id = _insert_ignore(
-            s, Series, {"series_uid": header.series_uid, "study_id": study_id, **header.series, "created_at": now}, "series_uid"
+            s,
+            Series,
+            {"series_uid": header.series_uid, "study_id": study_id, **header.series, "created_at": now},
+            "series_uid",
         )
         inst = Instance(
             series_id=series_id,

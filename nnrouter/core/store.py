@@ -418,7 +418,9 @@ class Store:
 
     def outbox_counts(self) -> dict[str, dict[str, int]]:
         with self.read() as s:
-            rows = s.execute(select(Outbox.destination, Outbox.state, func.count()).group_by(Outbox.destination, Outbox.state)).all()
+            rows = s.execute(
+                select(Outbox.destination, Outbox.state, func.count()).group_by(Outbox.destination, Outbox.state)
+            ).all()
         out: dict[str, dict[str, int]] = {}
         for dest, state, n in rows:
             out.setdefault(dest, {})[state] = n
@@ -428,8 +430,12 @@ class Store:
         """The file of this kind running now, and a refused newer version if there is one."""
         with self.read() as s:
             mine = select(RulesLoad).where(RulesLoad.kind == kind)
-            ok = s.execute(mine.where(RulesLoad.ok.is_(True)).order_by(RulesLoad.id.desc()).limit(1)).scalar_one_or_none()
-            bad = s.execute(mine.where(RulesLoad.ok.is_(False)).order_by(RulesLoad.id.desc()).limit(1)).scalar_one_or_none()
+            ok = s.execute(
+                mine.where(RulesLoad.ok.is_(True)).order_by(RulesLoad.id.desc()).limit(1)
+            ).scalar_one_or_none()
+            bad = s.execute(
+                mine.where(RulesLoad.ok.is_(False)).order_by(RulesLoad.id.desc()).limit(1)
+            ).scalar_one_or_none()
         out: dict = {}
         if ok:
             out["running"] = {"path": ok.path, "digest": ok.digest, "at": ok.at}
@@ -440,7 +446,7 @@ class Store:
     def state_counts(self) -> dict[str, int]:
         with self.read() as s:
             rows = s.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()
-        return {state: n for state, n in rows}
+        return dict(rows)
 
 
 def held_here(node: str | None) -> ColumnElement[bool]:
@@ -473,12 +479,16 @@ def current_instances(s: Session, study_id: int, *, created: bool = False) -> li
     """
     newest = (
         select(Instance.sop_instance_uid, func.max(Instance.version).label("version"))
-        .join(Series).where(Series.study_id == study_id).group_by(Instance.sop_instance_uid).subquery()
+        .join(Series)
+        .where(Series.study_id == study_id)
+        .group_by(Instance.sop_instance_uid)
+        .subquery()
     )
     query = (
         select(Instance)
         .join(newest, (Instance.sop_instance_uid == newest.c.sop_instance_uid) & (Instance.version == newest.c.version))
-        .join(Series).where(Series.study_id == study_id)
+        .join(Series)
+        .where(Series.study_id == study_id)
         .order_by(Instance.id)
     )
     if not created:
@@ -493,9 +503,15 @@ class SchemaOutOfDate(RuntimeError):
 # SQLite primary result codes (the low byte of the extended code) that mean
 # "not now" rather than "wrong": busy/locked, out of memory, read-only (a
 # remount), I/O error, disk full, cannot open.
-_SQLITE_PASSING = {5: "database busy", 6: "database busy", 7: "database out of resources",
-                   8: "database unavailable", 10: "database unavailable", 13: "database disk full",
-                   14: "database unavailable"}
+_SQLITE_PASSING = {
+    5: "database busy",
+    6: "database busy",
+    7: "database out of resources",
+    8: "database unavailable",
+    10: "database unavailable",
+    13: "database disk full",
+    14: "database unavailable",
+}
 
 
 def unavailable(exc: BaseException) -> str | None:

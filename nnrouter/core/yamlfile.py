@@ -54,11 +54,11 @@ def _walk(node: yaml.Node, path: tuple[Any, ...], out: Positions) -> None:
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             name = key.value
-            out[path + (name,)] = (key.start_mark.line + 1, key.start_mark.column + 1)
-            _walk(value, path + (name,), out)
+            out[(*path, name)] = (key.start_mark.line + 1, key.start_mark.column + 1)
+            _walk(value, (*path, name), out)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _walk(item, path + (i,), out)
+            _walk(item, (*path, i), out)
 
 
 _MERGE = "tag:yaml.org,2002:merge"
@@ -84,13 +84,19 @@ def _duplicates(loader: yaml.SafeLoader, node: yaml.Node, path: tuple[Any, ...],
                 seen = key
             name = getattr(key, "value", "?")
             if seen is not key:
-                found.append(Problem(file, key.start_mark.line + 1, key.start_mark.column + 1,
-                                     field_path(path + (name,)),
-                                     f"duplicate key {name!r} (first at line {seen.start_mark.line + 1})"))
-            found += _duplicates(loader, value, path + (name,), file)
+                found.append(
+                    Problem(
+                        file,
+                        key.start_mark.line + 1,
+                        key.start_mark.column + 1,
+                        field_path((*path, name)),
+                        f"duplicate key {name!r} (first at line {seen.start_mark.line + 1})",
+                    )
+                )
+            found += _duplicates(loader, value, (*path, name), file)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            found += _duplicates(loader, item, path + (i,), file)
+            found += _duplicates(loader, item, (*path, i), file)
     return found
 
 
@@ -178,8 +184,15 @@ class Reloaded(Generic[T]):
     so that `nnrouter status` can show it. ``name`` prefixes the log events.
     """
 
-    def __init__(self, path: Path, load: Callable[[Path], T], record: Callable[[bool, str, str | None], None],
-                 name: str, summary: Callable[[T], dict[str, Any]], log: Any):
+    def __init__(
+        self,
+        path: Path,
+        load: Callable[[Path], T],
+        record: Callable[[bool, str, str | None], None],
+        name: str,
+        summary: Callable[[T], dict[str, Any]],
+        log: Any,
+    ):
         self.path = Path(path)
         self.value: T | None = None
         self.digest: str | None = None
@@ -203,9 +216,14 @@ class Reloaded(Generic[T]):
             value = self._load(self.path)
         except FileProblems as exc:
             self._record(False, version, str(exc))
-            self._log.error(f"{self._name}_rejected", path=str(self.path), digest=version[:12], problems=len(exc.problems),
-                            first=str(exc.problems[0]) if exc.problems else None,
-                            kept=self.digest[:12] if self.digest else None)
+            self._log.error(
+                f"{self._name}_rejected",
+                path=str(self.path),
+                digest=version[:12],
+                problems=len(exc.problems),
+                first=str(exc.problems[0]) if exc.problems else None,
+                kept=self.digest[:12] if self.digest else None,
+            )
             return False
         self.value, self.digest = value, version
         self._record(True, version, None)

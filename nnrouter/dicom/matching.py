@@ -106,7 +106,7 @@ def time_key(value: str, *, upper: bool = False) -> str:
     main, _, frac = value.partition(".")
     main = main[:6]
     fill = "595959" if upper else "000000"
-    main = main + fill[len(main):]
+    main = main + fill[len(main) :]
     if len(value.partition(".")[0]) < 6:
         frac = ""
     frac = frac[:6].ljust(6, "9" if upper else "0")

@@ -30,6 +30,7 @@ pynetdicom to read); TLS reads it and hands it back through the socket's
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import struct
@@ -78,7 +79,9 @@ class Limits:
     first_pdu_timeout_s: float = config.Dicom.model_fields["first_pdu_timeout_s"].default
     pdu_timeout_s: float = config.Dicom.model_fields["pdu_timeout_s"].default
     max_associate_pdu: int = config.Dicom.model_fields["max_associate_pdu"].default
-    max_pdata_pdu: int | None = config.Dicom.model_fields["max_pdu"].default + PDATA_SLACK  # None: no limit (dicom.max_pdu 0)
+    max_pdata_pdu: int | None = (
+        config.Dicom.model_fields["max_pdu"].default + PDATA_SLACK
+    )  # None: no limit (dicom.max_pdu 0)
     max_connections_per_host: int = config.Dicom.model_fields["max_connections_per_host"].default  # 0: no cap
     max_pending_connections: int = config.Dicom.model_fields["max_pending_connections"].default
 
@@ -252,7 +255,9 @@ class ConnectionGuard:
             self._tickets.append(ticket)
         if victim is not None:
             log.warning(
-                "connection_evicted", peer=victim.host, reason="waiting for its A-ASSOCIATE-RQ while the pending pool was full"
+                "connection_evicted",
+                peer=victim.host,
+                reason="waiting for its A-ASSOCIATE-RQ while the pending pool was full",
             )
             _hang_up(victim.sock())
         return ticket
@@ -318,10 +323,8 @@ def _hang_up(sock: socket.socket | None) -> None:
     """Wake whatever thread waits on the socket: its reads return end-of-file."""
     if sock is None:
         return
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 # --- the sockets pynetdicom reads from -----------------------------------------
@@ -410,10 +413,8 @@ class _Guarded:
 
     def _send_mode(self) -> None:
         assert self._framer is not None
-        try:
+        with contextlib.suppress(OSError):
             self.settimeout(self._framer.limits.pdu_timeout_s)  # type: ignore[attr-defined]
-        except OSError:
-            pass
 
     def _refuse(self, problem: Refusal) -> bytes:
         """Tell the peer (A-ABORT), hang up, and show pynetdicom an end of file."""
@@ -435,10 +436,8 @@ class GuardedTLSSocket(_Guarded, ssl.SSLSocket):
 
 
 def _shutdown(sock: socket.socket, how: int) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(how)
-    except OSError:
-        pass
 
 
 def _send_abort(sock: socket.socket, reason: int) -> None:
@@ -681,16 +680,16 @@ class GuardedServer(ThreadedAssociationServer):
                 _send_abort(conn, why.abort)
         except OSError as exc:
             if not ticket.released:
-                log.info("connection_closed", peer=host, reason=f"{type(exc).__name__} before the A-ASSOCIATE-RQ", pdus=0)
+                log.info(
+                    "connection_closed", peer=host, reason=f"{type(exc).__name__} before the A-ASSOCIATE-RQ", pdus=0
+                )
         _hang_up(conn)
         conn.close()
         return None
 
     def shutdown(self) -> None:
-        try:
+        with contextlib.suppress(ValueError):  # not in ae._servers: we were not started by ae.start_server
             super().shutdown()
-        except ValueError:  # not in ae._servers: we were not started by ae.start_server
-            pass
 
 
 def make_server(

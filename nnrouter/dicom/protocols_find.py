@@ -82,11 +82,16 @@ def handle_find(event: Any, protocols: Iterable[Dataset]) -> Iterator[tuple[Any,
     Cancel when the SCU cancels.
     """
     if event.request.AffectedSOPClassUID != HangingProtocolInformationModelFind:
-        yield with_comment(IDENTIFIER_DOES_NOT_MATCH, f"not the Hanging Protocol FIND model: {event.request.AffectedSOPClassUID}"), None
+        yield (
+            with_comment(
+                IDENTIFIER_DOES_NOT_MATCH, f"not the Hanging Protocol FIND model: {event.request.AffectedSOPClassUID}"
+            ),
+            None,
+        )
         return
     try:
         identifier = event.identifier
-    except Exception as exc:  # noqa: BLE001 - any decoding failure is the peer's
+    except Exception as exc:
         yield with_comment(UNABLE_TO_PROCESS, f"identifier could not be decoded: {type(exc).__name__}"), None
         return
     try:

@@ -240,7 +240,12 @@ _KEYS: dict[str, dict[str, str]] = {
         "ViewCodeSequence": "seq",
     },
 }
-_UNIQUE = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
+_UNIQUE = {
+    "PATIENT": "PatientID",
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+    "IMAGE": "SOPInstanceUID",
+}
 _CODE_ITEM_KEYS = ("CodeValue", "CodingSchemeDesignator", "CodeMeaning")
 
 
@@ -390,7 +395,9 @@ def parse_request(identifier: Dataset, sop_class: str) -> Request:
     unique = _UNIQUE[level]
     if unique not in keys:
         # The unique key of the level is always answered (PS3.4 C.2.2.1.1).
-        keys[unique] = _Key(unique, tag_for_keyword(unique), dictionary_VR(unique), supported[unique], None, asked=False)
+        keys[unique] = _Key(
+            unique, tag_for_keyword(unique), dictionary_VR(unique), supported[unique], None, asked=False
+        )
     flags = _private_flags(identifier) if level != "PATIENT" else None
     return Request(level=level, keys=keys, flags=flags)
 
@@ -504,7 +511,9 @@ class _Builder:
         key = self.req.keys.get("ModalitiesInStudy")
         if key is not None and key.values is not None:
             s2 = aliased(Series)
-            self.where.append(exists(select(s2.id).where(s2.study_id == Study.id, self.string(s2.modality, key.values))))
+            self.where.append(
+                exists(select(s2.id).where(s2.study_id == Study.id, self.string(s2.modality, key.values)))
+            )
         flags = self.req.flags
         if flags is not None and flags.values is not None:
             if flags.values == ["*"]:
@@ -560,7 +569,11 @@ class _Builder:
         self.columns["_code_value"] = latest.code_value
         self.columns["_code_scheme"] = latest.code_scheme
         self.columns["_code_meaning"] = latest.code_meaning
-        exprs = {"CodeValue": latest.code_value, "CodingSchemeDesignator": latest.code_scheme, "CodeMeaning": latest.code_meaning}
+        exprs = {
+            "CodeValue": latest.code_value,
+            "CodingSchemeDesignator": latest.code_scheme,
+            "CodeMeaning": latest.code_meaning,
+        }
         for item in key.items[:1]:
             for keyword, expr in exprs.items():
                 values = query_values(item.get(keyword))
@@ -589,7 +602,11 @@ class _Builder:
         elif level == "SERIES":
             self.study_keys()
             self.series_keys(image_level=False)
-            stmt = select(Study.id.label("_study"), Series.id.label("_series")).select_from(Series).join(Study, Series.study_id == Study.id)
+            stmt = (
+                select(Study.id.label("_study"), Series.id.label("_series"))
+                .select_from(Series)
+                .join(Study, Series.study_id == Study.id)
+            )
             order = Series.id
         else:
             latest = _Latest(self.found, Series.body_part_examined, instance=Instance)
@@ -685,8 +702,13 @@ class Query:
         calling_ae = str(getattr(requestor, "ae_title", "") or "").strip()
         try:
             identifier = event.identifier
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on garbage
-            log.warning("query_refused", model=model, calling_ae=calling_ae, reason=f"cannot decode identifier: {type(exc).__name__}")
+        except Exception as exc:
+            log.warning(
+                "query_refused",
+                model=model,
+                calling_ae=calling_ae,
+                reason=f"cannot decode identifier: {type(exc).__name__}",
+            )
             yield with_comment(UNABLE_TO_PROCESS, "cannot decode identifier"), None
             return
         try:
@@ -704,8 +726,10 @@ class Query:
             log.error("query_failed", model=model, query_level=request.level, calling_ae=calling_ae, error=reason[:200])
             yield with_comment(DATABASE_ERROR, f"database error: {reason}"), None
             return
-        except Exception as exc:  # noqa: BLE001 - answered as Unable to Process; the SCU must get a final status
-            log.error("query_failed", model=model, query_level=request.level, calling_ae=calling_ae, error=type(exc).__name__)
+        except Exception as exc:
+            log.error(
+                "query_failed", model=model, query_level=request.level, calling_ae=calling_ae, error=type(exc).__name__
+            )
             yield with_comment(UNABLE_TO_PROCESS, f"unable to process: {type(exc).__name__}"), None
             return
         sent = 0
@@ -730,7 +754,9 @@ class Query:
             return
         log.info("query", **fields, truncated=truncated)
         if truncated:
-            log.warning("query_truncated", model=model, query_level=request.level, limit=self.max_results, calling_ae=calling_ae)
+            log.warning(
+                "query_truncated", model=model, query_level=request.level, limit=self.max_results, calling_ae=calling_ae
+            )
 
     # -- the work --
 
@@ -788,14 +814,22 @@ class Query:
         if "ModalitiesInStudy" in asked:
             mods: dict[Any, Any] = defaultdict(list)
             for chunk in _chunks(studies):
-                q = select(Series.study_id, Series.modality).where(Series.study_id.in_(chunk), Series.modality.is_not(None)).distinct()
+                q = (
+                    select(Series.study_id, Series.modality)
+                    .where(Series.study_id.in_(chunk), Series.modality.is_not(None))
+                    .distinct()
+                )
                 for sid, modality in s.execute(q):
                     mods[sid].append(modality)
             out["ModalitiesInStudy"] = {k: sorted(set(v)) for k, v in mods.items()}
         if "NumberOfStudyRelatedSeries" in asked:
             counts = {}
             for chunk in _chunks(studies):
-                q = select(Series.study_id, func.count(Series.id)).where(Series.study_id.in_(chunk)).group_by(Series.study_id)
+                q = (
+                    select(Series.study_id, func.count(Series.id))
+                    .where(Series.study_id.in_(chunk))
+                    .group_by(Series.study_id)
+                )
                 counts.update(s.execute(q).all())
             out["NumberOfStudyRelatedSeries"] = counts
         if "NumberOfStudyRelatedInstances" in asked:
@@ -857,7 +891,11 @@ class Query:
         value = row.get("_code_value")
         if not value:
             return Sequence()
-        found = {"CodeValue": value, "CodingSchemeDesignator": row.get("_code_scheme"), "CodeMeaning": row.get("_code_meaning")}
+        found = {
+            "CodeValue": value,
+            "CodingSchemeDesignator": row.get("_code_scheme"),
+            "CodeMeaning": row.get("_code_meaning"),
+        }
         asked = [k for k in _CODE_ITEM_KEYS if key.items and k in key.items[0]] or list(_CODE_ITEM_KEYS)
         item = Dataset()
         for keyword in asked:

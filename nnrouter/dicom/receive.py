@@ -124,8 +124,9 @@ class Receiver:
     def keep(self, header: Header, meta: bytes, data: memoryview, origin: dict[str, Any]) -> Kept:
         """Write and record one instance on this node; after this returns it may be acknowledged."""
         # The node whose spool holds the file: only that node can read it.
-        return ingest.keep_encoded(self.store, self.spool, header, meta, data,
-                                   {"node": self.settings.node.name, **origin})
+        return ingest.keep_encoded(
+            self.store, self.spool, header, meta, data, {"node": self.settings.node.name, **origin}
+        )
 
     def store_instance(self, event: evt.Event) -> tuple[int, str]:
         """Keep one instance of a C-STORE request; returns the status and Error Comment to answer.
@@ -199,8 +200,9 @@ class Receiver:
             ref = _ref()
             problem = unavailable(exc)
             if problem:
-                log.error("store_failed_database", sop_instance_uid=affected_uid, ref=ref, reason=problem,
-                          error=_brief(exc))
+                log.error(
+                    "store_failed_database", sop_instance_uid=affected_uid, ref=ref, reason=problem, error=_brief(exc)
+                )
                 return OUT_OF_RESOURCES, f"{problem} (ref {ref})"
             log.exception("store_failed", sop_instance_uid=affected_uid, ref=ref)
             return PROCESSING_FAILURE, f"internal error (ref {ref})"

@@ -92,8 +92,12 @@ class Scp:
         # Back-pressure (nnrouter.service.pressure): a spool or queue near its limit refuses new work, transiently.
         busy = self.pressure.refusal(event)
         if busy is not None:
-            log.warning("association_refused_busy", calling_ae=(event.assoc.requestor.primitive.calling_ae_title or "").strip(),
-                        peer=event.assoc.requestor.address, reason=busy)
+            log.warning(
+                "association_refused_busy",
+                calling_ae=(event.assoc.requestor.primitive.calling_ae_title or "").strip(),
+                peer=event.assoc.requestor.address,
+                reason=busy,
+            )
             event.assoc.acse.send_reject(*pressure.REJECT_BUSY)
             event.assoc.kill()
             return
@@ -251,8 +255,12 @@ def serve(settings: Settings, store: Store, spool: Spool, *, block: bool = True)
     tls = netguard.tls_context(d.tls) if d.tls is not None else None
     server = netguard.make_server(ae, (d.bind, d.port), netguard.Limits.from_settings(d), scp.handlers(), tls=tls)
     if d.tls is not None:
-        log.info("tls", cert=str(d.tls.cert), ca=str(d.tls.ca) if d.tls.ca else None,
-                 require_client_cert=d.tls.require_client_cert)
+        log.info(
+            "tls",
+            cert=str(d.tls.cert),
+            ca=str(d.tls.ca) if d.tls.ca else None,
+            require_client_cert=d.tls.require_client_cert,
+        )
     if not block:
         return netguard.run_in_thread(server)
     try:

@@ -99,7 +99,7 @@ def send(host: str, port: int, files: list[Path], aet: str, aec: str, timeout: f
         try:
             sop_class, ts = _read_header(f)
             readable.append((f, sop_class, ts))
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a file that is no DICOM; said per file
+        except Exception as exc:
             outcomes.append(Outcome(f, None, None, f"not a DICOM file: {exc}"))
     contexts: dict[str, list[str]] = {}
     for _, sop_class, ts in readable:

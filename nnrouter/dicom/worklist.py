@@ -9,6 +9,8 @@ give.
 
 from __future__ import annotations
 
+import contextlib
+
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
@@ -59,13 +61,16 @@ def query(
         elif isinstance(event.pdu, A_ASSOCIATE_RJ):
             seen["rejected"] = event.pdu
 
-    assoc = ae.associate(host, port, ae_title=called_ae,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, watch), (evt.EVT_PDU_RECV, watch)])
+    assoc = ae.associate(
+        host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, watch), (evt.EVT_PDU_RECV, watch)]
+    )
     if not assoc.is_established:
         raise WorklistError(f"worklist {peer}: {_why_not(assoc, seen)}")
     found: list[Dataset] = []
     try:
-        for status, identifier in assoc.send_c_find(_identifier(accession_number, study_uid), ModalityWorklistInformationFind):
+        for status, identifier in assoc.send_c_find(
+            _identifier(accession_number, study_uid), ModalityWorklistInformationFind
+        ):
             if "Status" not in status:
                 raise WorklistError(f"worklist {peer}: no response to C-FIND (timeout or abort)")
             code = int(status.Status)
@@ -74,8 +79,9 @@ def query(
                     found.append(identifier)
             elif category(code) != STATUS_SUCCESS:
                 comment = status.get("ErrorComment", "")
-                raise WorklistError(f"worklist {peer}: C-FIND failed with status 0x{code:04X}"
-                                    + (f" ({comment})" if comment else ""))
+                raise WorklistError(
+                    f"worklist {peer}: C-FIND failed with status 0x{code:04X}" + (f" ({comment})" if comment else "")
+                )
     finally:
         if assoc.is_established:
             assoc.release()
@@ -91,8 +97,14 @@ def query(
             continue
         if order not in orders:
             orders.append(order)
-    log.info("worklist_queried", peer=f"{host}:{port}", called_ae=called_ae, study_uid=study_uid,
-             responses=len(found), orders=len(orders))
+    log.info(
+        "worklist_queried",
+        peer=f"{host}:{port}",
+        called_ae=called_ae,
+        study_uid=study_uid,
+        responses=len(found),
+        orders=len(orders),
+    )
     log.debug("worklist_queried_for", accession_number=accession_number)
     return orders
 
@@ -147,10 +159,8 @@ def _identifier(accession_number: str | None, study_uid: str | None) -> Dataset:
 
 
 def _order(ds: Dataset) -> Order:
-    try:
+    with contextlib.suppress(LookupError, ValueError):
         ds.decode()  # Specific Character Set, where the SCP sent one
-    except (LookupError, ValueError):
-        pass
     sps = (ds.get("ScheduledProcedureStepSequence") or [Dataset()])[0]
     sps_description = text_of(sps, "ScheduledProcedureStepDescription")
     description = text_of(ds, "RequestedProcedureDescription") or sps_description or None

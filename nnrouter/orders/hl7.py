@@ -15,6 +15,7 @@ its interface engine for us.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 import select
@@ -62,10 +63,18 @@ _CONDITIONS = {
 # ASCII; in practice it is UTF-8 or Latin-1, tried in that order.
 _CHARSETS = {
     "ASCII": "ascii",
-    "8859/1": "latin-1", "8859/2": "iso8859-2", "8859/3": "iso8859-3", "8859/4": "iso8859-4",
-    "8859/5": "iso8859-5", "8859/6": "iso8859-6", "8859/7": "iso8859-7", "8859/8": "iso8859-8",
-    "8859/9": "iso8859-9", "8859/15": "iso8859-15",
-    "UNICODE UTF-8": "utf-8", "UNICODE": "utf-8",
+    "8859/1": "latin-1",
+    "8859/2": "iso8859-2",
+    "8859/3": "iso8859-3",
+    "8859/4": "iso8859-4",
+    "8859/5": "iso8859-5",
+    "8859/6": "iso8859-6",
+    "8859/7": "iso8859-7",
+    "8859/8": "iso8859-8",
+    "8859/9": "iso8859-9",
+    "8859/15": "iso8859-15",
+    "UNICODE UTF-8": "utf-8",
+    "UNICODE": "utf-8",
 }
 
 # OBR-24 holds an HL7 diagnostic service section (table 0074), not a DICOM
@@ -73,8 +82,29 @@ _CHARSETS = {
 # are mapped; "RAD" or "RX" could be CR or DX and give no modality rather
 # than a wrong one the mismatch check would trip on.
 _DICOM_MODALITIES = frozenset(
-    ["CR", "DX", "CT", "MR", "US", "NM", "PT", "XA", "RF", "MG", "IO", "PX", "OT", "ES", "XC", "OP", "SM", "BMD",
-     "DG", "IVUS", "OCT"]
+    [
+        "CR",
+        "DX",
+        "CT",
+        "MR",
+        "US",
+        "NM",
+        "PT",
+        "XA",
+        "RF",
+        "MG",
+        "IO",
+        "PX",
+        "OT",
+        "ES",
+        "XC",
+        "OP",
+        "SM",
+        "BMD",
+        "DG",
+        "IVUS",
+        "OCT",
+    ]
 )
 _SECTIONS = {"NMR": "MR", "NMS": "NM", "VUS": "US", "OUS": "US", "CUS": "US"}
 
@@ -140,8 +170,12 @@ class _Encoding:
         one, so that, as the sender meant, nothing splits on it.
         """
         spare = (c for c in map(chr, range(0xE000, 0xF900)) if c not in text)  # Unicode private use
-        return (self.component or next(spare), self.repetition or next(spare),
-                (escape if escape is not None else self.escape) or next(spare), self.subcomponent or next(spare))
+        return (
+            self.component or next(spare),
+            self.repetition or next(spare),
+            (escape if escape is not None else self.escape) or next(spare),
+            self.subcomponent or next(spare),
+        )
 
     def header(self, msh: str, text: str) -> str:
         """The MSH line of ``text`` with every separator declared (stand-ins from ``_complete``), for python-hl7 to split on."""
@@ -168,8 +202,7 @@ class _Encoding:
         return "".join(out)
 
     def _sequence(self, seq: str) -> str:
-        simple = {"F": self.field, "S": self.component, "T": self.subcomponent,
-                  "R": self.repetition, "E": self.escape}
+        simple = {"F": self.field, "S": self.component, "T": self.subcomponent, "R": self.repetition, "E": self.escape}
         if seq in simple:
             return simple[seq]
         if seq.startswith("X") and len(seq) > 1 and len(seq) % 2 == 1:
@@ -195,8 +228,11 @@ class _Encoding:
         clean = "".join(c if c >= " " or c == "\r" else " " for c in re.sub(r"\r\n|\n", "\r", text))
         comp, rep, esc, sub = self._complete(clean, escape=self.escape or "\\")
         container = hl7v2.Message(separators="\r" + self.field + rep + comp + sub, esc=esc)
-        return "".join(part if len(part) == 1 and part > "~" else container.escape(part)
-                       for part in re.split(r"([^\r -~])", clean) if part)
+        return "".join(
+            part if len(part) == 1 and part > "~" else container.escape(part)
+            for part in re.split(r"([^\r -~])", clean)
+            if part
+        )
 
 
 @dataclass
@@ -416,7 +452,9 @@ def _patient(pid: _Segment | None) -> tuple[str | None, str | None]:
         return None, None
     ids = [(pid.value(3, 1, rep=r), pid.value(3, 5, rep=r).upper()) for r in range(pid.repetitions(3))]
     # PID-3 repeats (MRN, national ID, ...); the medical record number is the one images carry.
-    patient_id = next((i for i, kind in ids if i and kind in ("MR", "PI")), None) or next((i for i, _ in ids if i), None)
+    patient_id = next((i for i, kind in ids if i and kind in ("MR", "PI")), None) or next(
+        (i for i, _ in ids if i), None
+    )
     # XPN: family^given^middle^suffix^prefix; DICOM PN: family^given^middle^prefix^suffix.
     family, given, middle, suffix, prefix = (pid.value(5, c) for c in range(1, 6))
     name = f"{family}^{given}^{middle}^{prefix}^{suffix}".rstrip("^")
@@ -468,15 +506,26 @@ def _ack(msg: _Message | None, code: str, text: str, condition: str | None) -> b
     trigger = msg.type[1] if msg else ""
     encoding_chars = enc.component + enc.repetition + enc.escape + enc.subcomponent
     msh = [
-        "MSH", encoding_chars, raw(5), raw(6), raw(3), raw(4),
-        datetime.now().astimezone().strftime("%Y%m%d%H%M%S%z"), "",
+        "MSH",
+        encoding_chars,
+        raw(5),
+        raw(6),
+        raw(3),
+        raw(4),
+        datetime.now().astimezone().strftime("%Y%m%d%H%M%S%z"),
+        "",
         f"ACK{cs}{trigger}{cs}ACK" if trigger else "ACK",
-        uuid.uuid4().hex[:20], raw(11) or "P", version,
+        uuid.uuid4().hex[:20],
+        raw(11) or "P",
+        version,
     ]
     if raw(18):
         msh += ["", "", "", "", "", raw(18)]
     esc_text = enc.escaped(text)
-    segments = [fs.join(msh), fs.join(["MSA", code, enc.escaped(msg.control_id) if msg else "", enc.escaped(text[:80])])]
+    segments = [
+        fs.join(msh),
+        fs.join(["MSA", code, enc.escaped(msg.control_id) if msg else "", enc.escaped(text[:80])]),
+    ]
     if code != "AA":
         cond = condition or "207"
         cond_text = enc.escaped(_CONDITIONS.get(cond, ""))
@@ -708,18 +757,28 @@ class MLLPServer:
         for name in self.allowed.unresolved:
             log.warning("mllp_allowed_host_unresolved", host=name, reason="cannot resolve the name; it is not allowed")
         self._server = _TCPServer((self.bind, self._port), _Connection, self)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name=f"mllp-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name=f"mllp-{self.port}", daemon=True
+        )
         self._thread.start()
         lim = self.limits
-        log.info("mllp_listening", bind=self.bind, port=self.port,
-                 allowed_hosts=list(lim.allowed_hosts) or "loopback only",
-                 max_connections=lim.max_connections, max_connections_per_host=lim.max_connections_per_host,
-                 idle_timeout_s=lim.idle_timeout_s, message_timeout_s=lim.message_timeout_s,
-                 max_message_bytes=lim.max_message)
+        log.info(
+            "mllp_listening",
+            bind=self.bind,
+            port=self.port,
+            allowed_hosts=list(lim.allowed_hosts) or "loopback only",
+            max_connections=lim.max_connections,
+            max_connections_per_host=lim.max_connections_per_host,
+            idle_timeout_s=lim.idle_timeout_s,
+            message_timeout_s=lim.message_timeout_s,
+            max_message_bytes=lim.max_message,
+        )
         if not lim.allowed_hosts and not _is_loopback(self.bind):
-            log.warning("mllp_loopback_only", bind=self.bind,
-                        reason="orders.hl7.allowed_hosts is empty: only this machine may send orders")
+            log.warning(
+                "mllp_loopback_only",
+                bind=self.bind,
+                reason="orders.hl7.allowed_hosts is empty: only this machine may send orders",
+            )
         return self
 
     def stop(self) -> None:
@@ -754,7 +813,9 @@ class MLLPServer:
             if frame.problem == "oversized":
                 raise HL7Error("AR", f"message larger than {self.limits.max_message} bytes", "207")
             if frame.problem == "interrupted":
-                raise HL7Error("AR", "MLLP frame cut short: a start block (0x0B) came before its end block (0x1C)", "207")
+                raise HL7Error(
+                    "AR", "MLLP frame cut short: a start block (0x0B) came before its end block (0x1C)", "207"
+                )
             assert msg is not None
             orders = _orders(msg)
         except HL7Error as exc:
@@ -833,7 +894,10 @@ class _TCPServer(socketserver.ThreadingTCPServer):
                 return ""
             if len(self._open) >= lim.max_connections:
                 return f"{lim.max_connections} connections open (orders.hl7.max_connections)"
-            if self._per_host[host] >= lim.max_connections_per_host and self._live(host) >= lim.max_connections_per_host:
+            if (
+                self._per_host[host] >= lim.max_connections_per_host
+                and self._live(host) >= lim.max_connections_per_host
+            ):
                 return f"{lim.max_connections_per_host} connections open from this host (orders.hl7.max_connections_per_host)"
             self._open[sock] = host
             self._per_host[host] += 1
@@ -875,10 +939,8 @@ class _TCPServer(socketserver.ThreadingTCPServer):
         with self._lock:
             self._closing = True
             for sock in self._open:
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 class _Connection(socketserver.BaseRequestHandler):
@@ -914,7 +976,9 @@ class _Connection(socketserver.BaseRequestHandler):
                         owner.warnings.warn("mllp_closed", peer, f"ACK not taken within {lim.message_timeout_s:g} s")
                         return
                 if frames.junk > JUNK_LIMIT:
-                    owner.warnings.warn("mllp_closed", peer, f"over {JUNK_LIMIT} bytes outside MLLP frames (no start block 0x0B)")
+                    owner.warnings.warn(
+                        "mllp_closed", peer, f"over {JUNK_LIMIT} bytes outside MLLP frames (no start block 0x0B)"
+                    )
                     return
                 if got:
                     last = time.monotonic()

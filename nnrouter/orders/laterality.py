@@ -13,16 +13,20 @@ import re
 __all__ = ["laterality_from_text"]
 
 _WORDS = {
-    "LEFT": "L", "LT": "L",
-    "RIGHT": "R", "RT": "R",
-    "BILATERAL": "B", "BILAT": "B", "BOTH": "B",
+    "LEFT": "L",
+    "LT": "L",
+    "RIGHT": "R",
+    "RT": "R",
+    "BILATERAL": "B",
+    "BILAT": "B",
+    "BOTH": "B",
 }
 # Whole words only: "LT" in "ADULT" or "RT" in "HEART" says nothing about a side.
 _PATTERN = re.compile(r"(?<![A-Z0-9])(" + "|".join(sorted(_WORDS, key=len, reverse=True)) + r")(?![A-Z0-9])")
 
 
 def laterality_from_text(text: str | None) -> str | None:
-    """"L", "R", "B" (both) or None when the text names no side.
+    """ "L", "R", "B" (both) or None when the text names no side.
 
     A text naming both sides ("left and right hands") orders both, so it
     reads as "B" rather than whichever word came first.

@@ -59,15 +59,17 @@ def seen(s, study_id: int) -> list[orders.Seen]:  # type: ignore[no-untyped-def]
         if inst.rows is None:  # not an image (a dose report, a presentation state): not a view
             continue
         pred = predictions.get(inst.id)
-        out.append(orders.Seen(
-            sop_instance_uid=inst.sop_instance_uid,
-            label=pred.label if pred else None,
-            score=pred.score if pred else None,
-            confident=bool(pred and pred.label in known),
-            body_part_examined=inst.series.body_part_examined,
-            view_position=inst.view_position,
-            laterality=inst.image_laterality,
-        ))
+        out.append(
+            orders.Seen(
+                sop_instance_uid=inst.sop_instance_uid,
+                label=pred.label if pred else None,
+                score=pred.score if pred else None,
+                confident=bool(pred and pred.label in known),
+                body_part_examined=inst.series.body_part_examined,
+                view_position=inst.view_position,
+                laterality=inst.image_laterality,
+            )
+        )
     return out
 
 
@@ -78,8 +80,13 @@ class OrderCheck:
         self.store = store
         self._recording = record
         path = settings.orders.procedures
-        self._book_file = None if path is None else yamlfile.Reloaded(
-            path, load_procedures, self._record, "procedures", lambda b: {"procedures": len(b.spec.procedures)}, log)
+        self._book_file = (
+            None
+            if path is None
+            else yamlfile.Reloaded(
+                path, load_procedures, self._record, "procedures", lambda b: {"procedures": len(b.spec.procedures)}, log
+            )
+        )
         self.covered = covered_classes(settings)
         self._headers_read: dict[str, set[int]] = {}  # study UID -> instance ids whose orders are kept
 
@@ -115,8 +122,11 @@ class OrderCheck:
         for study in studies:
             try:
                 with self.store.read() as s:
-                    fresh = [(i.id, i.path) for i in current_instances(s, study.id)
-                             if i.id not in self._headers_read.get(study.study_uid, set())]
+                    fresh = [
+                        (i.id, i.path)
+                        for i in current_instances(s, study.id)
+                        if i.id not in self._headers_read.get(study.study_uid, set())
+                    ]
                 if fresh:  # every image's request: the study is complete only against all of them
                     self.keep_image_orders([path for _, path in fresh])
                     self._headers_read.setdefault(study.study_uid, set()).update(i for i, _ in fresh)
@@ -174,9 +184,18 @@ class OrderCheck:
         with self.store.write() as s:
             s.execute(Flag.__table__.delete().where(Flag.study_id == study.id))
             for f in findings:
-                s.add(Flag(study_id=study.id, kind=f.kind, severity=f.severity, reason=f.reason,
-                           sop_instance_uid=f.sop_instance_uid, evidence=f.evidence))
+                s.add(
+                    Flag(
+                        study_id=study.id,
+                        kind=f.kind,
+                        severity=f.severity,
+                        reason=f.reason,
+                        sop_instance_uid=f.sop_instance_uid,
+                        evidence=f.evidence,
+                    )
+                )
             s.execute(Study.__table__.update().where(Study.id == study.id).values(checked_at=utcnow()))
-        log.info("study_checked", study_uid=study.study_uid, orders=len(found), flags=sorted({f.kind for f in findings}))
+        log.info(
+            "study_checked", study_uid=study.study_uid, orders=len(found), flags=sorted({f.kind for f in findings})
+        )
         return findings
-

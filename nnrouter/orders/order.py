@@ -92,28 +92,55 @@ def from_header(ds) -> list[Order]:  # type: ignore[no-untyped-def]
     study_uid = _text(ds, "StudyInstanceUID")
     orders = []
     for item in ds.get("RequestAttributesSequence", None) or ():
-        codes = codes_of(item.get("RequestedProcedureCodeSequence")) or codes_of(ds.get("RequestedProcedureCodeSequence"))
-        desc = _text(item, "RequestedProcedureDescription") or _text(item, "ScheduledProcedureStepDescription") \
+        codes = codes_of(item.get("RequestedProcedureCodeSequence")) or codes_of(
+            ds.get("RequestedProcedureCodeSequence")
+        )
+        desc = (
+            _text(item, "RequestedProcedureDescription")
+            or _text(item, "ScheduledProcedureStepDescription")
             or _text(ds, "RequestedProcedureDescription")
-        orders.append(Order(
-            source=OrderSource.IMAGE, accession_number=_text(item, "AccessionNumber") or accession, study_uid=study_uid,
-            requested_procedure_id=_text(item, "RequestedProcedureID"), codes=codes, description=desc,
-            laterality=laterality_from_text(desc), modality=_text(ds, "Modality"),
-            patient_id=_text(ds, "PatientID"), patient_name=_text(ds, "PatientName"),
-        ))
+        )
+        orders.append(
+            Order(
+                source=OrderSource.IMAGE,
+                accession_number=_text(item, "AccessionNumber") or accession,
+                study_uid=study_uid,
+                requested_procedure_id=_text(item, "RequestedProcedureID"),
+                codes=codes,
+                description=desc,
+                laterality=laterality_from_text(desc),
+                modality=_text(ds, "Modality"),
+                patient_id=_text(ds, "PatientID"),
+                patient_name=_text(ds, "PatientName"),
+            )
+        )
     if orders:
         return orders
-    codes = (codes_of(ds.get("RequestedProcedureCodeSequence")) or codes_of(ds.get("ProcedureCodeSequence"))
-             or codes_of(ds.get("PerformedProtocolCodeSequence")))
-    desc = _text(ds, "RequestedProcedureDescription") or _text(ds, "StudyDescription") \
+    codes = (
+        codes_of(ds.get("RequestedProcedureCodeSequence"))
+        or codes_of(ds.get("ProcedureCodeSequence"))
+        or codes_of(ds.get("PerformedProtocolCodeSequence"))
+    )
+    desc = (
+        _text(ds, "RequestedProcedureDescription")
+        or _text(ds, "StudyDescription")
         or _text(ds, "PerformedProcedureStepDescription")
+    )
     if not codes and not desc:
         return []
-    return [Order(
-        source=OrderSource.IMAGE, accession_number=accession, study_uid=study_uid, codes=codes, description=desc,
-        laterality=laterality_from_text(desc), modality=_text(ds, "Modality"),
-        patient_id=_text(ds, "PatientID"), patient_name=_text(ds, "PatientName"),
-    )]
+    return [
+        Order(
+            source=OrderSource.IMAGE,
+            accession_number=accession,
+            study_uid=study_uid,
+            codes=codes,
+            description=desc,
+            laterality=laterality_from_text(desc),
+            modality=_text(ds, "Modality"),
+            patient_id=_text(ds, "PatientID"),
+            patient_name=_text(ds, "PatientName"),
+        )
+    ]
 
 
 def key(order: Order) -> str:
@@ -121,8 +148,13 @@ def key(order: Order) -> str:
     if order.source == OrderSource.HL7 and (order.placer_order_number or order.filler_order_number):
         # A placer's order number names its order for life: a cancel or change may carry nothing else.
         return f"hl7:order:{order.placer_order_number or ''}:{order.filler_order_number or ''}"[:200]
-    ident = order.requested_procedure_id or order.placer_order_number or order.filler_order_number \
-        or "|".join(f"{c.scheme}:{c.value}" for c in order.codes) or (order.description or "")
+    ident = (
+        order.requested_procedure_id
+        or order.placer_order_number
+        or order.filler_order_number
+        or "|".join(f"{c.scheme}:{c.value}" for c in order.codes)
+        or (order.description or "")
+    )
     # Orders read from images belong to their study: modalities reuse accession numbers.
     link = order.study_uid if order.source == OrderSource.IMAGE else (order.accession_number or order.study_uid)
     return f"{order.source}:{link or ''}:{ident}"[:200]
@@ -142,7 +174,15 @@ class FlagKind:
     UNCERTAIN = "uncertain"  # the model is not sure enough to call a mismatch
     UNMAPPED_PROCEDURE = "unmapped_procedure"  # the order's procedure is not in procedures.yaml
 
-    ALL = (WRONG_BODY_PART, MISSING_VIEW, EXTRA_VIEW, HEADER_CONFLICT, LATERALITY_CONFLICT, UNCERTAIN, UNMAPPED_PROCEDURE)
+    ALL = (
+        WRONG_BODY_PART,
+        MISSING_VIEW,
+        EXTRA_VIEW,
+        HEADER_CONFLICT,
+        LATERALITY_CONFLICT,
+        UNCERTAIN,
+        UNMAPPED_PROCEDURE,
+    )
     # Kinds that say the study is not what was ordered (rules' `mismatch: any` means these).
     MISMATCHES = (WRONG_BODY_PART, MISSING_VIEW, EXTRA_VIEW, HEADER_CONFLICT, LATERALITY_CONFLICT)
 
@@ -171,19 +211,41 @@ class Finding:
 
 # Header spellings modalities use for the same body part as classes.csv.
 _BODY_PART_SYNONYMS = {
-    "THORAX": "CHEST", "CSPINE": "CSPINE", "CERVICALSPINE": "CSPINE", "TSPINE": "TSPINE", "THORACICSPINE": "TSPINE",
-    "LSPINE": "LSPINE", "LUMBARSPINE": "LSPINE", "ABDOMEN": "ABDOMEN", "ABD": "ABDOMEN", "PELVIS": "PELVIS",
-    "HIP": "HIP", "JAW": "JAW", "MANDIBLE": "JAW", "TEETH": "JAW", "DENTAL": "JAW",
+    "THORAX": "CHEST",
+    "CSPINE": "CSPINE",
+    "CERVICALSPINE": "CSPINE",
+    "TSPINE": "TSPINE",
+    "THORACICSPINE": "TSPINE",
+    "LSPINE": "LSPINE",
+    "LUMBARSPINE": "LSPINE",
+    "ABDOMEN": "ABDOMEN",
+    "ABD": "ABDOMEN",
+    "PELVIS": "PELVIS",
+    "HIP": "HIP",
+    "JAW": "JAW",
+    "MANDIBLE": "JAW",
+    "TEETH": "JAW",
+    "DENTAL": "JAW",
 }
 _FRONTAL = {"AP", "PA", "FRONTAL"}
 _LATERAL = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}
 
 
 # Header body parts that contain a class's part: a finger on a HAND film is no conflict.
-_CONTAINS = {"FINGER": {"HAND"}, "HIP": {"PELVIS"}, "JAW": {"HEAD", "SKULL"}, "CSPINE": {"SPINE", "NECK"},
-             "TSPINE": {"SPINE"}, "LSPINE": {"SPINE"}, "KNEE": {"LEG", "LOWERLIMB"}, "ANKLE": {"LEG", "FOOT"},
-             "WRIST": {"HAND", "ARM"}, "ELBOW": {"ARM", "UPPERLIMB"}, "SHOULDER": {"ARM", "UPPERLIMB"},
-             "CHEST": {"THORAX"}}
+_CONTAINS = {
+    "FINGER": {"HAND"},
+    "HIP": {"PELVIS"},
+    "JAW": {"HEAD", "SKULL"},
+    "CSPINE": {"SPINE", "NECK"},
+    "TSPINE": {"SPINE"},
+    "LSPINE": {"SPINE"},
+    "KNEE": {"LEG", "LOWERLIMB"},
+    "ANKLE": {"LEG", "FOOT"},
+    "WRIST": {"HAND", "ARM"},
+    "ELBOW": {"ARM", "UPPERLIMB"},
+    "SHOULDER": {"ARM", "UPPERLIMB"},
+    "CHEST": {"THORAX"},
+}
 
 
 def _same_part(header: str, class_part: str) -> bool:
@@ -238,22 +300,38 @@ def check(orders: list[Order], seen: list[Seen], book, covered: set[str] | None 
         vc = classes[s.label]
         hb = _body_part(s.body_part_examined)
         if hb and not _same_part(hb, _body_part(vc.body_part_examined)):
-            findings.append(Finding(
-                FlagKind.HEADER_CONFLICT, "warning",
-                f"header says Body Part Examined {s.body_part_examined!r}, the image looks like {s.label} ({s.score:.2f})",
-                s.sop_instance_uid, {"header": {"BodyPartExamined": s.body_part_examined}, "predicted": s.label, "score": s.score}))
+            findings.append(
+                Finding(
+                    FlagKind.HEADER_CONFLICT,
+                    "warning",
+                    f"header says Body Part Examined {s.body_part_examined!r}, the image looks like {s.label} ({s.score:.2f})",
+                    s.sop_instance_uid,
+                    {"header": {"BodyPartExamined": s.body_part_examined}, "predicted": s.label, "score": s.score},
+                )
+            )
         hf, cf = _header_family(s.view_position), _class_family(s.label)
         if hf and cf and hf != cf:
-            findings.append(Finding(
-                FlagKind.HEADER_CONFLICT, "warning",
-                f"header says View Position {s.view_position!r} ({hf}), the image looks {cf}: {s.label} ({s.score:.2f})",
-                s.sop_instance_uid, {"header": {"ViewPosition": s.view_position}, "predicted": s.label, "score": s.score}))
+            findings.append(
+                Finding(
+                    FlagKind.HEADER_CONFLICT,
+                    "warning",
+                    f"header says View Position {s.view_position!r} ({hf}), the image looks {cf}: {s.label} ({s.score:.2f})",
+                    s.sop_instance_uid,
+                    {"header": {"ViewPosition": s.view_position}, "predicted": s.label, "score": s.score},
+                )
+            )
 
     for s in uncertain:
-        why = "never classified (undecodable or failed)" if s.label is None else \
-            f"the model is not sure: {s.label} ({s.score:.2f})" if s.score is not None else f"the model said {s.label}"
-        findings.append(Finding(FlagKind.UNCERTAIN, "info", why, s.sop_instance_uid,
-                                {"predicted": s.label, "score": s.score}))
+        why = (
+            "never classified (undecodable or failed)"
+            if s.label is None
+            else f"the model is not sure: {s.label} ({s.score:.2f})"
+            if s.score is not None
+            else f"the model said {s.label}"
+        )
+        findings.append(
+            Finding(FlagKind.UNCERTAIN, "info", why, s.sop_instance_uid, {"predicted": s.label, "score": s.score})
+        )
 
     # Laterality: the order's side vs each image's.
     sides = {o.laterality for o in active if o.laterality in ("L", "R")}
@@ -261,10 +339,15 @@ def check(orders: list[Order], seen: list[Seen], book, covered: set[str] | None 
         side = sides.pop()
         for s in seen:
             if s.laterality in ("L", "R") and s.laterality != side:
-                findings.append(Finding(
-                    FlagKind.LATERALITY_CONFLICT, "error",
-                    f"ordered {'left' if side == 'L' else 'right'}, Image Laterality is {s.laterality}",
-                    s.sop_instance_uid, {"ordered": side, "image": s.laterality}))
+                findings.append(
+                    Finding(
+                        FlagKind.LATERALITY_CONFLICT,
+                        "error",
+                        f"ordered {'left' if side == 'L' else 'right'}, Image Laterality is {s.laterality}",
+                        s.sop_instance_uid,
+                        {"ordered": side, "image": s.laterality},
+                    )
+                )
 
     if not active:
         return findings
@@ -273,9 +356,19 @@ def check(orders: list[Order], seen: list[Seen], book, covered: set[str] | None 
     for o in active:
         e = book.expect(o)
         if e.procedure is None:
-            findings.append(Finding(FlagKind.UNMAPPED_PROCEDURE, "info", e.matched_by, None,
-                                    {"codes": [[c.value, c.scheme, c.meaning] for c in o.codes], "description": o.description,
-                                     "source": o.source}))
+            findings.append(
+                Finding(
+                    FlagKind.UNMAPPED_PROCEDURE,
+                    "info",
+                    e.matched_by,
+                    None,
+                    {
+                        "codes": [[c.value, c.scheme, c.meaning] for c in o.codes],
+                        "description": o.description,
+                        "source": o.source,
+                    },
+                )
+            )
             continue
         mapped += 1
         expected += e.views
@@ -288,18 +381,29 @@ def check(orders: list[Order], seen: list[Seen], book, covered: set[str] | None 
         part = _body_part(classes[s.label].body_part_examined)
         evidence = {"predicted": s.label, "score": s.score, "expected": sorted(expected)}
         if part not in expected_parts:
-            findings.append(Finding(
-                FlagKind.WRONG_BODY_PART, "error",
-                f"ordered {', '.join(sorted(p for p in expected_parts if p))}, the image looks like {s.label} ({s.score:.2f})",
-                s.sop_instance_uid, evidence))
+            findings.append(
+                Finding(
+                    FlagKind.WRONG_BODY_PART,
+                    "error",
+                    f"ordered {', '.join(sorted(p for p in expected_parts if p))}, the image looks like {s.label} ({s.score:.2f})",
+                    s.sop_instance_uid,
+                    evidence,
+                )
+            )
             continue
         got[s.label] += 1
         if got[s.label] > expected.get(s.label, 0):
-            findings.append(Finding(
-                FlagKind.EXTRA_VIEW, "warning",
-                f"{s.label} ({s.score:.2f}) was not ordered" if s.label not in expected
-                else f"more {s.label} images than ordered ({got[s.label]} > {expected[s.label]})",
-                s.sop_instance_uid, evidence))
+            findings.append(
+                Finding(
+                    FlagKind.EXTRA_VIEW,
+                    "warning",
+                    f"{s.label} ({s.score:.2f}) was not ordered"
+                    if s.label not in expected
+                    else f"more {s.label} images than ordered ({got[s.label]} > {expected[s.label]})",
+                    s.sop_instance_uid,
+                    evidence,
+                )
+            )
 
     unsure = len(uncertain)
     for cls, n in sorted(expected.items()):
@@ -307,16 +411,28 @@ def check(orders: list[Order], seen: list[Seen], book, covered: set[str] | None 
         if short <= 0:
             continue
         if covered is not None and cls not in covered:
-            findings.append(Finding(FlagKind.UNCERTAIN, "info",
-                                    f"ordered {cls}, which the model cannot recognise: cannot say whether it is present",
-                                    None, {"expected": cls}))
+            findings.append(
+                Finding(
+                    FlagKind.UNCERTAIN,
+                    "info",
+                    f"ordered {cls}, which the model cannot recognise: cannot say whether it is present",
+                    None,
+                    {"expected": cls},
+                )
+            )
             continue
         if unsure >= short:
             unsure -= short  # an image the model was unsure of may be this view
             continue
-        findings.append(Finding(FlagKind.MISSING_VIEW, "warning",
-                                f"ordered {n} x {cls}, found {got.get(cls, 0)}", None,
-                                {"expected": cls, "count": n, "found": got.get(cls, 0)}))
+        findings.append(
+            Finding(
+                FlagKind.MISSING_VIEW,
+                "warning",
+                f"ordered {n} x {cls}, found {got.get(cls, 0)}",
+                None,
+                {"expected": cls, "count": n, "found": got.get(cls, 0)},
+            )
+        )
     return findings
 
 
@@ -331,7 +447,6 @@ def complete(orders: list[Order], seen: list[Seen], book) -> bool:  # type: igno
         expected += e.views
     got = Counter(s.label for s in seen if s.confident and s.label)
     return all(got.get(c, 0) >= n for c, n in expected.items())
-
 
 
 # --- kept in the store -----------------------------------------------------------
@@ -350,18 +465,24 @@ def save(session, order: Order) -> int:  # type: ignore[no-untyped-def]
         row = OrderRequest(key=k, source=order.source, codes=[])
         session.add(row)
     values = {
-        "accession_number": order.accession_number, "study_uid": order.study_uid,
-        "requested_procedure_id": order.requested_procedure_id, "placer_order_number": order.placer_order_number,
-        "filler_order_number": order.filler_order_number, "description": order.description,
-        "laterality": order.laterality, "modality": order.modality, "scheduled_at": order.scheduled_at,
-        "patient_id": order.patient_id, "patient_name": order.patient_name,
+        "accession_number": order.accession_number,
+        "study_uid": order.study_uid,
+        "requested_procedure_id": order.requested_procedure_id,
+        "placer_order_number": order.placer_order_number,
+        "filler_order_number": order.filler_order_number,
+        "description": order.description,
+        "laterality": order.laterality,
+        "modality": order.modality,
+        "scheduled_at": order.scheduled_at,
+        "patient_id": order.patient_id,
+        "patient_name": order.patient_name,
     }
     # What was asked for changes as one: a new description without a side means no side.
     procedure = ("description", "laterality")
     replaces_procedure = bool(order.codes or order.description)
     for name, value in values.items():
         if value or (replaces_procedure and name in procedure):
-            setattr(row, name, str(value)[:OrderRequest.__table__.c[name].type.length] if value else None)
+            setattr(row, name, str(value)[: OrderRequest.__table__.c[name].type.length] if value else None)
     if replaces_procedure:
         row.codes = [[c.value, c.scheme, c.meaning] for c in order.codes]
     # An ended order stays ended, unless a new order or a change brings it back.
@@ -373,11 +494,20 @@ def save(session, order: Order) -> int:  # type: ignore[no-untyped-def]
 
 def from_row(row) -> Order:  # type: ignore[no-untyped-def]
     return Order(
-        source=row.source, accession_number=row.accession_number, study_uid=row.study_uid,
-        requested_procedure_id=row.requested_procedure_id, placer_order_number=row.placer_order_number,
-        filler_order_number=row.filler_order_number, codes=tuple(Code(v, sch, m) for v, sch, m in row.codes),
-        description=row.description, laterality=row.laterality, modality=row.modality, control=row.control,
-        scheduled_at=row.scheduled_at, patient_id=row.patient_id, patient_name=row.patient_name,
+        source=row.source,
+        accession_number=row.accession_number,
+        study_uid=row.study_uid,
+        requested_procedure_id=row.requested_procedure_id,
+        placer_order_number=row.placer_order_number,
+        filler_order_number=row.filler_order_number,
+        codes=tuple(Code(v, sch, m) for v, sch, m in row.codes),
+        description=row.description,
+        laterality=row.laterality,
+        modality=row.modality,
+        control=row.control,
+        scheduled_at=row.scheduled_at,
+        patient_id=row.patient_id,
+        patient_name=row.patient_name,
     )
 
 

@@ -35,7 +35,9 @@ class ProcedureCode(_Model):
 class Procedure(_Model):
     name: str = Field(min_length=1)
     codes: list[ProcedureCode] = []
-    patterns: list[str] = Field([], description="regular expressions searched in the order's description, case-insensitive")
+    patterns: list[str] = Field(
+        [], description="regular expressions searched in the order's description, case-insensitive"
+    )
     expect: dict[str, int] = Field(description="view class -> how many images of it")
 
     @field_validator("patterns")
@@ -103,9 +105,14 @@ class ProcedureBook:
             for vc in codes.classes().values():
                 for c in vc.order_codes:
                     key = (c.scheme.upper(), c.value)
-                    self._by_code.setdefault(key, Procedure(
-                        name=f"{vc.name} (classes.csv {c.value})", codes=[ProcedureCode(value=c.value, scheme=c.scheme)],
-                        expect={vc.name: 1}))
+                    self._by_code.setdefault(
+                        key,
+                        Procedure(
+                            name=f"{vc.name} (classes.csv {c.value})",
+                            codes=[ProcedureCode(value=c.value, scheme=c.scheme)],
+                            expect={vc.name: 1},
+                        ),
+                    )
         for p in spec.procedures:  # the file wins over classes.csv
             for c in p.codes:
                 self._by_code[(c.scheme.upper(), c.value)] = p

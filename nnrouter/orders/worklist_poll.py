@@ -51,10 +51,12 @@ def waiting(now: dt.datetime, limit: int = 50):  # type: ignore[no-untyped-def]
     return (
         select(Study)
         .where(
-            Study.accession_number.is_not(None), Study.accession_number != "",
+            Study.accession_number.is_not(None),
+            Study.accession_number != "",
             or_(Study.worklist_asked_at.is_(None), Study.worklist_next_at <= now),
-            or_(and_(~exists(decided), Study.checked_at.is_(None)),
-                Study.last_received_at > Study.worklist_asked_at),  # an image came after the last question
+            or_(
+                and_(~exists(decided), Study.checked_at.is_(None)), Study.last_received_at > Study.worklist_asked_at
+            ),  # an image came after the last question
             ~exists(external),
         )
         .order_by(Study.last_received_at)
@@ -88,7 +90,7 @@ class WorklistPoll:
             found = self.ask(study, now)
             if found is None:
                 counts["failed"] += 1
-                counts["skipped"] += self._mark_down(studies[i + 1:], now)
+                counts["skipped"] += self._mark_down(studies[i + 1 :], now)
                 break
             counts["asked"] += 1
             counts["orders"] += found
@@ -101,8 +103,14 @@ class WorklistPoll:
         wl = self.settings.orders.worklist
         assert wl is not None
         try:
-            found = worklist.query(wl.host, wl.port, calling_ae=wl.calling_ae or self.settings.dicom.ae_title, called_ae=wl.ae_title,
-                                   accession_number=study.accession_number, timeout=wl.timeout_s)
+            found = worklist.query(
+                wl.host,
+                wl.port,
+                calling_ae=wl.calling_ae or self.settings.dicom.ae_title,
+                called_ae=wl.ae_title,
+                accession_number=study.accession_number,
+                timeout=wl.timeout_s,
+            )
         except worklist.WorklistError as exc:
             # One failure pauses the worklist for every study: a dead RIS must not cost a timeout per study per tick.
             self._down_until = time.monotonic() + WORKLIST_RETRY_S
@@ -133,8 +141,13 @@ class WorklistPoll:
     def _stamp_in(s, ids: list[int], now: dt.datetime | None, again_s: float | None) -> None:  # type: ignore[no-untyped-def]
         """The study was asked about (or found the worklist down) at ``now``; ask again after ``again_s`` (None: never)."""
         now = now or utcnow()
-        s.execute(update(Study).where(Study.id.in_(ids)).values(
-            worklist_asked_at=now, worklist_next_at=None if again_s is None else now + dt.timedelta(seconds=again_s)))
+        s.execute(
+            update(Study)
+            .where(Study.id.in_(ids))
+            .values(
+                worklist_asked_at=now, worklist_next_at=None if again_s is None else now + dt.timedelta(seconds=again_s)
+            )
+        )
 
 
 def run_worklist_poll(settings: Settings, stop: Any = None, parent_pid: int | None = None) -> None:

@@ -68,13 +68,17 @@ def add_cam_output(
     ]
     if opset >= 13:
         inits.append(numpy_helper.from_array(_int64([channel_axis]), f"{p}/channel_axis"))
-        nodes.append(helper.make_node(
-            "ReduceSum", [f"{p}/weighted", f"{p}/channel_axis"], [output_name], keepdims=0, name=f"{p}/sum"
-        ))
+        nodes.append(
+            helper.make_node(
+                "ReduceSum", [f"{p}/weighted", f"{p}/channel_axis"], [output_name], keepdims=0, name=f"{p}/sum"
+            )
+        )
     else:
-        nodes.append(helper.make_node(
-            "ReduceSum", [f"{p}/weighted"], [output_name], axes=[channel_axis], keepdims=0, name=f"{p}/sum"
-        ))
+        nodes.append(
+            helper.make_node(
+                "ReduceSum", [f"{p}/weighted"], [output_name], axes=[channel_axis], keepdims=0, name=f"{p}/sum"
+            )
+        )
     g.initializer.extend(inits)
     g.node.extend(nodes)
     elem_type, dims = _describe(model, features)

@@ -26,8 +26,16 @@ def list_models(root: Path) -> list[dict[str, Any]]:
     for d in model_dirs(root):
         try:
             card = load_card(d)
-            rows.append({"path": str(d), "name": card.name, "version": card.version, "task": card.task,
-                         "labels": len(card.labels), "sha256": card.sha256[:12]})
+            rows.append(
+                {
+                    "path": str(d),
+                    "name": card.name,
+                    "version": card.version,
+                    "task": card.task,
+                    "labels": len(card.labels),
+                    "sha256": card.sha256[:12],
+                }
+            )
         except ModelCardError as exc:
             rows.append({"path": str(d), "error": str(exc)})
     return rows
@@ -73,11 +81,24 @@ def run_model(model: Any, files: Iterable[Path], max_side: int = 1024) -> list[d
             continue
         if model.card.task == "classify":
             c = model.classify([img])[0]
-            rows.append({"file": str(f), "label": c.label, "score": float(c.score),
-                         "top": [[label, float(score)] for label, score in c.top], "provider": model.provider})
+            rows.append(
+                {
+                    "file": str(f),
+                    "label": c.label,
+                    "score": float(c.score),
+                    "top": [[label, float(score)] for label, score in c.top],
+                    "provider": model.provider,
+                }
+            )
         else:
             found = model.detect([img])[0]
-            rows.append({"file": str(f), "provider": model.provider,
-                         "regions": [{"label": d.label, "score": float(d.score), "box": [float(v) for v in d.box]}
-                                     for d in found]})
+            rows.append(
+                {
+                    "file": str(f),
+                    "provider": model.provider,
+                    "regions": [
+                        {"label": d.label, "score": float(d.score), "box": [float(v) for v in d.box]} for d in found
+                    ],
+                }
+            )
     return rows

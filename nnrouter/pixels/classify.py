@@ -107,7 +107,8 @@ class Queue:
         if not fresh_only:
             self._give_up()
             retry = self._take(
-                and_(Instance.state == InstanceState.CLASSIFYING, Instance.lease_until < utcnow()), 1, count=True)
+                and_(Instance.state == InstanceState.CLASSIFYING, Instance.lease_until < utcnow()), 1, count=True
+            )
             if retry:
                 return retry
         return self._take(Instance.state == InstanceState.RECEIVED, n, count=False)
@@ -118,8 +119,11 @@ class Queue:
         if not self.store.is_sqlite:
             eligible = eligible.with_for_update(skip_locked=True)
         values: dict[str, Any] = {
-            "state": InstanceState.CLASSIFYING, "claimed_by": self.worker_id, "lease_until": now + self.lease,
-            "updated_at": now}
+            "state": InstanceState.CLASSIFYING,
+            "claimed_by": self.worker_id,
+            "lease_until": now + self.lease,
+            "updated_at": now,
+        }
         if count:
             values["attempts"] = Instance.attempts + 1
         stmt = (
@@ -130,14 +134,16 @@ class Queue:
         )
         with self.store.write() as s:
             rows = s.execute(stmt).all()
-        return sorted((Claim(r.id, r.path, r.sop_instance_uid, r.attempts, retry=count) for r in rows), key=lambda c: c.id)
+        return sorted(
+            (Claim(r.id, r.path, r.sop_instance_uid, r.attempts, retry=count) for r in rows), key=lambda c: c.id
+        )
 
     def _give_up(self) -> None:
         """Retries due on instances that used up their tries alone: failed, with the last reason."""
-        worn = (
-            select(Instance.id, Instance.sop_instance_uid, Instance.attempts, Instance.state_reason)
-            .where(Instance.state == InstanceState.CLASSIFYING, Instance.lease_until < utcnow(),
-                   Instance.attempts >= self.max_attempts)
+        worn = select(Instance.id, Instance.sop_instance_uid, Instance.attempts, Instance.state_reason).where(
+            Instance.state == InstanceState.CLASSIFYING,
+            Instance.lease_until < utcnow(),
+            Instance.attempts >= self.max_attempts,
         )
         if not self.store.is_sqlite:
             worn = worn.with_for_update(skip_locked=True)
@@ -148,8 +154,13 @@ class Queue:
                 s.execute(
                     update(Instance)
                     .where(Instance.id == r.id, Instance.state == InstanceState.CLASSIFYING)
-                    .values(state=InstanceState.FAILED, state_reason=why[:500], claimed_by=None, lease_until=None,
-                            updated_at=utcnow())
+                    .values(
+                        state=InstanceState.FAILED,
+                        state_reason=why[:500],
+                        claimed_by=None,
+                        lease_until=None,
+                        updated_at=utcnow(),
+                    )
                 )
                 log.error("instance_failed", sop_instance_uid=r.sop_instance_uid, attempts=r.attempts)
 
@@ -208,8 +219,10 @@ def expire_claims(store: Store, pid: int, reason: str) -> int:
     with store.write() as s:
         return s.execute(
             update(Instance)
-            .where(Instance.state == InstanceState.CLASSIFYING,
-                   Instance.claimed_by.startswith(worker_prefix(pid), autoescape=True))
+            .where(
+                Instance.state == InstanceState.CLASSIFYING,
+                Instance.claimed_by.startswith(worker_prefix(pid), autoescape=True),
+            )
             .values(state_reason=reason, claimed_by=None, lease_until=utcnow() - dt.timedelta(seconds=1))
         ).rowcount  # type: ignore[attr-defined]
 
@@ -249,7 +262,9 @@ def cam_overlay(image: np.ndarray, cam: np.ndarray, side: int = CAM_SIDE) -> np.
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     gray = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     heat = cv2.resize((np.clip(cam, 0, 1) * 255).astype(np.uint8), size, interpolation=cv2.INTER_LINEAR)
-    return cv2.addWeighted(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), 0.6, cv2.applyColorMap(heat, cv2.COLORMAP_JET), 0.4, 0)
+    return cv2.addWeighted(
+        cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), 0.6, cv2.applyColorMap(heat, cv2.COLORMAP_JET), 0.4, 0
+    )
 
 
 def _write_cam(folder: Path, instance_id: int, image: np.ndarray, cam: np.ndarray) -> Path:
@@ -274,8 +289,9 @@ class Worker:
         self.detector = detector
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         w = settings.workers
-        self.queue = Queue(store, self.worker_id, w.lease_s, w.max_attempts,
-                           None if settings.storage.shared else settings.node.name)
+        self.queue = Queue(
+            store, self.worker_id, w.lease_s, w.max_attempts, None if settings.storage.shared else settings.node.name
+        )
         from nnrouter.pixels.watch import CardWatch
 
         # A model promoted into models.classifier (nnrouter models promote) is picked up between batches.
@@ -298,8 +314,13 @@ class Worker:
         old = self.classifier.card
         self.classifier = model
         self._watch.loaded(model.sha256)
-        log.info("model_reloaded", worker=self.worker_id, was=f"{old.name} {old.version}",
-                 now=f"{model.card.name} {model.card.version}", sha256=model.sha256)
+        log.info(
+            "model_reloaded",
+            worker=self.worker_id,
+            was=f"{old.name} {old.version}",
+            now=f"{model.card.name} {model.card.version}",
+            sha256=model.sha256,
+        )
         return True
 
     def next_batch(self, stop: Any = None) -> list[Claim]:
@@ -338,7 +359,9 @@ class Worker:
                 continue
             except (KeyboardInterrupt, SystemExit):
                 raise
-            except BaseException as exc:  # native code's panic (pyo3 PanicException is no Exception): this instance only
+            except (
+                BaseException
+            ) as exc:  # native code's panic (pyo3 PanicException is no Exception): this instance only
                 reason = f"decoder crashed: {type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
                 self.queue.finish(claim, InstanceState.UNDECODABLE, reason)
                 log.warning("undecodable", sop_instance_uid=claim.sop_instance_uid, reason=reason)
@@ -361,9 +384,15 @@ class Worker:
         for i, item in enumerate(looked):
             cam_path = None
             if classes is not None and classes[i].cam is not None:
-                cam_path = str(_write_cam(self.settings.storage.derived_path / "cam", item.claim.id, item.decoded.image, classes[i].cam))
+                cam_path = str(
+                    _write_cam(
+                        self.settings.storage.derived_path / "cam", item.claim.id, item.decoded.image, classes[i].cam
+                    )
+                )
             with self.store.write() as s:
-                state = InstanceState.CLASSIFIED if (classes is not None or regions is not None) else InstanceState.DECODED
+                state = (
+                    InstanceState.CLASSIFIED if (classes is not None or regions is not None) else InstanceState.DECODED
+                )
                 if not self.queue.finish(item.claim, state, None, session=s):
                     log.warning("lease_lost", sop_instance_uid=item.claim.sop_instance_uid)
                     continue
@@ -474,14 +503,15 @@ def load_models(settings: Settings):  # type: ignore[no-untyped-def]
     from nnrouter.pixels.runtime import Model
 
     m = settings.models
-    kw = dict(providers=m.providers, intra_op_threads=m.intra_op_threads)
+    kw = {"providers": m.providers, "intra_op_threads": m.intra_op_threads}
     classifier = Model.load(m.classifier, **kw) if m.classifier else None
     detector = Model.load(m.detector, **kw) if m.detector else None
     return classifier, detector
 
 
-def run_worker(settings: Settings, stop: Any = None, until_empty: bool = False,
-               parent_pid: int | None = None) -> dict[str, int]:
+def run_worker(
+    settings: Settings, stop: Any = None, until_empty: bool = False, parent_pid: int | None = None
+) -> dict[str, int]:
     """A whole worker: its own store connection and models (one process).
 
     Started by ``serve`` (``parent_pid`` set), it stops on SIGTERM and when

@@ -40,7 +40,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-__all__ = ["Decoded", "DecodeError", "decode_dataset", "decode_file"]
+__all__ = ["DecodeError", "Decoded", "decode_dataset", "decode_file"]
 
 
 @dataclass(frozen=True)
@@ -88,33 +88,37 @@ _JPEG_2000 = "JPEG 2000"
 _JPEG = "JPEG"
 _JPEG_LS = "JPEG-LS"
 _RLE = "RLE"
-_FAMILY_BY_TS = MappingProxyType({
-    "1.2.840.10008.1.2.4.90": _JPEG_2000,
-    "1.2.840.10008.1.2.4.91": _JPEG_2000,
-    "1.2.840.10008.1.2.4.92": _JPEG_2000,
-    "1.2.840.10008.1.2.4.93": _JPEG_2000,
-    "1.2.840.10008.1.2.4.201": _JPEG_2000,
-    "1.2.840.10008.1.2.4.202": _JPEG_2000,
-    "1.2.840.10008.1.2.4.203": _JPEG_2000,
-    "1.2.840.10008.1.2.4.50": _JPEG,
-    "1.2.840.10008.1.2.4.51": _JPEG,
-    "1.2.840.10008.1.2.4.57": _JPEG,
-    "1.2.840.10008.1.2.4.70": _JPEG,
-    "1.2.840.10008.1.2.4.80": _JPEG_LS,
-    "1.2.840.10008.1.2.4.81": _JPEG_LS,
-    "1.2.840.10008.1.2.5": _RLE,
-})
+_FAMILY_BY_TS = MappingProxyType(
+    {
+        "1.2.840.10008.1.2.4.90": _JPEG_2000,
+        "1.2.840.10008.1.2.4.91": _JPEG_2000,
+        "1.2.840.10008.1.2.4.92": _JPEG_2000,
+        "1.2.840.10008.1.2.4.93": _JPEG_2000,
+        "1.2.840.10008.1.2.4.201": _JPEG_2000,
+        "1.2.840.10008.1.2.4.202": _JPEG_2000,
+        "1.2.840.10008.1.2.4.203": _JPEG_2000,
+        "1.2.840.10008.1.2.4.50": _JPEG,
+        "1.2.840.10008.1.2.4.51": _JPEG,
+        "1.2.840.10008.1.2.4.57": _JPEG,
+        "1.2.840.10008.1.2.4.70": _JPEG,
+        "1.2.840.10008.1.2.4.80": _JPEG_LS,
+        "1.2.840.10008.1.2.4.81": _JPEG_LS,
+        "1.2.840.10008.1.2.5": _RLE,
+    }
+)
 _JPEG_LOSSLESS_PROCESS_14 = "1.2.840.10008.1.2.4.57"
 _ITEM_TAG = b"\xfe\xff\x00\xe0"
 
-_GDCM_DTYPES = MappingProxyType({
-    gdcm.PixelFormat.UINT8: np.dtype("u1"),
-    gdcm.PixelFormat.INT8: np.dtype("i1"),
-    gdcm.PixelFormat.UINT16: np.dtype("=u2"),
-    gdcm.PixelFormat.INT16: np.dtype("=i2"),
-    gdcm.PixelFormat.UINT32: np.dtype("=u4"),
-    gdcm.PixelFormat.INT32: np.dtype("=i4"),
-})
+_GDCM_DTYPES = MappingProxyType(
+    {
+        gdcm.PixelFormat.UINT8: np.dtype("u1"),
+        gdcm.PixelFormat.INT8: np.dtype("i1"),
+        gdcm.PixelFormat.UINT16: np.dtype("=u2"),
+        gdcm.PixelFormat.INT16: np.dtype("=i2"),
+        gdcm.PixelFormat.UINT32: np.dtype("=u4"),
+        gdcm.PixelFormat.INT32: np.dtype("=i4"),
+    }
+)
 
 # The percentile window: wide enough to ignore a few hot/dead pixels and
 # collimator edges, narrow enough to keep the anatomy's full range.
@@ -200,7 +204,7 @@ def _decode(ds: Dataset, path: Path | None, max_side: int | None) -> Decoded:
     ds = _with_transfer_syntax(ds)
     ts = UID(str(ds.file_meta.TransferSyntaxUID).strip())
     try:
-        ts.is_compressed
+        _ = ts.is_compressed  # pydicom raises for a UID it does not know
     except ValueError:
         raise DecodeError(f"transfer syntax {ts} is not a known transfer syntax") from None
     _check_image_module(ds)
@@ -213,10 +217,7 @@ def _decode(ds: Dataset, path: Path | None, max_side: int | None) -> Decoded:
     samples = int(ds.get("SamplesPerPixel") or 1)
     rows, columns = int(ds.Rows), int(ds.Columns)
     if arr.shape[:2] != (rows, columns):
-        raise DecodeError(
-            f"decoded frame is {arr.shape[1]}x{arr.shape[0]} but the header says "
-            f"{columns}x{rows}"
-        )
+        raise DecodeError(f"decoded frame is {arr.shape[1]}x{arr.shape[0]} but the header says {columns}x{rows}")
 
     if samples == 1 and photometric in ("MONOCHROME1", "MONOCHROME2"):
         if arr.ndim != 2:
@@ -233,8 +234,7 @@ def _decode(ds: Dataset, path: Path | None, max_side: int | None) -> Decoded:
             image, window, source = _render_colour(arr, int(ds.get("BitsStored") or 8))
     else:
         raise DecodeError(
-            f"photometric interpretation {photometric} with {samples} sample(s) per "
-            "pixel is not supported"
+            f"photometric interpretation {photometric} with {samples} sample(s) per pixel is not supported"
         )
 
     image = _downscale(image, max_side)
@@ -266,8 +266,7 @@ def _with_transfer_syntax(ds: Dataset) -> Dataset:
         pixels = ds.get("PixelData")
         if isinstance(pixels, (bytes, bytearray)) and bytes(pixels[:4]) == _ITEM_TAG:
             raise DecodeError(
-                "dataset has no Transfer Syntax UID and its Pixel Data is compressed, "
-                "so the codec is unknown"
+                "dataset has no Transfer Syntax UID and its Pixel Data is compressed, so the codec is unknown"
             )
         tsyntax = ExplicitVRLittleEndian
     elif implicit:
@@ -309,9 +308,7 @@ def _check_encoding_matches(ds: Dataset, ts: UID) -> None:
     value = elem.value if isinstance(elem.value, (bytes, bytearray)) else b""
     # Native pixels may start with the item tag's bytes by chance; only a
     # dataset built in memory can be encapsulated without undefined length.
-    encapsulated = bool(elem.is_undefined_length) or (
-        ts.is_compressed and bytes(value[:4]) == _ITEM_TAG
-    )
+    encapsulated = bool(elem.is_undefined_length) or (ts.is_compressed and bytes(value[:4]) == _ITEM_TAG)
     if ts.is_compressed and not encapsulated:
         raise DecodeError(
             f"transfer syntax {ts} does not match the encoded pixel data: "
@@ -593,9 +590,7 @@ def _total_variation(v: np.ndarray) -> float:
 # Grey rendering: Modality LUT, VOI, polarity, padding
 
 
-def _render_grey(
-    ds: Dataset, stored: np.ndarray, monochrome1: bool
-) -> tuple[np.ndarray, tuple[float, float], str]:
+def _render_grey(ds: Dataset, stored: np.ndarray, monochrome1: bool) -> tuple[np.ndarray, tuple[float, float], str]:
     padding = _padding_mask(ds, stored)
     rescale = _rescale(ds)
     lut_item = _first_item(ds, "ModalityLUTSequence")
@@ -658,9 +653,7 @@ def _rescale(ds: Dataset) -> tuple[float, float]:
     return slope, (intercept if intercept is not None else 0.0)
 
 
-def _modality(
-    ds: Dataset, stored: np.ndarray, rescale: tuple[float, float], lut_item: Dataset | None
-) -> np.ndarray:
+def _modality(ds: Dataset, stored: np.ndarray, rescale: tuple[float, float], lut_item: Dataset | None) -> np.ndarray:
     """Stored values -> modality values (HU, optical density, ...) as float32.
 
     Written here rather than using pydicom's apply_modality_lut, which builds
@@ -690,9 +683,7 @@ def _sample(values: np.ndarray, padding: np.ndarray | None) -> np.ndarray:
     return flat
 
 
-def _voi(
-    ds: Dataset, values: np.ndarray, sample: np.ndarray
-) -> tuple[np.ndarray, tuple[float, float], str]:
+def _voi(ds: Dataset, values: np.ndarray, sample: np.ndarray) -> tuple[np.ndarray, tuple[float, float], str]:
     """First stated window, else first VOI LUT, else a percentile window.
 
     The window comes first because it honours VOI LUT Function and is what
@@ -732,9 +723,7 @@ def _stated_window(ds: Dataset) -> tuple[float, float, str] | None:
     return center, width, function
 
 
-def _window(
-    values: np.ndarray, center: float, width: float, function: str, *, reuse: bool = False
-) -> np.ndarray:
+def _window(values: np.ndarray, center: float, width: float, function: str, *, reuse: bool = False) -> np.ndarray:
     """PS3.3 C.11.2.1.2 windowing onto 0..255, returned as uint8.
 
     ``reuse`` lets the full-size float32 buffer be overwritten: a mammogram's
@@ -796,9 +785,7 @@ def _read_lut(item: Dataset, ds: Dataset, *, signed_input: bool) -> tuple[np.nda
     return _lut_from(descriptor, value, ds, signed_input=signed_input)
 
 
-def _lut_from(
-    descriptor: list[int], value, ds: Dataset, *, signed_input: bool
-) -> tuple[np.ndarray, int, int] | None:
+def _lut_from(descriptor: list[int], value, ds: Dataset, *, signed_input: bool) -> tuple[np.ndarray, int, int] | None:
     if len(descriptor) != 3 or value is None:
         return None
     entries, first, bits = descriptor
@@ -916,14 +903,16 @@ def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
 
 # Enhanced multi-frame IODs (enhanced CT, XA/RF, DX) keep these in functional
 # group macros instead of the top level.
-_MACRO_OF = MappingProxyType({
-    "RescaleSlope": "PixelValueTransformationSequence",
-    "RescaleIntercept": "PixelValueTransformationSequence",
-    "WindowCenter": "FrameVOILUTSequence",
-    "WindowWidth": "FrameVOILUTSequence",
-    "VOILUTFunction": "FrameVOILUTSequence",
-    "PixelSpacing": "PixelMeasuresSequence",
-})
+_MACRO_OF = MappingProxyType(
+    {
+        "RescaleSlope": "PixelValueTransformationSequence",
+        "RescaleIntercept": "PixelValueTransformationSequence",
+        "WindowCenter": "FrameVOILUTSequence",
+        "WindowWidth": "FrameVOILUTSequence",
+        "VOILUTFunction": "FrameVOILUTSequence",
+        "PixelSpacing": "PixelMeasuresSequence",
+    }
+)
 
 
 def _frame_value(ds: Dataset, keyword: str):

@@ -72,9 +72,7 @@ def decode_ultralytics(
     pred = np.asarray(pred, dtype=np.float32)
     nc = len(labels)
     if pred.ndim != 3 or pred.shape[1] != 4 + nc:
-        raise ValueError(
-            f"Ultralytics output must be [B, 4+nc, N] with nc={nc} labels; got shape {list(pred.shape)}"
-        )
+        raise ValueError(f"Ultralytics output must be [B, 4+nc, N] with nc={nc} labels; got shape {list(pred.shape)}")
     rows = np.transpose(pred, (0, 2, 1))  # [B, N, 4+nc]
     results = []
     for i, r in enumerate(rows):
@@ -178,8 +176,9 @@ def _finish(
     if not len(score):
         return []
     # Class-wise: a head box must not suppress an overlapping spine box.
-    keep = np.concatenate([np.flatnonzero(cls == c)[nms(boxes[cls == c], score[cls == c], iou_threshold)]
-                           for c in np.unique(cls)])
+    keep = np.concatenate(
+        [np.flatnonzero(cls == c)[nms(boxes[cls == c], score[cls == c], iou_threshold)] for c in np.unique(cls)]
+    )
     keep = keep[np.argsort(-score[keep], kind="stable")][:max_detections]
     boxes, score, cls = boxes[keep], score[keep], cls[keep]
     return [

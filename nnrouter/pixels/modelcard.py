@@ -96,8 +96,7 @@ class InputSpec(_Strict):
         channels = info.data.get("channels")
         if channels is not None and (len(v.mean) != channels or len(v.std) != channels):
             raise ValueError(
-                f"mean and std need one value per channel ({channels}); "
-                f"got {len(v.mean)} and {len(v.std)}"
+                f"mean and std need one value per channel ({channels}); got {len(v.mean)} and {len(v.std)}"
             )
         return v
 
@@ -156,9 +155,7 @@ class ModelCard(_Strict):
                 raise ValueError("a classify model needs a 'scores' output")
             unknown = roles - _CLASSIFY_ROLES
             if unknown:
-                raise ValueError(
-                    f"unknown output role(s) {sorted(unknown)}; classify knows {sorted(_CLASSIFY_ROLES)}"
-                )
+                raise ValueError(f"unknown output role(s) {sorted(unknown)}; classify knows {sorted(_CLASSIFY_ROLES)}")
         elif task == "detect" and roles not in _DETECT_LAYOUTS:
             raise ValueError(
                 "a detect model needs either {predictions} (Ultralytics [1, 4+nc, N]) "
@@ -169,7 +166,7 @@ class ModelCard(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _classify_says_what_scores_are(self) -> "ModelCard":
+    def _classify_says_what_scores_are(self) -> ModelCard:
         # Guessing here would silently change calibrated scores, so the card must say.
         if self.task == "classify" and self.scores_are is None:
             raise ValueError("scores_are: required for a classify model ('probabilities' or 'logits')")
@@ -244,6 +241,4 @@ def write_atomically(path: Path, blob: bytes) -> None:
 
 def _require_digest(card: ModelCard, actual: str, onnx_path: Path) -> None:
     if actual != card.sha256:
-        raise ModelCardError(
-            f"{onnx_path}: model.onnx sha256 is {actual}, card says {card.sha256}: refusing to load"
-        )
+        raise ModelCardError(f"{onnx_path}: model.onnx sha256 is {actual}, card says {card.sha256}: refusing to load")

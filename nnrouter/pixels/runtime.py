@@ -23,7 +23,7 @@ import structlog
 from .detect import Detection, Letterbox, decode_darknet, decode_ultralytics
 from .modelcard import MODEL_FILE, ModelCard, ModelCardError, _require_digest, load_card
 
-__all__ = ["Classification", "Letterbox", "Model", "Timings", "DEFAULT_PROVIDERS"]
+__all__ = ["DEFAULT_PROVIDERS", "Classification", "Letterbox", "Model", "Timings"]
 
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 UNKNOWN = "unknown"
@@ -69,7 +69,7 @@ class Model:
         *,
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
-    ) -> "Model":
+    ) -> Model:
         """Verify, open and warm up the model in ``model_dir``.
 
         The weights are hashed from the same bytes that are handed to
@@ -186,15 +186,18 @@ class Model:
         if "predictions" in card.outputs:
             (pred,) = self._run(x, [card.outputs["predictions"]])
             t2 = time.perf_counter()
-            dets = decode_ultralytics(
-                pred, card.labels, card.conf_threshold, card.iou_threshold, letterboxes=boxes
-            )
+            dets = decode_ultralytics(pred, card.labels, card.conf_threshold, card.iou_threshold, letterboxes=boxes)
         else:
             b, c = self._run(x, [card.outputs["boxes"], card.outputs["confs"]])
             t2 = time.perf_counter()
             dets = decode_darknet(
-                b, c, card.labels, card.conf_threshold, card.iou_threshold,
-                input_size=card.input.size, letterboxes=boxes,
+                b,
+                c,
+                card.labels,
+                card.conf_threshold,
+                card.iou_threshold,
+                input_size=card.input.size,
+                letterboxes=boxes,
             )
         t3 = time.perf_counter()
         self._time(len(images), t0, t1, t2, t3)
@@ -221,7 +224,7 @@ class Model:
             return self._session.run(names, {feed: x})
         chunks = []
         for start in range(0, x.shape[0], step):
-            part = x[start:start + step]
+            part = x[start : start + step]
             short = step - part.shape[0]
             if short:  # pad the last chunk; the padding's outputs are dropped below
                 part = np.concatenate([part, np.zeros((short, *part.shape[1:]), dtype=part.dtype)])
@@ -235,7 +238,9 @@ class Model:
         c = self._card.input.channels
         n = self._fixed_batch or 1
         shape = (n, c, h, w) if self._card.input.layout == "NCHW" else (n, h, w, c)
-        self._session.run(list(self._card.outputs.values()), {self._card.input_name: np.zeros(shape, self._input_dtype)})
+        self._session.run(
+            list(self._card.outputs.values()), {self._card.input_name: np.zeros(shape, self._input_dtype)}
+        )
 
     def _time(self, n: int, t0: float, t1: float, t2: float, t3: float) -> None:
         self.timings = Timings(
@@ -246,8 +251,9 @@ class Model:
         )
 
 
-def gate(label: str, score: float, ood: float | None, unknown_threshold: float | None,
-         ood_threshold: float | None) -> str:
+def gate(
+    label: str, score: float, ood: float | None, unknown_threshold: float | None, ood_threshold: float | None
+) -> str:
     """The top label, or "unknown" when its score is too low or its features too far from the training data.
 
     One function, so that leave-one-source-out folds decide exactly as the served model does.
@@ -283,11 +289,15 @@ def _check_graph(card: ModelCard, session: ort.InferenceSession, onnx_path: Path
     where = f"{onnx_path.parent / 'model.yaml'}"
     inputs = {i.name: i for i in session.get_inputs()}
     if card.input_name not in inputs:
-        raise ModelCardError(f"{where}: input_name: {card.input_name!r} is not an input of model.onnx ({sorted(inputs)})")
+        raise ModelCardError(
+            f"{where}: input_name: {card.input_name!r} is not an input of model.onnx ({sorted(inputs)})"
+        )
     out_names = {o.name for o in session.get_outputs()}
     for role, name in card.outputs.items():
         if name not in out_names:
-            raise ModelCardError(f"{where}: outputs.{role}: {name!r} is not an output of model.onnx ({sorted(out_names)})")
+            raise ModelCardError(
+                f"{where}: outputs.{role}: {name!r} is not an output of model.onnx ({sorted(out_names)})"
+            )
     shape = inputs[card.input_name].shape
     if len(shape) != 4:
         raise ModelCardError(f"{where}: input_name: model.onnx input {card.input_name!r} has rank {len(shape)}, need 4")
@@ -310,7 +320,7 @@ def _place(img: np.ndarray, net_h: int, net_w: int, resize: str, pad_value: int)
     new_w, new_h = max(1, min(net_w, round(w * r))), max(1, min(net_h, round(h * r)))
     left, top = (net_w - new_w) // 2, (net_h - new_h) // 2
     canvas = np.full((net_h, net_w), pad_value, dtype=np.uint8)
-    canvas[top:top + new_h, left:left + new_w] = _resize(img, new_w, new_h)
+    canvas[top : top + new_h, left : left + new_w] = _resize(img, new_w, new_h)
     return canvas, Letterbox(new_w / w, new_h / h, float(left), float(top), w, h)
 
 
@@ -335,7 +345,9 @@ def _cam(raw: np.ndarray, top: int, lb: Letterbox, size: tuple[int, int]) -> np.
     if m.ndim == 3:  # [1, h, w] for the top class, or [nc, h, w] for every class
         m = m[0] if m.shape[0] == 1 else m[top]
     if m.ndim != 2:
-        raise ValueError(f"cam output must be [B, h, w], [B, 1, h, w] or [B, nc, h, w]; got per-image shape {raw.shape}")
+        raise ValueError(
+            f"cam output must be [B, h, w], [B, 1, h, w] or [B, nc, h, w]; got per-image shape {raw.shape}"
+        )
     net_h, net_w = size
     sy, sx = m.shape[0] / net_h, m.shape[1] / net_w
     x0, y0 = round(lb.pad_x * sx), round(lb.pad_y * sy)

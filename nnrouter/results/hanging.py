@@ -251,8 +251,13 @@ class Layout:
         def study(s: StudyViews | None, half: str) -> dict[str, Any] | None:
             if s is None:
                 return None
-            return {"study_uid": s.study_uid, "study_date": s.study_date, "accession": s.accession,
-                    "body_parts": sorted(s.parts), "screen": half}
+            return {
+                "study_uid": s.study_uid,
+                "study_date": s.study_date,
+                "accession": s.accession,
+                "body_parts": sorted(s.parts),
+                "screen": half,
+            }
 
         return {
             "protocol": self.protocol,
@@ -271,7 +276,8 @@ def pick_prior(current: StudyViews, candidates: Iterable[StudyViews]) -> StudyVi
     """
     parts = current.parts
     earlier = [
-        c for c in candidates
+        c
+        for c in candidates
         if c.study_uid != current.study_uid and c.study_date < current.study_date and c.parts & parts
     ]
     return max(earlier, key=lambda c: c.study_date, default=None)
@@ -300,17 +306,19 @@ def layout(study: StudyViews, prior: StudyViews | None = None, *, min_score: flo
             label, side = key
             if which == "prior":
                 reason += f"; prior of {s.study_date} beside the current, like with like"
-            sets.append(DisplaySet(
-                position=len(sets),
-                viewport=(slot // cols, offset + slot % cols),
-                study=which,
-                study_uid=s.study_uid,
-                label=label,
-                family=family(label),
-                laterality=side,
-                images=tuple(i.sop_instance_uid for i in images),
-                reason=reason,
-            ))
+            sets.append(
+                DisplaySet(
+                    position=len(sets),
+                    viewport=(slot // cols, offset + slot % cols),
+                    study=which,
+                    study_uid=s.study_uid,
+                    label=label,
+                    family=family(label),
+                    laterality=side,
+                    images=tuple(i.sop_instance_uid for i in images),
+                    reason=reason,
+                )
+            )
     return Layout(
         protocol=_layout_protocol(cur),
         grid=(rows, cols * (2 if prior is not None else 1)),
@@ -343,8 +351,10 @@ def _groups(study: StudyViews, min_score: float) -> list[_Group]:
     out: list[_Group] = []
     for key in sorted(by_key, key=rank):
         label, side = key
-        images = sorted(by_key[key], key=lambda i: (i.instance_number is None, i.instance_number or 0,
-                                                   i.acquired or "", i.sop_instance_uid))
+        images = sorted(
+            by_key[key],
+            key=lambda i: (i.instance_number is None, i.instance_number or 0, i.acquired or "", i.sop_instance_uid),
+        )
         reason = _unknown_reason(images) if label == UNKNOWN else _reason(label, side, sides[label])
         out.append((key, images, reason))
     return out
@@ -372,7 +382,9 @@ def _unknown_reason(images: list[ImageView]) -> str:
             n, top = best.get(key, (0, 0.0))
             best[key] = (n + 1, max(top, score))
     if best:
-        found = ", ".join(f"{label} on {n} of {len(images)} (best {top:.2f})" for label, (n, top) in sorted(best.items()))
+        found = ", ".join(
+            f"{label} on {n} of {len(images)} (best {top:.2f})" for label, (n, top) in sorted(best.items())
+        )
         text += f"; the region detector found {found}"
     return text
 
@@ -388,8 +400,11 @@ def _reason(label: str, side: str | None, sides: set[str | None]) -> str:
     }[fam]
     text = f"{where} ({label}, {c.body_part_examined})"
     if {"R", "L"} <= sides:
-        text += "; both sides present: patient's right on the viewer's left" if side == "R" else (
-            "; both sides present: patient's left on the viewer's right" if side == "L" else "")
+        text += (
+            "; both sides present: patient's right on the viewer's left"
+            if side == "R"
+            else ("; both sides present: patient's left on the viewer's right" if side == "L" else "")
+        )
     return text
 
 
@@ -742,7 +757,10 @@ def _display_sets(cells: list[_Cell], numbers: dict[tuple[str, str | None, int],
             box.ImageBoxNumber = 1
             # Upper left x, y then lower right x, y; y grows upwards.
             box.DisplayEnvironmentSpatialPosition = [
-                (t + col / cols) / halves, 1.0 - r / rows, (t + (col + 1) / cols) / halves, 1.0 - (r + 1) / rows,
+                (t + col / cols) / halves,
+                1.0 - r / rows,
+                (t + (col + 1) / cols) / halves,
+                1.0 - (r + 1) / rows,
             ]
             box.ImageBoxLayoutType = "STACK"
             ds.ImageBoxesSequence = Sequence([box])
@@ -759,7 +777,9 @@ def _display_sets(cells: list[_Cell], numbers: dict[tuple[str, str | None, int],
     return out
 
 
-def generic_protocols(creator: str = "NNROUTER", version: str = "1", *, created: dt.datetime | None = None) -> list[Dataset]:
+def generic_protocols(
+    creator: str = "NNROUTER", version: str = "1", *, created: dt.datetime | None = None
+) -> list[Dataset]:
     """The generic set: one protocol per region with its prior, plus a both-sides one for paired regions."""
     created = created or dt.datetime.now(dt.UTC)
     out = []

@@ -49,7 +49,16 @@ from pydicom.uid import generate_uid
 from nnrouter import __version__
 from nnrouter.core.codes import classes, sct_meaning
 
-__all__ = ["PRIVATE_SCHEME", "UNKNOWN", "ImageFinding", "MismatchFlag", "Region", "StudyFindings", "build_sr", "write_sr"]
+__all__ = [
+    "PRIVATE_SCHEME",
+    "UNKNOWN",
+    "ImageFinding",
+    "MismatchFlag",
+    "Region",
+    "StudyFindings",
+    "build_sr",
+    "write_sr",
+]
 
 PRIVATE_SCHEME = "99NNROUTER"
 UNKNOWN = "unknown"  # the classifier's label below its calibrated threshold
@@ -70,8 +79,15 @@ _ENGLISH = hd.sr.CodedConcept("en-US", "RFC5646", "English (United States)")
 # Patient and study attributes of Type 2 in their modules: a header that lacks
 # one gets it empty, so the SR is valid even when the modality left it out.
 _TYPE2 = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-    "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyID",
 )
 _REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
 
@@ -197,7 +213,9 @@ class StudyFindings:
             seen.add(f.sop_instance_uid)
         for flag in self.flags:
             if flag.sop_instance_uid is not None and flag.sop_instance_uid not in known:
-                raise ValueError(f"flag {flag.kind!r} names {flag.sop_instance_uid}, which is not among the evaluated instances")
+                raise ValueError(
+                    f"flag {flag.kind!r} names {flag.sop_instance_uid}, which is not among the evaluated instances"
+                )
         if not (self.algorithm_name and self.algorithm_version and self.manufacturer):
             raise ValueError("algorithm name, version and manufacturer must not be empty")
 
@@ -328,7 +346,13 @@ def _image_group(
         code = view_class.view_code
         view = hd.sr.CodedConcept(code.value, code.scheme, code.meaning) if code else _private(finding.label)
         anatomy = view_class.anatomy_code
-        sites = [hd.sr.FindingSite(anatomic_location=hd.sr.CodedConcept(anatomy.value, anatomy.scheme, _sct_meaning(anatomy.value, view_class.body_part_examined)))]
+        sites = [
+            hd.sr.FindingSite(
+                anatomic_location=hd.sr.CodedConcept(
+                    anatomy.value, anatomy.scheme, _sct_meaning(anatomy.value, view_class.body_part_examined)
+                )
+            )
+        ]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(sr_uid, f"view:{finding.sop_instance_uid}", f"view of image {n}"),
         finding_type=_private(finding.label),
@@ -400,9 +424,7 @@ def _flags_container(
     return container
 
 
-def _root(
-    observation: hd.sr.ObservationContext, groups: list, library: list[Dataset]
-) -> hd.sr.ContainerContentItem:
+def _root(observation: hd.sr.ObservationContext, groups: list, library: list[Dataset]) -> hd.sr.ContainerContentItem:
     """The TID 1500 root container.
 
     highdicom's MeasurementReport insists on at least one measurement group,
@@ -447,7 +469,10 @@ def _header(ds: Dataset) -> Dataset:
     # Modalities write "MALE", "m" or "1980"; the SR takes only the standard's values, else empty (Type 2).
     sex = str(out.get("PatientSex", "") or "").strip().upper()[:1]
     out.PatientSex = sex if sex in ("M", "F", "O") else ""
-    if not re.fullmatch(r"\d{8}", str(out.get("PatientBirthDate", "") or "")) or str(out.PatientBirthDate) == "00000000":
+    if (
+        not re.fullmatch(r"\d{8}", str(out.get("PatientBirthDate", "") or ""))
+        or str(out.PatientBirthDate) == "00000000"
+    ):
         out.PatientBirthDate = ""
     return out
 

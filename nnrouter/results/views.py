@@ -31,8 +31,14 @@ def find_study(s: Any, study_uid: str) -> Study | None:
 
 
 def flag_dict(f: Flag) -> dict[str, Any]:
-    return {"kind": f.kind, "severity": f.severity, "reason": f.reason, "sop_instance_uid": f.sop_instance_uid,
-            "evidence": f.evidence, "at": f.created_at}
+    return {
+        "kind": f.kind,
+        "severity": f.severity,
+        "reason": f.reason,
+        "sop_instance_uid": f.sop_instance_uid,
+        "evidence": f.evidence,
+        "at": f.created_at,
+    }
 
 
 def study_report(store: Store, study_uid: str, detector: Any = None) -> dict[str, Any] | None:
@@ -50,20 +56,38 @@ def study_report(store: Store, study_uid: str, detector: Any = None) -> dict[str
         study = find_study(s, study_uid)
         if study is None:
             return None
-        flags = [flag_dict(f) for f in s.execute(select(Flag).where(Flag.study_id == study.id).order_by(Flag.id)).scalars()]
+        flags = [
+            flag_dict(f) for f in s.execute(select(Flag).where(Flag.study_id == study.id).order_by(Flag.id)).scalars()
+        ]
         found = [
-            {"source": o.source, "accession_number": o.accession_number, "requested_procedure_id": o.requested_procedure_id,
-             "codes": [[c.value, c.scheme, c.meaning] for c in o.codes], "description": o.description,
-             "laterality": o.laterality, "control": o.control}
+            {
+                "source": o.source,
+                "accession_number": o.accession_number,
+                "requested_procedure_id": o.requested_procedure_id,
+                "codes": [[c.value, c.scheme, c.meaning] for c in o.codes],
+                "description": o.description,
+                "laterality": o.laterality,
+                "control": o.control,
+            }
             for o in orders.stored_for(s, study.accession_number, study.study_uid)
         ]
         decision = s.execute(select(RoutingDecision).where(RoutingDecision.study_id == study.id)).scalar_one_or_none()
         outbox: dict[int, list[dict[str, Any]]] = {}
-        for o in s.execute(select(Outbox).join(Outbox.instance).where(Outbox.instance_id.in_(
-                [i.id for se in study.series for i in se.instances]))).scalars():
+        for o in s.execute(
+            select(Outbox)
+            .join(Outbox.instance)
+            .where(Outbox.instance_id.in_([i.id for se in study.series for i in se.instances]))
+        ).scalars():
             outbox.setdefault(o.instance_id, []).append(
-                {"destination": o.destination, "state": o.state, "attempts": o.attempts, "rule": o.rule,
-                 "sent_at": o.sent_at, "last_error": o.last_error})
+                {
+                    "destination": o.destination,
+                    "state": o.state,
+                    "attempts": o.attempts,
+                    "rule": o.rule,
+                    "sent_at": o.sent_at,
+                    "last_error": o.last_error,
+                }
+            )
         return {
             "study_uid": study.study_uid,
             "accession_number": study.accession_number,
@@ -71,14 +95,20 @@ def study_report(store: Store, study_uid: str, detector: Any = None) -> dict[str
             "study_description": study.study_description,
             "last_received_at": study.last_received_at,
             "checked_at": study.checked_at,
-            "detector": None if detector is None or detector.model is None else {
-                "model": detector.model, "labels": list(detector.labels), "not_covered": list(detector.not_covered)},
+            "detector": None
+            if detector is None or detector.model is None
+            else {"model": detector.model, "labels": list(detector.labels), "not_covered": list(detector.not_covered)},
             "orders": found,
             "flags": flags,
-            "routing": None if decision is None else {
-                "decided_at": decision.decided_at, "rules_digest": decision.rules_digest,
-                "rules": decision.outcomes, "deliveries": decision.deliveries,
-                "hold": decision.hold, "discard": decision.discard,
+            "routing": None
+            if decision is None
+            else {
+                "decided_at": decision.decided_at,
+                "rules_digest": decision.rules_digest,
+                "rules": decision.outcomes,
+                "deliveries": decision.deliveries,
+                "hold": decision.hold,
+                "discard": decision.discard,
             },
             "series": [
                 {
@@ -135,8 +165,14 @@ def study_report(store: Store, study_uid: str, detector: Any = None) -> dict[str
         }
 
 
-def flagged(store: Store, *, kinds: Iterable[str] | None = None, every: bool = False, study_uid: str | None = None,
-            limit: int = 200) -> list[dict[str, Any]]:
+def flagged(
+    store: Store,
+    *,
+    kinds: Iterable[str] | None = None,
+    every: bool = False,
+    study_uid: str | None = None,
+    limit: int = 200,
+) -> list[dict[str, Any]]:
     """Flagged studies, newest check first: what a QA technologist works through.
 
     Without ``kinds`` only the mismatches (not uncertain or unmapped) unless ``every``.
@@ -179,13 +215,17 @@ def study_views(s: Any, study: Study) -> Any:
         side = (inst.image_laterality or "").upper()
         raw = (inst.instance_number or "").strip()
         number = int(raw) if raw.lstrip("-").isdigit() else None
-        images.append(hanging.ImageView(
-            sop_instance_uid=inst.sop_instance_uid, series_uid=series.series_uid,
-            label=(pred.label if pred.label in known else hanging.UNKNOWN) if pred else None,
-            score=min(max(pred.score, 0.0), 1.0) if pred else None,
-            laterality=side if side in ("L", "R") else None, instance_number=number,
-            regions=tuple((d.label, d.score) for d in inst.detections),
-        ))
+        images.append(
+            hanging.ImageView(
+                sop_instance_uid=inst.sop_instance_uid,
+                series_uid=series.series_uid,
+                label=(pred.label if pred.label in known else hanging.UNKNOWN) if pred else None,
+                score=min(max(pred.score, 0.0), 1.0) if pred else None,
+                laterality=side if side in ("L", "R") else None,
+                instance_number=number,
+                regions=tuple((d.label, d.score) for d in inst.detections),
+            )
+        )
     return hanging.StudyViews(study.study_uid, date, study.accession_number or "", frozenset(parts), tuple(images))
 
 
@@ -207,6 +247,8 @@ def study_layout(store: Store, study_uid: str) -> dict[str, Any]:
             raise ValueError(f"study {study_uid} has no Study Date: cannot order it among priors")
         prior = None
         if study.patient_id:
-            others = s.execute(select(Study).where(Study.patient_id == study.patient_id, Study.id != study.id)).scalars()
+            others = s.execute(
+                select(Study).where(Study.patient_id == study.patient_id, Study.id != study.id)
+            ).scalars()
             prior = hanging.pick_prior(current, [v for v in (study_views(s, o) for o in others) if v is not None])
     return hanging.layout(current, prior).to_dict()

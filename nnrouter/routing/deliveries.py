@@ -26,11 +26,16 @@ RETRYABLE = (OutboxState.DEAD, OutboxState.FAILED, OutboxState.HELD)
 PURGEABLE = (OutboxState.SENT,)
 
 
-def select_deliveries(states: Sequence[str] | None = None, destinations: Sequence[str] | None = None,
-                      study_uid: str | None = None) -> Select[Outbox, str, str]:
+def select_deliveries(
+    states: Sequence[str] | None = None, destinations: Sequence[str] | None = None, study_uid: str | None = None
+) -> Select[Outbox, str, str]:
     """Outbox rows with their SOP Instance and Study Instance UIDs, oldest first; no filter means all."""
-    q = select(Outbox, Instance.sop_instance_uid, Study.study_uid).join(Instance, Instance.id == Outbox.instance_id) \
-        .join(Series, Series.id == Instance.series_id).join(Study, Study.id == Series.study_id)
+    q = (
+        select(Outbox, Instance.sop_instance_uid, Study.study_uid)
+        .join(Instance, Instance.id == Outbox.instance_id)
+        .join(Series, Series.id == Instance.series_id)
+        .join(Study, Study.id == Series.study_id)
+    )
     if states:
         q = q.where(Outbox.state.in_(list(states)))
     if destinations:
@@ -40,30 +45,57 @@ def select_deliveries(states: Sequence[str] | None = None, destinations: Sequenc
     return q.order_by(Outbox.id)
 
 
-def list_deliveries(store: Store, states: Sequence[str] | None = None, destinations: Sequence[str] | None = None,
-                    study_uid: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+def list_deliveries(
+    store: Store,
+    states: Sequence[str] | None = None,
+    destinations: Sequence[str] | None = None,
+    study_uid: str | None = None,
+    limit: int = 1000,
+) -> list[dict[str, Any]]:
     with store.read() as s:
         return [
-            {"id": o.id, "destination": o.destination, "state": o.state, "attempts": o.attempts,
-             "next_attempt_at": o.next_attempt_at, "last_error": o.last_error, "rule": o.rule,
-             "sop_instance_uid": sop, "study_uid": study, "sent_at": o.sent_at}
+            {
+                "id": o.id,
+                "destination": o.destination,
+                "state": o.state,
+                "attempts": o.attempts,
+                "next_attempt_at": o.next_attempt_at,
+                "last_error": o.last_error,
+                "rule": o.rule,
+                "sop_instance_uid": sop,
+                "study_uid": study,
+                "sent_at": o.sent_at,
+            }
             for o, sop, study in s.execute(select_deliveries(states, destinations, study_uid).limit(limit)).all()
         ]
 
 
-def retry(store: Store, states: Sequence[str] | None = None, destinations: Sequence[str] | None = None,
-          study_uid: str | None = None) -> list[int]:
+def retry(
+    store: Store,
+    states: Sequence[str] | None = None,
+    destinations: Sequence[str] | None = None,
+    study_uid: str | None = None,
+) -> list[int]:
     """Queue the selected deliveries again, due now with their attempts reset (default: dead, failed, held ones)."""
     with store.write() as s:
         ids = [o.id for o, _, _ in s.execute(select_deliveries(states or RETRYABLE, destinations, study_uid)).all()]
         if ids:
-            s.execute(update(Outbox).where(Outbox.id.in_(ids)).values(
-                state=OutboxState.PENDING, attempts=0, next_attempt_at=utcnow(), claimed_by=None, lease_until=None))
+            s.execute(
+                update(Outbox)
+                .where(Outbox.id.in_(ids))
+                .values(
+                    state=OutboxState.PENDING, attempts=0, next_attempt_at=utcnow(), claimed_by=None, lease_until=None
+                )
+            )
     return ids
 
 
-def purge(store: Store, states: Sequence[str] | None = None, destinations: Sequence[str] | None = None,
-          study_uid: str | None = None) -> list[int]:
+def purge(
+    store: Store,
+    states: Sequence[str] | None = None,
+    destinations: Sequence[str] | None = None,
+    study_uid: str | None = None,
+) -> list[int]:
     """Remove the selected outbox rows (default: sent ones)."""
     with store.write() as s:
         ids = [o.id for o, _, _ in s.execute(select_deliveries(states or PURGEABLE, destinations, study_uid)).all()]

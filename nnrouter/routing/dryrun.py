@@ -18,8 +18,11 @@ from nnrouter.core.store import Store
 from nnrouter.routing import rules
 
 
-def from_files(paths: Iterable[Path], calling_aes: Iterable[str] = (), now: dt.datetime | None = None,
-               ) -> tuple[dict[str, rules.StudyFacts], list[str]]:
+def from_files(
+    paths: Iterable[Path],
+    calling_aes: Iterable[str] = (),
+    now: dt.datetime | None = None,
+) -> tuple[dict[str, rules.StudyFacts], list[str]]:
     """The files' studies as the rules see them, and a line for each file that is not DICOM."""
     from nnrouter.dicom.send import expand
     from nnrouter.routing.router import header_facts
@@ -30,20 +33,37 @@ def from_files(paths: Iterable[Path], calling_aes: Iterable[str] = (), now: dt.d
     for f in expand([Path(p) for p in paths]):
         try:
             h = header_facts(str(f))
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a file that is no DICOM; said per file
+        except Exception as exc:
             problems.append(f"{f}: not DICOM ({exc})")
             continue
-        inst = rules.InstanceFacts(sop_instance_uid=str(h.get("SOPInstanceUID", f.name)), header=h,
-                                   modality=h.get("Modality"), label=None, score=None)
+        inst = rules.InstanceFacts(
+            sop_instance_uid=str(h.get("SOPInstanceUID", f.name)),
+            header=h,
+            modality=h.get("Modality"),
+            label=None,
+            score=None,
+        )
         grouped.setdefault(str(h.get("StudyInstanceUID", "?")), []).append(inst)
-    studies = {uid: rules.StudyFacts(study_uid=uid, instances=tuple(insts), calling_aes=frozenset(calling_aes),
-                                     called_aes=frozenset(), mismatches=frozenset(), now=now)
-               for uid, insts in grouped.items()}
+    studies = {
+        uid: rules.StudyFacts(
+            study_uid=uid,
+            instances=tuple(insts),
+            calling_aes=frozenset(calling_aes),
+            called_aes=frozenset(),
+            mismatches=frozenset(),
+            now=now,
+        )
+        for uid, insts in grouped.items()
+    }
     return studies, problems
 
 
-def from_store(settings: Settings, store: Store, study_uid: str, now: dt.datetime | None = None,
-               ) -> tuple[rules.StudyFacts, list[Any]] | None:
+def from_store(
+    settings: Settings,
+    store: Store,
+    study_uid: str,
+    now: dt.datetime | None = None,
+) -> tuple[rules.StudyFacts, list[Any]] | None:
     """A stored study's facts and the order check's findings (orders.Finding) as of now; None if unknown.
 
     The procedures file is loaded without a trace in ``nnrouter status``: a dry run leaves none.
@@ -69,9 +89,15 @@ def decision_dict(decision: rules.Decision) -> dict[str, Any]:
     """The decision as plain data: every rule with whether it matched and why, the deliveries, hold and discard."""
     return {
         "rules": [{"rule": o.rule, "matched": o.matched, "why": o.why} for o in decision.outcomes],
-        "deliveries": [{"destination": d.destination, "rule": d.rule, "report": d.report,
-                        "coerce": None if d.coerce is None else d.coerce.model_dump()}
-                       for d in decision.deliveries],
+        "deliveries": [
+            {
+                "destination": d.destination,
+                "rule": d.rule,
+                "report": d.report,
+                "coerce": None if d.coerce is None else d.coerce.model_dump(),
+            }
+            for d in decision.deliveries
+        ],
         "hold": decision.hold,
         "hold_rules": list(decision.hold_rules),
         "discard": decision.discard,

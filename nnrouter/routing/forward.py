@@ -111,7 +111,11 @@ def _tls_problem(ctx, host: str, port: int) -> str | None:  # type: ignore[no-un
         with socket.create_connection((host, port), timeout=10) as raw, ctx.wrap_socket(raw, server_hostname=host):
             return None
     except ssl.SSLError as exc:
-        return f"TLS: {exc.reason or exc}: {exc.verify_message}" if isinstance(exc, ssl.SSLCertVerificationError) else f"TLS: {exc}"
+        return (
+            f"TLS: {exc.reason or exc}: {exc.verify_message}"
+            if isinstance(exc, ssl.SSLCertVerificationError)
+            else f"TLS: {exc}"
+        )
     except OSError as exc:
         return f"TLS: {exc}"
 
@@ -152,7 +156,9 @@ class Link:
     last_used: float = field(default_factory=time.monotonic)
 
     def accepted(self, sop_class: str, ts: str) -> bool:
-        return any(cx.abstract_syntax == sop_class and cx.transfer_syntax[0] == ts for cx in self.assoc.accepted_contexts)
+        return any(
+            cx.abstract_syntax == sop_class and cx.transfer_syntax[0] == ts for cx in self.assoc.accepted_contexts
+        )
 
 
 def open_link(dest: rules.Destination, pairs: set[tuple[str, str]], idle_close_s: float) -> Link:
@@ -183,8 +189,10 @@ def open_link(dest: rules.Destination, pairs: set[tuple[str, str]], idle_close_s
     if not assoc.is_established:
         if assoc.rejected_contexts and not assoc.accepted_contexts:
             refused = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
-            raise Refused(f"{where} accepted none of the presentation contexts offered (SOP class {', '.join(refused)} "
-                          "in the received syntax and Explicit VR Little Endian)")
+            raise Refused(
+                f"{where} accepted none of the presentation contexts offered (SOP class {', '.join(refused)} "
+                "in the received syntax and Explicit VR Little Endian)"
+            )
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
         if tls is not None and not assoc.is_rejected:
             why = _tls_problem(tls[0], dest.host, dest.port) or why
@@ -233,7 +241,9 @@ class Lane:
                 if down is not None:  # logged once, waited out; what was claimed comes back after its lease
                     wait = self.outage.failed(down)
                 else:  # the type only: messages may quote patient data
-                    log.error("forward_lane_failed", destination=self.dest.name, lane=self.name, error=type(exc).__name__)
+                    log.error(
+                        "forward_lane_failed", destination=self.dest.name, lane=self.name, error=type(exc).__name__
+                    )
                     log.debug("forward_lane_failed_detail", lane=self.name, exc_info=True)
                     self.drop_link()
                     wait = poll
@@ -247,8 +257,11 @@ class Lane:
         fwd, dest = self.forwarder, self.dest
         poll = fwd.settings.routing.tick_s
         now = utcnow()
-        if self.link is not None and (self.link.dest != dest or not self.link.assoc.is_established
-                                      or time.monotonic() - self.link.last_used > fwd.settings.routing.idle_close_s):
+        if self.link is not None and (
+            self.link.dest != dest
+            or not self.link.assoc.is_established
+            or time.monotonic() - self.link.last_used > fwd.settings.routing.idle_close_s
+        ):
             self.close_link()
         if not dest.open_at(now):
             self.close_link()
@@ -311,8 +324,15 @@ class Lane:
             state = fwd.finish(job, dest, outcome, at)
             counts[state] = counts.get(state, 0) + 1
             if not outcome.ok:
-                log.warning("delivery_failed", destination=dest.name, outbox_id=job.outbox_id, attempt=job.attempts,
-                            state=state, permanent=outcome.permanent, error=outcome.error)
+                log.warning(
+                    "delivery_failed",
+                    destination=dest.name,
+                    outbox_id=job.outbox_id,
+                    attempt=job.attempts,
+                    state=state,
+                    permanent=outcome.permanent,
+                    error=outcome.error,
+                )
             if at is not None and state == OutboxState.FAILED:
                 rest_s = max(rest_s, dest.retry.delay(job.attempts))
 
@@ -338,7 +358,7 @@ class Lane:
             # The association died (with this instance, or after the last): the rest of the batch fails as one.
             at = utcnow()
             done(job, outcome, at)
-            for rest in jobs[i + 1:]:
+            for rest in jobs[i + 1 :]:
                 done(rest, Outcome(False, "association lost"), at)
             self.link = None
             break
@@ -478,13 +498,16 @@ class Forwarder:
         """Seconds until the destination's next row falls due (0: now); None when it has none waiting."""
         with self.store.read() as s:
             waiting = s.execute(
-                select(func.min(Outbox.next_attempt_at))
-                .where(Outbox.destination == destination, Outbox.state.in_([OutboxState.PENDING, OutboxState.FAILED]),
-                       self._held())
+                select(func.min(Outbox.next_attempt_at)).where(
+                    Outbox.destination == destination,
+                    Outbox.state.in_([OutboxState.PENDING, OutboxState.FAILED]),
+                    self._held(),
+                )
             ).scalar()
             leased = s.execute(
-                select(func.min(Outbox.lease_until))
-                .where(Outbox.destination == destination, Outbox.state == OutboxState.SENDING, self._held())
+                select(func.min(Outbox.lease_until)).where(
+                    Outbox.destination == destination, Outbox.state == OutboxState.SENDING, self._held()
+                )
             ).scalar()
         times = [_utc(t) for t in (waiting, leased) if t is not None]
         if not times:
@@ -497,23 +520,45 @@ class Forwarder:
             eligible = eligible.with_for_update(skip_locked=True)
         lease = now + dt.timedelta(seconds=self.settings.routing.lease_s)
         with self.store.write() as s:
-            ids = s.execute(
-                update(Outbox)
-                .where(Outbox.id.in_(eligible.scalar_subquery()))
-                .values(state=OutboxState.SENDING, claimed_by=self.worker_id, lease_until=lease, attempts=Outbox.attempts + 1)
-                .returning(Outbox.id)
-            ).scalars().all()
+            ids = (
+                s.execute(
+                    update(Outbox)
+                    .where(Outbox.id.in_(eligible.scalar_subquery()))
+                    .values(
+                        state=OutboxState.SENDING,
+                        claimed_by=self.worker_id,
+                        lease_until=lease,
+                        attempts=Outbox.attempts + 1,
+                    )
+                    .returning(Outbox.id)
+                )
+                .scalars()
+                .all()
+            )
             if not ids:
                 return []
             rows = s.execute(
-                select(Outbox, Instance).join(Instance, Instance.id == Outbox.instance_id).where(Outbox.id.in_(ids)).order_by(Outbox.id)
+                select(Outbox, Instance)
+                .join(Instance, Instance.id == Outbox.instance_id)
+                .where(Outbox.id.in_(ids))
+                .order_by(Outbox.id)
             ).all()
             predictions = latest_predictions(s, (inst.id for _, inst in rows))
             jobs = []
             for ob, inst in rows:
                 pred = predictions.get(inst.id)
-                jobs.append(Job(ob.id, inst.id, inst.path, inst.sop_class_uid, inst.transfer_syntax_uid, ob.coerce,
-                                pred.label if pred else None, ob.attempts))
+                jobs.append(
+                    Job(
+                        ob.id,
+                        inst.id,
+                        inst.path,
+                        inst.sop_class_uid,
+                        inst.transfer_syntax_uid,
+                        ob.coerce,
+                        pred.label if pred else None,
+                        ob.attempts,
+                    )
+                )
             return jobs
 
     def release(self, jobs: list[Job]) -> None:
@@ -523,10 +568,18 @@ class Forwarder:
         with self.store.write() as s:
             s.execute(
                 update(Outbox)
-                .where(Outbox.id.in_([j.outbox_id for j in jobs]), Outbox.claimed_by == self.worker_id,
-                       Outbox.state == OutboxState.SENDING)
-                .values(state=OutboxState.PENDING, claimed_by=None, lease_until=None, next_attempt_at=utcnow(),
-                        attempts=Outbox.attempts - 1)
+                .where(
+                    Outbox.id.in_([j.outbox_id for j in jobs]),
+                    Outbox.claimed_by == self.worker_id,
+                    Outbox.state == OutboxState.SENDING,
+                )
+                .values(
+                    state=OutboxState.PENDING,
+                    claimed_by=None,
+                    lease_until=None,
+                    next_attempt_at=utcnow(),
+                    attempts=Outbox.attempts - 1,
+                )
             )
 
     def finish(self, job: Job, dest: rules.Destination, outcome: Outcome, at: dt.datetime | None = None) -> str:
@@ -534,7 +587,11 @@ class Forwarder:
         now = at or utcnow()
         if outcome.ok:
             state = OutboxState.SENT
-            values: dict[str, object] = {"sent_at": now, "last_error": None, "transfer_syntax_uid": outcome.transfer_syntax_uid}
+            values: dict[str, object] = {
+                "sent_at": now,
+                "last_error": None,
+                "transfer_syntax_uid": outcome.transfer_syntax_uid,
+            }
         elif outcome.permanent:
             state, values = OutboxState.DEAD, {"last_error": f"permanent, not retried: {outcome.error}"}
         elif job.attempts > dest.retry.max_retries:
@@ -571,9 +628,18 @@ class Destinations:
 
         self.path = settings.routing.rules
         detector = None if self.path is None else _detector_regions(settings)
-        self._file = None if self.path is None else yamlfile.Reloaded(
-            self.path, partial(rules.load_rules, detector=detector, calling_ae=settings.dicom.ae_title), lambda _ok, _digest, _errors: None,
-            "destinations", lambda r: {"destinations": len(r.destinations)}, log)
+        self._file = (
+            None
+            if self.path is None
+            else yamlfile.Reloaded(
+                self.path,
+                partial(rules.load_rules, detector=detector, calling_ae=settings.dicom.ae_title),
+                lambda _ok, _digest, _errors: None,
+                "destinations",
+                lambda r: {"destinations": len(r.destinations)},
+                log,
+            )
+        )
 
     def current(self) -> rules.RuleSet | None:
         """The rule set running now (None until a valid file was read)."""

@@ -53,8 +53,13 @@ from nnrouter.routing import rules
 log = logs.get("nnrouter.routing.router")
 
 # The classify stage is done with an instance in these states.
-LOOKED_AT = (InstanceState.CLASSIFIED, InstanceState.DECODED, InstanceState.UNDECODABLE, InstanceState.FAILED,
-             InstanceState.CREATED)
+LOOKED_AT = (
+    InstanceState.CLASSIFIED,
+    InstanceState.DECODED,
+    InstanceState.UNDECODABLE,
+    InstanceState.FAILED,
+    InstanceState.CREATED,
+)
 
 
 def header_facts(path: str) -> dict[str, Any]:
@@ -111,9 +116,18 @@ class Router:
         self.loaded: Loaded | None = None
         # Region conditions are checked against the configured detector: one it cannot answer never fires.
         detector = None if self.path is None else _detector_regions(settings)
-        self._rules_file = None if self.path is None else yamlfile.Reloaded(
-            self.path, partial(rules.load_rules, detector=detector, calling_ae=settings.dicom.ae_title), self._record, "rules",
-            lambda r: {"rules": len(r.rules), "destinations": len(r.destinations)}, log)
+        self._rules_file = (
+            None
+            if self.path is None
+            else yamlfile.Reloaded(
+                self.path,
+                partial(rules.load_rules, detector=detector, calling_ae=settings.dicom.ae_title),
+                self._record,
+                "rules",
+                lambda r: {"rules": len(r.rules), "destinations": len(r.destinations)},
+                log,
+            )
+        )
         self.order_check = OrderCheck(settings, store)
 
     # --- rules, reloaded safely ---
@@ -176,11 +190,7 @@ class Router:
         Without rules there is nothing to decide; studies are still checked
         against their orders, once.
         """
-        busy = (
-            select(Instance.id)
-            .join(Series)
-            .where(Series.study_id == Study.id, Instance.state.not_in(LOOKED_AT))
-        )
+        busy = select(Instance.id).join(Series).where(Series.study_id == Study.id, Instance.state.not_in(LOOKED_AT))
         decided = select(RoutingDecision.id).where(RoutingDecision.study_id == Study.id)
         query = select(Study).where(~exists(busy), ~exists(decided))
         if self.loaded is None:
@@ -198,8 +208,13 @@ class Router:
         due = []
         with self.store.read() as s:
             for study in ready:
-                calling = {i for i in s.execute(
-                    select(Instance.calling_ae).join(Series).where(Series.study_id == study.id)).scalars() if i}
+                calling = {
+                    i
+                    for i in s.execute(
+                        select(Instance.calling_ae).join(Series).where(Series.study_id == study.id)
+                    ).scalars()
+                    if i
+                }
                 waited = (now - _utc(study.last_received_at)).total_seconds()
                 quiet = self.quiet_s(calling)
                 if self.order_check.worklist_pending(s, study):
@@ -236,11 +251,19 @@ class Router:
     def decide(self, study: Study, facts: rules.StudyFacts) -> rules.Decision:
         study_id = study.id
         decision = rules.decide(self.loaded.ruleset, facts)
-        deliveries = [] if decision.discard else [
-            {"destination": d.destination, "rule": d.rule, "coerce": d.coerce.model_dump() if d.coerce else None,
-             "report": d.report}
-            for d in decision.deliveries
-        ]
+        deliveries = (
+            []
+            if decision.discard
+            else [
+                {
+                    "destination": d.destination,
+                    "rule": d.rule,
+                    "coerce": d.coerce.model_dump() if d.coerce else None,
+                    "report": d.report,
+                }
+                for d in decision.deliveries
+            ]
+        )
         if any(d["report"] for d in deliveries):
             # Made before the decision is recorded, with UIDs and time from the
             # study: a second router, or this one after a crash, makes the same
@@ -252,16 +275,28 @@ class Router:
         with self.store.write() as s:
             if s.execute(select(RoutingDecision.id).where(RoutingDecision.study_id == study_id)).first():
                 return decision  # another router got there first
-            s.add(RoutingDecision(
-                study_id=study_id, rules_digest=self.loaded.digest,
-                outcomes=[{"rule": o.rule, "matched": o.matched, "why": o.why} for o in decision.outcomes],
-                deliveries=deliveries, hold=decision.hold, discard=decision.discard,
-            ))
+            s.add(
+                RoutingDecision(
+                    study_id=study_id,
+                    rules_digest=self.loaded.digest,
+                    outcomes=[{"rule": o.rule, "matched": o.matched, "why": o.why} for o in decision.outcomes],
+                    deliveries=deliveries,
+                    hold=decision.hold,
+                    discard=decision.discard,
+                )
+            )
             s.flush()
             n = self._queue(s, study_id, deliveries, decision.hold)
-        log.info("study_routed", study_uid=facts.study_uid, instances=len(facts.instances), deliveries=n,
-                 destinations=sorted({d["destination"] for d in deliveries}), hold=decision.hold, discard=decision.discard,
-                 matched=[o.rule for o in decision.outcomes if o.matched])
+        log.info(
+            "study_routed",
+            study_uid=facts.study_uid,
+            instances=len(facts.instances),
+            deliveries=n,
+            destinations=sorted({d["destination"] for d in deliveries}),
+            hold=decision.hold,
+            discard=decision.discard,
+            matched=[o.rule for o in decision.outcomes if o.matched],
+        )
         return decision
 
     def make_report(self, study: Study) -> str | None:
@@ -280,13 +315,26 @@ class Router:
         sr = report.build_sr(
             findings,
             series_uid=generate_uid(entropy_srcs=[study.study_uid, "nnrouter SR series"]),
-            instance_uid=generate_uid(entropy_srcs=[study.study_uid, "nnrouter SR", self.loaded.digest if self.loaded else ""]),
+            instance_uid=generate_uid(
+                entropy_srcs=[study.study_uid, "nnrouter SR", self.loaded.digest if self.loaded else ""]
+            ),
             now=when,
         )
-        kept = ingest.keep(self.store, Spool(self.settings.storage.path), sr, self.settings.dicom.ae_title,
-                           node=self.settings.node.name)
-        log.info("report_made", study_uid=str(sr.StudyInstanceUID), sop_instance_uid=str(sr.SOPInstanceUID),
-                 images=len(findings.images), flags=len(findings.flags), duplicate=kept.duplicate)
+        kept = ingest.keep(
+            self.store,
+            Spool(self.settings.storage.path),
+            sr,
+            self.settings.dicom.ae_title,
+            node=self.settings.node.name,
+        )
+        log.info(
+            "report_made",
+            study_uid=str(sr.StudyInstanceUID),
+            sop_instance_uid=str(sr.SOPInstanceUID),
+            images=len(findings.images),
+            flags=len(findings.flags),
+            duplicate=kept.duplicate,
+        )
         return str(sr.SOPInstanceUID)
 
     def _queue(self, s, study_id: int, deliveries: list[dict], hold: bool) -> int:  # type: ignore[no-untyped-def]
@@ -296,8 +344,14 @@ class Router:
         and as it was made (no coercion).
         """
         n = 0
-        queued = set(s.execute(select(Outbox.instance_id, Outbox.destination).join(Instance).join(Series)
-                               .where(Series.study_id == study_id)).tuples())
+        queued = set(
+            s.execute(
+                select(Outbox.instance_id, Outbox.destination)
+                .join(Instance)
+                .join(Series)
+                .where(Series.study_id == study_id)
+            ).tuples()
+        )
         for inst in current_instances(s, study_id, created=True):
             if inst.state not in LOOKED_AT:
                 continue
@@ -306,8 +360,15 @@ class Router:
                 if (own and not d.get("report")) or (inst.id, d["destination"]) in queued:
                     continue
                 queued.add((inst.id, d["destination"]))
-                s.add(Outbox(instance_id=inst.id, destination=d["destination"], rule=d["rule"],
-                             coerce=None if own else d["coerce"], state=OutboxState.HELD if hold else OutboxState.PENDING))
+                s.add(
+                    Outbox(
+                        instance_id=inst.id,
+                        destination=d["destination"],
+                        rule=d["rule"],
+                        coerce=None if own else d["coerce"],
+                        state=OutboxState.HELD if hold else OutboxState.PENDING,
+                    )
+                )
                 n += 1
         return n
 
@@ -326,14 +387,18 @@ class Router:
                     func.json_array_length(RoutingDecision.deliveries) > 0,  # SQLite and PostgreSQL both have it
                     ~exists(select(Outbox.id).where(Outbox.instance_id == Instance.id)),
                     # A version replaced by a newer one is not sent.
-                    ~exists(select(newer.id).where(newer.sop_instance_uid == Instance.sop_instance_uid,
-                                                   newer.version > Instance.version)),
+                    ~exists(
+                        select(newer.id).where(
+                            newer.sop_instance_uid == Instance.sop_instance_uid, newer.version > Instance.version
+                        )
+                    ),
                 )
                 .distinct()
             )
             late = s.execute(
-                select(RoutingDecision.study_id, RoutingDecision.deliveries, RoutingDecision.hold)
-                .where(RoutingDecision.study_id.in_(late_ids))
+                select(RoutingDecision.study_id, RoutingDecision.deliveries, RoutingDecision.hold).where(
+                    RoutingDecision.study_id.in_(late_ids)
+                )
             ).all()
         n = 0
         for study_id, deliveries, hold in late:
@@ -368,26 +433,41 @@ def study_findings(s, study_id: int):  # type: ignore[no-untyped-def]
         pred = predictions.get(inst.id)
         if pred is None:
             continue
-        images.append(report.ImageFinding(
-            sop_instance_uid=inst.sop_instance_uid, label=pred.label if pred.label in known else report.UNKNOWN,
-            score=min(max(pred.score, 0.0), 1.0),
-            # A box squeezed to a line at the image edge has no area to report.
-            regions=tuple(report.Region(d.label, min(max(d.score, 0.0), 1.0), tuple(d.box_px)) for d in inst.detections
-                          if d.box_px[2] > d.box_px[0] and d.box_px[3] > d.box_px[1]),
-        ))
+        images.append(
+            report.ImageFinding(
+                sop_instance_uid=inst.sop_instance_uid,
+                label=pred.label if pred.label in known else report.UNKNOWN,
+                score=min(max(pred.score, 0.0), 1.0),
+                # A box squeezed to a line at the image edge has no area to report.
+                regions=tuple(
+                    report.Region(d.label, min(max(d.score, 0.0), 1.0), tuple(d.box_px))
+                    for d in inst.detections
+                    if d.box_px[2] > d.box_px[0] and d.box_px[3] > d.box_px[1]
+                ),
+            )
+        )
     if not headers:
         return None
     flags = s.execute(select(Flag).where(Flag.study_id == study_id).order_by(Flag.id)).scalars().all()
     model = s.execute(
-        select(Prediction.model_name, Prediction.model_version).join(Instance).join(Series)
-        .where(Series.study_id == study_id).limit(1)
+        select(Prediction.model_name, Prediction.model_version)
+        .join(Instance)
+        .join(Series)
+        .where(Series.study_id == study_id)
+        .limit(1)
     ).first()
     uids = {h.SOPInstanceUID for h in headers}
     return report.StudyFindings(
-        instances=tuple(headers), images=tuple(images),
-        flags=tuple(report.MismatchFlag(f.kind, f.severity, f.reason, f.sop_instance_uid if f.sop_instance_uid in uids else None)
-                    for f in flags),
-        algorithm_name=model[0] if model else "nnrouter", algorithm_version=model[1] if model else "none",
+        instances=tuple(headers),
+        images=tuple(images),
+        flags=tuple(
+            report.MismatchFlag(
+                f.kind, f.severity, f.reason, f.sop_instance_uid if f.sop_instance_uid in uids else None
+            )
+            for f in flags
+        ),
+        algorithm_name=model[0] if model else "nnrouter",
+        algorithm_version=model[1] if model else "none",
     )
 
 

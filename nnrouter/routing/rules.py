@@ -44,9 +44,28 @@ from nnrouter.core.config import Dicom, valid_ae_title
 from nnrouter.orders.order import FlagKind
 
 __all__ = [
-    "Coerce", "Condition", "Decision", "Delivery", "Destination", "DetectorRegions", "InstanceFacts", "RetryPolicy",
-    "RouteSettings", "Rule", "RuleOutcome", "RuleSet", "StudyFacts", "Then", "TimeWindow", "Tls",
-    "coerce", "decide", "detector_regions", "digest", "json_schema", "load_rules",
+    "Coerce",
+    "Condition",
+    "Decision",
+    "Delivery",
+    "Destination",
+    "DetectorRegions",
+    "InstanceFacts",
+    "RetryPolicy",
+    "RouteSettings",
+    "Rule",
+    "RuleOutcome",
+    "RuleSet",
+    "StudyFacts",
+    "Then",
+    "TimeWindow",
+    "Tls",
+    "coerce",
+    "decide",
+    "detector_regions",
+    "digest",
+    "json_schema",
+    "load_rules",
 ]
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -83,9 +102,9 @@ Names = Annotated[list[str], BeforeValidator(_listify), WithJsonSchema(_STR_OR_L
 def _scalar(value: Any) -> str | int | float:
     # YAML 1.1 reads yes/no/on/off as booleans: `equals: NO` (Norway) would compare against False.
     if isinstance(value, bool):
-        raise ValueError("YAML read this as true/false; put the value in quotes")  # noqa: TRY004 - pydantic reports ValueError only
+        raise ValueError("YAML read this as true/false; put the value in quotes")
     if not isinstance(value, (str, int, float)):
-        raise ValueError("expected a string or a number")  # noqa: TRY004 - pydantic reports ValueError only
+        raise ValueError("expected a string or a number")
     return value
 
 
@@ -102,7 +121,9 @@ def _hhmm(value: Any) -> Any:
 
 
 _HHMM = r"^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$"
-HHMM = Annotated[str, BeforeValidator(_hhmm), Field(pattern=_HHMM, description='"HH:MM", 24-hour clock; "24:00" ends a day')]
+HHMM = Annotated[
+    str, BeforeValidator(_hhmm), Field(pattern=_HHMM, description='"HH:MM", 24-hour clock; "24:00" ends a day')
+]
 
 
 def _minutes(hhmm: str) -> int:
@@ -242,12 +263,19 @@ class Destination(_Model):
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
     # validate_default: an omitted calling_ae is filled in (_our_title) before it is checked.
-    calling_ae: str = Field(None, validate_default=True, description="who we say we are to this peer; "
-                            "default: our own AE title, dicom.ae_title of the configuration")
+    calling_ae: str = Field(
+        None,
+        validate_default=True,
+        description="who we say we are to this peer; default: our own AE title, dicom.ae_title of the configuration",
+    )
     tls: Tls = Tls()
     max_associations: int = Field(1, ge=1)
-    timeout_s: float = Field(30, gt=0, description="seconds to wait for the association and for each answer; "
-                             "past it the attempt failed and is retried")
+    timeout_s: float = Field(
+        30,
+        gt=0,
+        description="seconds to wait for the association and for each answer; "
+        "past it the attempt failed and is retried",
+    )
     transfer_syntaxes: list[str] = Field([], description="preferred order; empty: what the instance has")
     retry: RetryPolicy = RetryPolicy()
     windows: list[TimeWindow] = Field([], description="when sending is allowed; empty: always")
@@ -306,7 +334,9 @@ class TagCondition(_Model):
         tests = [k for k in ("equals", "in_", "regex", "exists") if k in given]
         numeric = [k for k in ("lt", "le", "gt", "ge") if k in given]
         if len(tests) + bool(numeric) != 1:
-            raise ValueError("give one test: equals, in, regex, exists, or lt/le/gt/ge (these may combine into a range)")
+            raise ValueError(
+                "give one test: equals, in, regex, exists, or lt/le/gt/ge (these may combine into a range)"
+            )
         return self
 
 
@@ -368,9 +398,9 @@ def _conditions(cond: Any, loc: tuple) -> list[tuple[tuple, Any]]:
     for key in ("all", "any"):
         if isinstance(cond.get(key), list):
             for j, sub in enumerate(cond[key]):
-                out += _conditions(sub, loc + (key, j))
+                out += _conditions(sub, (*loc, key, j))
     if "not" in cond:
-        out += _conditions(cond["not"], loc + ("not",))
+        out += _conditions(cond["not"], (*loc, "not"))
     return out
 
 
@@ -388,22 +418,28 @@ def _region_problems(data: Any, detector: DetectorRegions) -> list[tuple[tuple, 
             want = label.strip().casefold()
             never = "can never match" if region.get("present", True) is not False else "always matches"
             if detector.model is None:
-                why = (f"region {label!r}: no detector is configured (models.detector is null), "
-                       f"so no region is ever found and this condition {never}")
+                why = (
+                    f"region {label!r}: no detector is configured (models.detector is null), "
+                    f"so no region is ever found and this condition {never}"
+                )
             elif not detector.covers(label):
-                why = (f"region {label!r}: detector {detector.model} does not cover {want} (its card lists it as "
-                       f"not_covered: it was never trained on it), so a missing {want} box says nothing and this "
-                       f"condition {never}; use a tag or predicted condition for {want}")
+                why = (
+                    f"region {label!r}: detector {detector.model} does not cover {want} (its card lists it as "
+                    f"not_covered: it was never trained on it), so a missing {want} box says nothing and this "
+                    f"condition {never}; use a tag or predicted condition for {want}"
+                )
             elif not detector.has(label):
                 labels = ", ".join(detector.labels) or "none"
                 folded = {s.strip().casefold(): s for s in detector.labels}
                 close = difflib.get_close_matches(want, list(folded), n=1)
                 hint = f" (did you mean {folded[close[0]]}?)" if close else ""
-                why = (f"region {label!r} is not a label of detector {detector.model}{hint}; "
-                       f"its labels: {labels}; this condition {never}")
+                why = (
+                    f"region {label!r} is not a label of detector {detector.model}{hint}; "
+                    f"its labels: {labels}; this condition {never}"
+                )
             else:
                 continue
-            out.append((loc + ("region", "label"), why))
+            out.append(((*loc, "region", "label"), why))
     return out
 
 
@@ -419,8 +455,13 @@ def _mismatch(value: Any) -> list[str] | Literal["any"]:
     return value
 
 
-Mismatch = Annotated[Any, PlainValidator(_mismatch), WithJsonSchema(
-    {"anyOf": [{"const": "any"}, {"type": "array", "items": {"enum": list(FlagKind.ALL)}, "minItems": 1}]})]
+Mismatch = Annotated[
+    Any,
+    PlainValidator(_mismatch),
+    WithJsonSchema(
+        {"anyOf": [{"const": "any"}, {"type": "array", "items": {"enum": list(FlagKind.ALL)}, "minItems": 1}]}
+    ),
+]
 
 
 class Condition(_Model):
@@ -545,7 +586,12 @@ def _cross_problems(data: dict[str, Any]) -> list[tuple[Loc, str]]:
         name = d.get("name") if isinstance(d, dict) else None
         if isinstance(name, str):
             if name in names:
-                out.append((("destinations", i, "name"), f"duplicate destination name {name!r} (also destinations[{names[name]}])"))
+                out.append(
+                    (
+                        ("destinations", i, "name"),
+                        f"duplicate destination name {name!r} (also destinations[{names[name]}])",
+                    )
+                )
             else:
                 names[name] = i
     rule_names: dict[str, int] = {}
@@ -589,7 +635,9 @@ class RuleSet(_Model):
             return self  # load_rules ran them on the raw data, located
         raw = {
             "destinations": [{"name": d.name} for d in self.destinations],
-            "rules": [{"name": r.name, "fallback": r.fallback, "then": {"forward": r.then.forward}} for r in self.rules],
+            "rules": [
+                {"name": r.name, "fallback": r.fallback, "then": {"forward": r.then.forward}} for r in self.rules
+            ],
         }
         problems = _cross_problems(raw)
         if problems:
@@ -621,7 +669,9 @@ def load_rules(path: Path, detector: DetectorRegions | None = None, calling_ae: 
         ruleset = RuleSet.model_validate(data, context={_SKIP_CONTEXT: True, _CALLING_AE_CONTEXT: calling_ae})
     except ValidationError as exc:
         # pydantic names a bad dict key `.[key]`; the key itself is the field people look for.
-        problems += [replace(p, field=p.field.removesuffix(".[key]")) for p in yamlfile.problems_from(exc, name, positions)]
+        problems += [
+            replace(p, field=p.field.removesuffix(".[key]")) for p in yamlfile.problems_from(exc, name, positions)
+        ]
     if problems:
         problems.sort(key=lambda p: (p.line or 0, p.column or 0))
         raise yamlfile.FileProblems(problems)
@@ -696,14 +746,17 @@ class Decision:
         for o in self.outcomes:
             lines.append(f"  {'MATCH' if o.matched else '-    '} {o.rule}: {o.why}")
         if self.discard:
-            lines.append(f"discard: yes (rule {', '.join(self.discard_rules)}); discard wins: nothing is forwarded or held")
+            lines.append(
+                f"discard: yes (rule {', '.join(self.discard_rules)}); discard wins: nothing is forwarded or held"
+            )
             return "\n".join(lines)
         lines.append("deliveries:" if self.deliveries else "deliveries: none")
         for d in self.deliveries:
             extra = ""
             if d.coerce is not None:
-                what = (["fill view attributes from the prediction"] if d.coerce.fill_from_prediction else []) + \
-                       [f"set {k}" for k in d.coerce.set]
+                what = (["fill view attributes from the prediction"] if d.coerce.fill_from_prediction else []) + [
+                    f"set {k}" for k in d.coerce.set
+                ]
                 extra = f"; coerce: {', '.join(what)}" if what else ""
             extra += "; with nnrouter's SR" if d.report else ""
             lines.append(f"  -> {d.destination} (rule {d.rule}{extra})")
@@ -760,8 +813,12 @@ def _tag_one(t: TagCondition, header: dict[str, Any]) -> tuple[bool, bool]:
         except (TypeError, ValueError):
             bad = True
             continue
-        if ((t.lt is None or x < t.lt) and (t.le is None or x <= t.le)
-                and (t.gt is None or x > t.gt) and (t.ge is None or x >= t.ge)):
+        if (
+            (t.lt is None or x < t.lt)
+            and (t.le is None or x <= t.le)
+            and (t.gt is None or x > t.gt)
+            and (t.ge is None or x >= t.ge)
+        ):
             return True, False
     return False, bad
 
@@ -797,8 +854,11 @@ def _eval(c: Condition, s: StudyFacts) -> tuple[bool, str]:
         note = f" (not a number on {_plural(bad)})" if bad else ""
         return ok, f"tag {t.keyword} {_tag_test(t)} {share}{note}"
     if c.calling_ae is not None or c.called_ae is not None:
-        which, wanted, seen = (("calling", c.calling_ae, s.calling_aes) if c.calling_ae is not None
-                               else ("called", c.called_ae, s.called_aes))
+        which, wanted, seen = (
+            ("calling", c.calling_ae, s.calling_aes)
+            if c.calling_ae is not None
+            else ("called", c.called_ae, s.called_aes)
+        )
         ok = bool({a.strip() for a in seen} & {w.strip() for w in wanted or []})
         return ok, f"{which} AE in {', '.join(wanted or [])} (study: {', '.join(sorted(seen)) or 'none'}): {_yes(ok)}"
     if c.modality is not None:

@@ -69,8 +69,15 @@ log = logs.get("nnrouter.service.clean")
 
 DAY_S = 86400.0
 # The classify stage is done with an instance in these states (as the router counts them).
-LOOKED_AT = frozenset((InstanceState.CLASSIFIED, InstanceState.DECODED, InstanceState.UNDECODABLE,
-                       InstanceState.FAILED, InstanceState.CREATED))
+LOOKED_AT = frozenset(
+    (
+        InstanceState.CLASSIFIED,
+        InstanceState.DECODED,
+        InstanceState.UNDECODABLE,
+        InstanceState.FAILED,
+        InstanceState.CREATED,
+    )
+)
 _PAGE = 200  # studies judged per query batch
 # nnrouter.orders.order.OrderSource.IMAGE, spelled out: importing orders would pull in the hanging-protocol tables.
 ORDER_FROM_IMAGES = "image"
@@ -81,7 +88,7 @@ def _utc(ts: dt.datetime | None) -> dt.datetime | None:
     """SQLite hands back naive datetimes; they were written in UTC."""
     if ts is None:
         return None
-    return ts if ts.tzinfo else ts.replace(tzinfo=dt.timezone.utc)
+    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
 
 
 def clean_below_free_mb(settings: Settings) -> int:
@@ -173,21 +180,37 @@ def judge(view: StudyView, policy: Policy, now: dt.datetime) -> Verdict:
         until = last + dt.timedelta(seconds=keep)
         where = ", ".join(sorted(view.destinations))
         if now >= until:
-            return Verdict(True, "delivered", f"delivered to {where}; kept {keep / DAY_S:g} days after the last delivery",
-                           until, early=True)
-        return Verdict(False, "kept_delivered", f"delivered to {where}; kept until {until:%Y-%m-%d %H:%M} UTC",
-                       until, early=True)
-    why = ("discarded by a rule" if view.discard else "no rule forwarded it" if view.decided
-           else "routing.rules is not set")
+            return Verdict(
+                True,
+                "delivered",
+                f"delivered to {where}; kept {keep / DAY_S:g} days after the last delivery",
+                until,
+                early=True,
+            )
+        return Verdict(
+            False, "kept_delivered", f"delivered to {where}; kept until {until:%Y-%m-%d %H:%M} UTC", until, early=True
+        )
+    why = (
+        "discarded by a rule"
+        if view.discard
+        else "no rule forwarded it"
+        if view.decided
+        else "routing.rules is not set"
+    )
     if policy.not_forwarded_keep_s is None:
-        return _stay("not_forwarded", f"forwarded nowhere ({why}): nnrouter holds the only copy "
-                                      "(retention.not_forwarded_keep_days is null)")
+        return _stay(
+            "not_forwarded",
+            f"forwarded nowhere ({why}): nnrouter holds the only copy (retention.not_forwarded_keep_days is null)",
+        )
     until = last_received + dt.timedelta(seconds=policy.not_forwarded_keep_s)
     days = policy.not_forwarded_keep_s / DAY_S
     if now >= until:
-        return Verdict(True, "not_forwarded_expired", f"forwarded nowhere ({why}); kept {days:g} days after the last image",
-                       until)
-    return Verdict(False, "kept_not_forwarded", f"forwarded nowhere ({why}); kept until {until:%Y-%m-%d %H:%M} UTC", until)
+        return Verdict(
+            True, "not_forwarded_expired", f"forwarded nowhere ({why}); kept {days:g} days after the last image", until
+        )
+    return Verdict(
+        False, "kept_not_forwarded", f"forwarded nowhere ({why}); kept until {until:%Y-%m-%d %H:%M} UTC", until
+    )
 
 
 # --- reading the store -----------------------------------------------------------
@@ -210,12 +233,26 @@ def _views(s, study_ids: list[int], node: str | None = None) -> dict[int, tuple[
     another node's are in its own spool, and its sweep removes them once
     their rows are gone.
     """
-    studies = {row.id: row for row in s.execute(
-        select(Study.id, Study.study_uid, Study.last_received_at).where(Study.id.in_(study_ids))).all()}
+    studies = {
+        row.id: row
+        for row in s.execute(
+            select(Study.id, Study.study_uid, Study.last_received_at).where(Study.id.in_(study_ids))
+        ).all()
+    }
     inst_rows = s.execute(
-        select(Instance.id, Series.study_id, Instance.sop_instance_uid, Instance.version, Instance.state,
-               Instance.calling_ae, Instance.path, Instance.size_bytes, Instance.node)
-        .join(Series, Series.id == Instance.series_id).where(Series.study_id.in_(study_ids))
+        select(
+            Instance.id,
+            Series.study_id,
+            Instance.sop_instance_uid,
+            Instance.version,
+            Instance.state,
+            Instance.calling_ae,
+            Instance.path,
+            Instance.size_bytes,
+            Instance.node,
+        )
+        .join(Series, Series.id == Instance.series_id)
+        .where(Series.study_id.in_(study_ids))
     ).all()
     by_study: dict[int, list[Any]] = {sid: [] for sid in studies}
     for r in inst_rows:
@@ -225,15 +262,26 @@ def _views(s, study_ids: list[int], node: str | None = None) -> dict[int, tuple[
     outbox: dict[int, list[tuple[int, str, str, dt.datetime | None]]] = {sid: [] for sid in studies}
     overlays: dict[int, set[str]] = {sid: set() for sid in studies}
     for chunk in _chunks(inst_ids):
-        for o in s.execute(select(Outbox.instance_id, Outbox.destination, Outbox.state, Outbox.sent_at)
-                           .where(Outbox.instance_id.in_(chunk))).all():
+        for o in s.execute(
+            select(Outbox.instance_id, Outbox.destination, Outbox.state, Outbox.sent_at).where(
+                Outbox.instance_id.in_(chunk)
+            )
+        ).all():
             outbox[study_of[o.instance_id]].append((o.instance_id, o.destination, o.state, o.sent_at))
-        for p in s.execute(select(Prediction.instance_id, Prediction.cam_path)
-                           .where(Prediction.instance_id.in_(chunk), Prediction.cam_path.is_not(None))).all():
+        for p in s.execute(
+            select(Prediction.instance_id, Prediction.cam_path).where(
+                Prediction.instance_id.in_(chunk), Prediction.cam_path.is_not(None)
+            )
+        ).all():
             overlays[study_of[p.instance_id]].add(p.cam_path)
-    decisions = {d.study_id: d for d in s.execute(
-        select(RoutingDecision.study_id, RoutingDecision.deliveries, RoutingDecision.hold, RoutingDecision.discard)
-        .where(RoutingDecision.study_id.in_(study_ids))).all()}
+    decisions = {
+        d.study_id: d
+        for d in s.execute(
+            select(
+                RoutingDecision.study_id, RoutingDecision.deliveries, RoutingDecision.hold, RoutingDecision.discard
+            ).where(RoutingDecision.study_id.in_(study_ids))
+        ).all()
+    }
     out: dict[int, tuple[StudyView, StudyFiles]] = {}
     for sid, st in studies.items():
         rows = by_study[sid]
@@ -242,20 +290,33 @@ def _views(s, study_ids: list[int], node: str | None = None) -> dict[int, tuple[
         # The newest version of each image the router queues for the study's deliveries.
         newest: dict[str, Any] = {}
         for r in rows:
-            if r.state != InstanceState.CREATED and (r.sop_instance_uid not in newest or r.version > newest[r.sop_instance_uid].version):
+            if r.state != InstanceState.CREATED and (
+                r.sop_instance_uid not in newest or r.version > newest[r.sop_instance_uid].version
+            ):
                 newest[r.sop_instance_uid] = r
         queued = {(iid, dest) for iid, dest, _, _ in outbox[sid]}
-        unqueued = sum(1 for r in newest.values() if r.state in LOOKED_AT and any((r.id, x) not in queued for x in dests))
+        unqueued = sum(
+            1 for r in newest.values() if r.state in LOOKED_AT and any((r.id, x) not in queued for x in dests)
+        )
         view = StudyView(
-            study_id=sid, study_uid=st.study_uid, last_received_at=st.last_received_at,
+            study_id=sid,
+            study_uid=st.study_uid,
+            last_received_at=st.last_received_at,
             instance_states=tuple(r.state for r in rows),
             calling_aes=frozenset(r.calling_ae for r in rows if r.calling_ae),
-            decided=d is not None, hold=bool(d and d.hold), discard=bool(d and d.discard), destinations=dests,
-            outbox=tuple((dest, state, sent) for _, dest, state, sent in outbox[sid]), unqueued=unqueued,
+            decided=d is not None,
+            hold=bool(d and d.hold),
+            discard=bool(d and d.discard),
+            destinations=dests,
+            outbox=tuple((dest, state, sent) for _, dest, state, sent in outbox[sid]),
+            unqueued=unqueued,
         )
         here = [r for r in rows if node is None or r.node is None or r.node == node]
-        files = StudyFiles(spool=[r.path for r in here if r.path], overlays=sorted(overlays[sid]),
-                           bytes=sum(r.size_bytes or 0 for r in here))
+        files = StudyFiles(
+            spool=[r.path for r in here if r.path],
+            overlays=sorted(overlays[sid]),
+            bytes=sum(r.size_bytes or 0 for r in here),
+        )
         files.overlay_bytes = sum(_size(p) for p in files.overlays)
         out[sid] = (view, files)
     return out
@@ -263,7 +324,7 @@ def _views(s, study_ids: list[int], node: str | None = None) -> dict[int, tuple[
 
 def _chunks(items: list[Any], n: int = _CHUNK) -> Iterator[list[Any]]:
     for i in range(0, len(items), n):
-        yield items[i:i + n]
+        yield items[i : i + n]
 
 
 def _size(path: str) -> int:
@@ -287,9 +348,15 @@ class Candidate:
     files: StudyFiles
 
     def as_dict(self) -> dict[str, Any]:
-        return {"study_uid": self.study_uid, "reason": self.reason, "early": self.early,
-                "files": len(self.files.spool), "bytes": self.files.bytes,
-                "overlays": len(self.files.overlays), "overlay_bytes": self.files.overlay_bytes}
+        return {
+            "study_uid": self.study_uid,
+            "reason": self.reason,
+            "early": self.early,
+            "files": len(self.files.spool),
+            "bytes": self.files.bytes,
+            "overlays": len(self.files.overlays),
+            "overlay_bytes": self.files.overlay_bytes,
+        }
 
 
 @dataclass
@@ -303,9 +370,14 @@ class Sweep:
     folders: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"orphan_files": len(self.files), "orphan_bytes": self.bytes, "orphan_overlays": len(self.overlays),
-                "orphan_overlay_bytes": self.overlay_bytes, "empty_folders": self.folders,
-                "paths": self.files + self.overlays}
+        return {
+            "orphan_files": len(self.files),
+            "orphan_bytes": self.bytes,
+            "orphan_overlays": len(self.overlays),
+            "orphan_overlay_bytes": self.overlay_bytes,
+            "empty_folders": self.folders,
+            "paths": self.files + self.overlays,
+        }
 
 
 @dataclass
@@ -326,10 +398,13 @@ class Pass:
             "spool_free_mb": None if self.free_mb is None else round(self.free_mb, 1),
             "clean_below_free_mb": self.clean_below_free_mb,
             "studies": [c.as_dict() for c in self.studies],
-            "totals": {"studies": len(self.studies), "files": sum(len(c.files.spool) for c in self.studies),
-                       "bytes": sum(c.files.bytes for c in self.studies),
-                       "overlays": sum(len(c.files.overlays) for c in self.studies),
-                       "overlay_bytes": sum(c.files.overlay_bytes for c in self.studies)},
+            "totals": {
+                "studies": len(self.studies),
+                "files": sum(len(c.files.spool) for c in self.studies),
+                "bytes": sum(c.files.bytes for c in self.studies),
+                "overlays": sum(len(c.files.overlays) for c in self.studies),
+                "overlay_bytes": sum(c.files.overlay_bytes for c in self.studies),
+            },
             "kept": dict(self.kept.most_common()),
             "skipped": self.skipped,
             "sweep": self.sweep.as_dict(),
@@ -339,15 +414,21 @@ class Pass:
         verb = "would delete" if self.dry_run else "deleted"
         lines = []
         for c in self.studies:
-            lines.append(f"{verb} study {c.study_uid}: {len(c.files.spool)} files, {c.files.bytes / 1e6:.1f} MB, "
-                         f"{len(c.files.overlays)} overlays ({c.reason}{', early: spool short of space' if c.early else ''})")
+            lines.append(
+                f"{verb} study {c.study_uid}: {len(c.files.spool)} files, {c.files.bytes / 1e6:.1f} MB, "
+                f"{len(c.files.overlays)} overlays ({c.reason}{', early: spool short of space' if c.early else ''})"
+            )
         d = self.as_dict()
         t = d["totals"]
-        lines.append(f"{verb} {t['studies']} studies, {t['files']} files, {t['bytes'] / 1e6:.1f} MB "
-                     f"+ {t['overlays']} overlays, {t['overlay_bytes'] / 1e6:.1f} MB")
+        lines.append(
+            f"{verb} {t['studies']} studies, {t['files']} files, {t['bytes'] / 1e6:.1f} MB "
+            f"+ {t['overlays']} overlays, {t['overlay_bytes'] / 1e6:.1f} MB"
+        )
         sw = self.sweep
-        lines.append(f"{'would sweep' if self.dry_run else 'swept'} {len(sw.files)} spool files without a row "
-                     f"({sw.bytes / 1e6:.1f} MB), {len(sw.overlays)} overlays without a prediction, {sw.folders} empty folders")
+        lines.append(
+            f"{'would sweep' if self.dry_run else 'swept'} {len(sw.files)} spool files without a row "
+            f"({sw.bytes / 1e6:.1f} MB), {len(sw.overlays)} overlays without a prediction, {sw.folders} empty folders"
+        )
         if self.kept:
             lines.append("kept: " + ", ".join(f"{n} {code}" for code, n in self.kept.most_common()))
         if self.free_mb is not None:
@@ -381,8 +462,10 @@ class Cleaner:
             with self.store.read() as s:
                 q = select(Study.id, Study.last_received_at).order_by(Study.last_received_at, Study.id).limit(_PAGE)
                 if last_at is not None:
-                    q = q.where((Study.last_received_at > last_at) |
-                                ((Study.last_received_at == last_at) & (Study.id > last_id)))
+                    q = q.where(
+                        (Study.last_received_at > last_at)
+                        | ((Study.last_received_at == last_at) & (Study.id > last_id))
+                    )
                 page = s.execute(q).all()
                 if not page:
                     return
@@ -418,24 +501,41 @@ class Cleaner:
             room = self.free_mb() if not dry_run else (None if free is None else free + freed)
             if not self._short(room):
                 break
-            if self._take(result, view, files, f"spool below {self.below} MB free: delivered, cleaned early", True,
-                          dry_run, now):
+            if self._take(
+                result, view, files, f"spool below {self.below} MB free: delivered, cleaned early", True, dry_run, now
+            ):
                 result.kept["kept_delivered"] -= 1
                 freed += (files.bytes + files.overlay_bytes) / (1024 * 1024)
         result.kept = +result.kept  # drop zero counts
         result.sweep = self.sweep(dry_run=dry_run)
         return result
 
-    def _take(self, result: Pass, view: StudyView, files: StudyFiles, reason: str, early: bool, dry_run: bool,
-              now: dt.datetime) -> bool:
+    def _take(
+        self,
+        result: Pass,
+        view: StudyView,
+        files: StudyFiles,
+        reason: str,
+        early: bool,
+        dry_run: bool,
+        now: dt.datetime,
+    ) -> bool:
         if not dry_run:
             done = self.delete_study(view.study_id, now, early=early)
             if done is None:
                 result.skipped += 1
                 return False
             files = done
-            log.info("study_cleaned", study_uid=view.study_uid, files=len(files.spool), bytes=files.bytes,
-                     overlays=len(files.overlays), overlay_bytes=files.overlay_bytes, reason=reason, early=early)
+            log.info(
+                "study_cleaned",
+                study_uid=view.study_uid,
+                files=len(files.spool),
+                bytes=files.bytes,
+                overlays=len(files.overlays),
+                overlay_bytes=files.overlay_bytes,
+                reason=reason,
+                early=early,
+            )
         result.studies.append(Candidate(view.study_id, view.study_uid, reason, early, files))
         return True
 
@@ -448,8 +548,9 @@ class Cleaner:
         self.remove_files(identities)
         return files
 
-    def delete_rows(self, study_id: int, now: dt.datetime, *, early: bool = False
-                    ) -> tuple[StudyFiles, dict[str, tuple[int, int]]] | None:
+    def delete_rows(
+        self, study_id: int, now: dt.datetime, *, early: bool = False
+    ) -> tuple[StudyFiles, dict[str, tuple[int, int]]] | None:
         """Delete the study's rows if the policy still lets it go; the files it held, and their identities.
 
         The study row is locked first (a write on SQLite takes the database's
@@ -462,9 +563,12 @@ class Cleaner:
         """
         try:
             with self.store.write() as s:
-                locked = s.execute(update(Study).where(Study.id == study_id)
-                                   .values(last_received_at=Study.last_received_at)
-                                   .execution_options(synchronize_session=False))
+                locked = s.execute(
+                    update(Study)
+                    .where(Study.id == study_id)
+                    .values(last_received_at=Study.last_received_at)
+                    .execution_options(synchronize_session=False)
+                )
                 if not getattr(locked, "rowcount", 1):
                     return None
                 view, files = _views(s, [study_id], self.node)[study_id]
@@ -472,7 +576,9 @@ class Cleaner:
                 if not (verdict.go or (early and verdict.early)):
                     return None
                 identities = {p: ident for p in files.spool + files.overlays if (ident := _identity(p)) is not None}
-                inst_ids = list(s.execute(select(Instance.id).join(Series).where(Series.study_id == study_id)).scalars())
+                inst_ids = list(
+                    s.execute(select(Instance.id).join(Series).where(Series.study_id == study_id)).scalars()
+                )
                 for chunk in _chunks(inst_ids):
                     s.execute(delete(Detection).where(Detection.instance_id.in_(chunk)))
                     s.execute(delete(Prediction).where(Prediction.instance_id.in_(chunk)))
@@ -480,8 +586,11 @@ class Cleaner:
                 s.execute(delete(Flag).where(Flag.study_id == study_id))
                 s.execute(delete(RoutingDecision).where(RoutingDecision.study_id == study_id))
                 # Orders taken from this study's own images go with them; RIS orders (HL7, worklist) stay.
-                s.execute(delete(OrderRequest).where(OrderRequest.source == ORDER_FROM_IMAGES,
-                                                     OrderRequest.study_uid == view.study_uid))
+                s.execute(
+                    delete(OrderRequest).where(
+                        OrderRequest.source == ORDER_FROM_IMAGES, OrderRequest.study_uid == view.study_uid
+                    )
+                )
                 for chunk in _chunks(inst_ids):
                     s.execute(delete(Instance).where(Instance.id.in_(chunk)))
                 s.execute(delete(Series).where(Series.study_id == study_id))
@@ -528,22 +637,39 @@ class Cleaner:
         # Overlays are named as the workers name them: relative to where nnrouter runs when derived_path is.
         folder = self.overlay_folder
         if folder.is_dir():
-            names = [e.name for e in os.scandir(folder) if e.is_file(follow_symlinks=False)
-                     and e.name.endswith(".png") and e.stat(follow_symlinks=False).st_mtime < cutoff]
+            names = [
+                e.name
+                for e in os.scandir(folder)
+                if e.is_file(follow_symlinks=False)
+                and e.name.endswith(".png")
+                and e.stat(follow_symlinks=False).st_mtime < cutoff
+            ]
             for chunk in _chunks(names):
                 as_written = {str(folder / n): n for n in chunk}
                 with self.store.read() as s:
-                    known = {p for p in s.execute(select(Prediction.cam_path).where(
-                        Prediction.cam_path.in_(list(as_written)))).scalars() if p}
+                    known = {
+                        p
+                        for p in s.execute(
+                            select(Prediction.cam_path).where(Prediction.cam_path.in_(list(as_written)))
+                        ).scalars()
+                        if p
+                    }
                 for written in as_written:
                     if written not in known:
                         out.overlay_bytes += self._remove_orphan(written, dry_run, out.overlays)
         if not dry_run:
-            out.folders = _remove_empty_folders(self.spool_root, cutoff, keep={self.spool_root, self.spool_root / ".incoming"})
+            out.folders = _remove_empty_folders(
+                self.spool_root, cutoff, keep={self.spool_root, self.spool_root / ".incoming"}
+            )
         if out.files or out.overlays or out.folders:
-            log.info("spool_swept" if not dry_run else "spool_sweep_preview", orphan_files=len(out.files),
-                     orphan_bytes=out.bytes, orphan_overlays=len(out.overlays), orphan_overlay_bytes=out.overlay_bytes,
-                     empty_folders=out.folders)
+            log.info(
+                "spool_swept" if not dry_run else "spool_sweep_preview",
+                orphan_files=len(out.files),
+                orphan_bytes=out.bytes,
+                orphan_overlays=len(out.overlays),
+                orphan_overlay_bytes=out.overlay_bytes,
+                empty_folders=out.folders,
+            )
         return out
 
     def _known_elsewhere(self, path: str) -> bool:
@@ -648,8 +774,12 @@ def run_cleaner(settings: Settings, stop: Any = None, parent_pid: int | None = N
     short_interval = min(interval, 30.0)
     last_pass = float("-inf")
     raised: tuple[tuple[str, ...], tuple[str, ...], str | None] = ((), (), None)
-    log.info("cleaner_started", keep_days=settings.retention.keep_days, clean_below_free_mb=cleaner.below,
-             not_forwarded_keep_days=settings.retention.not_forwarded_keep_days)
+    log.info(
+        "cleaner_started",
+        keep_days=settings.retention.keep_days,
+        clean_below_free_mb=cleaner.below,
+        not_forwarded_keep_days=settings.retention.not_forwarded_keep_days,
+    )
     try:
         while not stop.is_set():
             health = pressure.measure(settings, store)
@@ -661,16 +791,21 @@ def run_cleaner(settings: Settings, stop: Any = None, parent_pid: int | None = N
                     log.info("backpressure_cleared")
                 raised = now_raised
             since = time.monotonic() - last_pass
-            if health.store_error is None and (since >= interval or (cleaner._short(health.spool_free_mb)
-                                                                     and since >= short_interval)):
+            if health.store_error is None and (
+                since >= interval or (cleaner._short(health.spool_free_mb) and since >= short_interval)
+            ):
                 last_pass = time.monotonic()
                 try:
                     done = cleaner.run(stop=stop)
                     if done.studies or done.skipped:
-                        log.info("clean_pass", studies=len(done.studies), skipped=done.skipped,
-                                 bytes=sum(c.files.bytes for c in done.studies),
-                                 overlay_bytes=sum(c.files.overlay_bytes for c in done.studies),
-                                 spool_free_mb=None if done.free_mb is None else round(done.free_mb))
+                        log.info(
+                            "clean_pass",
+                            studies=len(done.studies),
+                            skipped=done.skipped,
+                            bytes=sum(c.files.bytes for c in done.studies),
+                            overlay_bytes=sum(c.files.overlay_bytes for c in done.studies),
+                            spool_free_mb=None if done.free_mb is None else round(done.free_mb),
+                        )
                 except Exception as exc:  # a database restart: the next turn tries again
                     log.error("clean_pass_failed", error=type(exc).__name__)
                     log.debug("clean_pass_failed_detail", exc_info=True)

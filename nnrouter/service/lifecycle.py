@@ -76,6 +76,7 @@ class Stop:
 
 def stop_on_signals(stop: Stop) -> Stop:
     """SIGTERM and SIGINT set ``stop`` (call from the main thread)."""
+
     def handler(_signum: int, _frame: object) -> None:
         stop.set()
 
@@ -107,6 +108,7 @@ def watch_parent(parent_pid: int, stop: Stop, *, every_s: float = 1.0, grace_s: 
     codec or a network call is ended, since nothing it holds is lost (its
     claims come back when their lease runs out).
     """
+
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(every_s)
@@ -131,7 +133,8 @@ def spawn_stage(target: str, name: str, **kwargs: object) -> BaseProcess:
     ``kwargs``.
     """
     proc = multiprocessing.get_context("spawn").Process(
-        target=run_stage, args=(target, os.getpid()), kwargs=kwargs, name=name, daemon=True)
+        target=run_stage, args=(target, os.getpid()), kwargs=kwargs, name=name, daemon=True
+    )
     proc.start()
     return proc
 
@@ -189,8 +192,13 @@ class Outage:
     def over(self, **facts: object) -> None:
         if self.since is None:
             return
-        log.info("database_available", stage=self.stage, outage_s=round(time.monotonic() - self.since, 1),
-                 **self.context, **facts)
+        log.info(
+            "database_available",
+            stage=self.stage,
+            outage_s=round(time.monotonic() - self.since, 1),
+            **self.context,
+            **facts,
+        )
         self.since = None
 
 
@@ -265,8 +273,9 @@ def tick_until_stopped(tick: Callable[[], object], every_s: float, stop: Stop) -
     from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
 
     sched = BackgroundScheduler(timezone="UTC")
-    sched.add_job(tick, "interval", seconds=every_s, max_instances=1, coalesce=True,
-                  next_run_time=dt.datetime.now(dt.UTC))
+    sched.add_job(
+        tick, "interval", seconds=every_s, max_instances=1, coalesce=True, next_run_time=dt.datetime.now(dt.UTC)
+    )
     sched.start()
     try:
         stop.wait()

@@ -55,7 +55,6 @@ WAITING_FOR_CLASSIFIER = (InstanceState.RECEIVED, InstanceState.CLASSIFYING)
 NOT_YET_DELIVERED = (OutboxState.PENDING, OutboxState.SENDING, OutboxState.FAILED)
 
 
-
 def refuse_below_free_mb(settings: Settings) -> int:
     """The free-space floor for new associations: set, or 256 MB above the C-STORE floor."""
     value = settings.limits.refuse_below_free_mb
@@ -73,7 +72,7 @@ def free_mb(path: Path) -> float | None:
 
 
 def _utc(ts: dt.datetime) -> dt.datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=dt.timezone.utc)
+    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -114,8 +113,15 @@ class Health:
             "alerts": list(self.alerts),
             "spool_free_mb": None if self.spool_free_mb is None else round(self.spool_free_mb, 1),
             "unclassified": self.unclassified,
-            "outbox": {b.destination: {"waiting": b.waiting, "oldest_age_s": round(b.oldest_age_s, 1), "held": b.held,
-                                       "dead": b.dead} for b in self.outbox},
+            "outbox": {
+                b.destination: {
+                    "waiting": b.waiting,
+                    "oldest_age_s": round(b.oldest_age_s, 1),
+                    "held": b.held,
+                    "dead": b.dead,
+                }
+                for b in self.outbox
+            },
         }
 
 
@@ -135,8 +141,7 @@ def measure(settings: Settings, store: Store, now: dt.datetime | None = None) ->
     error = None
     try:
         with store.read() as s:
-            by_state = {state: n for state, n in s.execute(
-                select(Instance.state, func.count()).group_by(Instance.state)).all()}
+            by_state = dict(s.execute(select(Instance.state, func.count()).group_by(Instance.state)).all())
             rows = s.execute(
                 select(Outbox.destination, Outbox.state, func.count(), func.min(Outbox.created_at))
                 .where(Outbox.state.in_((*NOT_YET_DELIVERED, OutboxState.HELD, OutboxState.DEAD)))
@@ -155,18 +160,24 @@ def measure(settings: Settings, store: Store, now: dt.datetime | None = None) ->
                 d["oldest"] = age if d["oldest"] is None else max(d["oldest"], age)
             else:
                 d[state] += n
-        backlog = [Backlog(dest, d["waiting"], d["oldest"] or 0.0, d["held"], d["dead"]) for dest, d in sorted(per.items())]
+        backlog = [
+            Backlog(dest, d["waiting"], d["oldest"] or 0.0, d["held"], d["dead"]) for dest, d in sorted(per.items())
+        ]
         if lim.max_unclassified is not None and unclassified > lim.max_unclassified:
-            refuse.append(f"{unclassified} instances wait for the classifier, more than {lim.max_unclassified} "
-                          "(limits.max_unclassified)")
+            refuse.append(
+                f"{unclassified} instances wait for the classifier, more than {lim.max_unclassified} "
+                "(limits.max_unclassified)"
+            )
         waiting = sum(b.waiting for b in backlog)
         if lim.max_outbox_pending is not None and waiting > lim.max_outbox_pending:
             refuse.append(f"{waiting} deliveries wait, more than {lim.max_outbox_pending} (limits.max_outbox_pending)")
         if lim.outbox_alert_age_s is not None:
             for b in backlog:
                 if b.waiting and b.oldest_age_s > lim.outbox_alert_age_s:
-                    alerts.append(f"oldest delivery to {b.destination} has waited {b.oldest_age_s:.0f} s, more than "
-                                  f"{lim.outbox_alert_age_s:.0f} s (limits.outbox_alert_age_s)")
+                    alerts.append(
+                        f"oldest delivery to {b.destination} has waited {b.oldest_age_s:.0f} s, more than "
+                        f"{lim.outbox_alert_age_s:.0f} s (limits.outbox_alert_age_s)"
+                    )
     return Health(free, unclassified, tuple(backlog), tuple(refuse), tuple(alerts), error, by_state)
 
 
@@ -177,8 +188,11 @@ def stores(proposed_abstract_syntaxes: list[str]) -> bool:
     )
     from pynetdicom.sop_class import uid_to_service_class
 
-    read_only = (service_class.VerificationServiceClass, service_class.QueryRetrieveServiceClass,
-                 service_class.HangingProtocolQueryRetrieveServiceClass)
+    read_only = (
+        service_class.VerificationServiceClass,
+        service_class.QueryRetrieveServiceClass,
+        service_class.HangingProtocolQueryRetrieveServiceClass,
+    )
     return any(not issubclass(uid_to_service_class(uid), read_only) for uid in proposed_abstract_syntaxes)
 
 
@@ -231,13 +245,24 @@ def metrics_text(health: Health) -> str:
         out.append(f"nnrouter_spool_free_megabytes {health.spool_free_mb:.1f}")
     out += ["# HELP nnrouter_instances Instances per state.", "# TYPE nnrouter_instances gauge"]
     out += [f'nnrouter_instances{{state="{state}"}} {n}' for state, n in sorted(health.by_state.items())]
-    out += ["# HELP nnrouter_outbox_waiting Deliveries not yet made, per destination.", "# TYPE nnrouter_outbox_waiting gauge"]
+    out += [
+        "# HELP nnrouter_outbox_waiting Deliveries not yet made, per destination.",
+        "# TYPE nnrouter_outbox_waiting gauge",
+    ]
     out += [f'nnrouter_outbox_waiting{{destination="{b.destination}"}} {b.waiting}' for b in health.outbox]
-    out += ["# HELP nnrouter_outbox_oldest_age_seconds Age of the oldest delivery not yet made.",
-            "# TYPE nnrouter_outbox_oldest_age_seconds gauge"]
-    out += [f'nnrouter_outbox_oldest_age_seconds{{destination="{b.destination}"}} {b.oldest_age_s:.1f}' for b in health.outbox]
-    out += ["# HELP nnrouter_alert 1 while an alert is raised.", "# TYPE nnrouter_alert gauge",
-            f'nnrouter_alert{{kind="outbox_age"}} {int(any("outbox_alert_age_s" in a for a in health.alerts))}',
-            f'nnrouter_alert{{kind="refusing"}} {int(bool(health.refuse))}',
-            f'nnrouter_alert{{kind="store_unreachable"}} {int(health.store_error is not None)}']
+    out += [
+        "# HELP nnrouter_outbox_oldest_age_seconds Age of the oldest delivery not yet made.",
+        "# TYPE nnrouter_outbox_oldest_age_seconds gauge",
+    ]
+    out += [
+        f'nnrouter_outbox_oldest_age_seconds{{destination="{b.destination}"}} {b.oldest_age_s:.1f}'
+        for b in health.outbox
+    ]
+    out += [
+        "# HELP nnrouter_alert 1 while an alert is raised.",
+        "# TYPE nnrouter_alert gauge",
+        f'nnrouter_alert{{kind="outbox_age"}} {int(any("outbox_alert_age_s" in a for a in health.alerts))}',
+        f'nnrouter_alert{{kind="refusing"}} {int(bool(health.refuse))}',
+        f'nnrouter_alert{{kind="store_unreachable"}} {int(health.store_error is not None)}',
+    ]
     return "\n".join(out) + "\n"

@@ -33,18 +33,29 @@ def status_text(report: dict[str, Any]) -> str:
     """The report for a person at a terminal: readiness and alerts first."""
     health = report["health"]
     counts = report["instances"]["by_state"]
-    lines = [f"ready: {'yes' if report['ready'] else 'NO: ' + '; '.join(report['not_ready_because'])}"
-             + "".join(f"\nALERT: {a}" for a in health["alerts"]),
-             f"database {report['database']} (schema {report['schema']['current']})",
-             f"instances: {report['instances']['total']}"]
+    lines = [
+        f"ready: {'yes' if report['ready'] else 'NO: ' + '; '.join(report['not_ready_because'])}"
+        + "".join(f"\nALERT: {a}" for a in health["alerts"]),
+        f"database {report['database']} (schema {report['schema']['current']})",
+        f"instances: {report['instances']['total']}",
+    ]
     lines += [f"  {state:<16}{n}" for state, n in sorted(counts.items())]
     if report["outbox"]:
-        lines.append("outbox: " + ", ".join(f"{d}: " + " ".join(f"{s} {n}" for s, n in sorted(v.items()))
-                                            for d, v in sorted(report["outbox"].items())))
+        lines.append(
+            "outbox: "
+            + ", ".join(
+                f"{d}: " + " ".join(f"{s} {n}" for s, n in sorted(v.items()))
+                for d, v in sorted(report["outbox"].items())
+            )
+        )
     for what in ("rules", "procedures"):
         r = report[what]
         if r.get("running"):
-            lines.append(f"{what}: running {r['running']['path']} ({r['running']['digest'][:12]}, loaded {r['running']['at']})")
+            lines.append(
+                f"{what}: running {r['running']['path']} ({r['running']['digest'][:12]}, loaded {r['running']['at']})"
+            )
         if r.get("rejected"):
-            lines.append(f"{what}: REJECTED {r['rejected']['path']} at {r['rejected']['at']}:\n{r['rejected']['errors']}")
+            lines.append(
+                f"{what}: REJECTED {r['rejected']['path']} at {r['rejected']['at']}:\n{r['rejected']['errors']}"
+            )
     return "\n".join(lines)

@@ -76,9 +76,15 @@ class Supervisor:
     thread that later ends would stop the child with it.
     """
 
-    def __init__(self, settings: config_mod.Settings, spawners: dict[str, Spawn], *,
-                 on_death: Callable[[BaseProcess], None] | None = None,
-                 stop_s: float = STOP_S, kill_s: float = KILL_S) -> None:
+    def __init__(
+        self,
+        settings: config_mod.Settings,
+        spawners: dict[str, Spawn],
+        *,
+        on_death: Callable[[BaseProcess], None] | None = None,
+        stop_s: float = STOP_S,
+        kill_s: float = KILL_S,
+    ) -> None:
         self.settings = settings
         self.spawners = dict(spawners)
         self.on_death = on_death

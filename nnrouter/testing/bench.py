@@ -73,7 +73,9 @@ def ingest(count: int, rounds: int, rows: int, columns: int, workdir: Path | Non
         for name, ts in times.items():
             med = statistics.median(ts)
             rate[name] = count / med
-            print(f"  {name:<9} {count / med:7.2f} images/s  {size_mb / med:8.1f} MB/s  (fsync: {'yes' if name == 'nnrouter' else 'no, storescp does not'})")
+            print(
+                f"  {name:<9} {count / med:7.2f} images/s  {size_mb / med:8.1f} MB/s  (fsync: {'yes' if name == 'nnrouter' else 'no, storescp does not'})"
+            )
         print(f"ratio nnrouter/dcmtk: {rate['nnrouter'] / rate['dcmtk']:.2f}")
         return 0
     finally:
@@ -89,7 +91,9 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values), q)) if values else float("nan")
 
 
-def infer(model_dir: Path, files: list[Path], batches: list[int], images: int, providers: list[str] | None, max_side: int) -> int:
+def infer(
+    model_dir: Path, files: list[Path], batches: list[int], images: int, providers: list[str] | None, max_side: int
+) -> int:
     """Decode + preprocess + inference on real radiographs, per stage, at each batch size."""
     from nnrouter.pixels.decode import DecodeError, decode_file
     from nnrouter.pixels.runtime import Model
@@ -105,9 +109,13 @@ def infer(model_dir: Path, files: list[Path], batches: list[int], images: int, p
     if not usable:
         print("no decodable files")
         return 2
-    print(f"model {model.card.name} {model.card.version} on {model.provider}; {len(usable)} distinct radiographs, "
-          f"{images} images per batch size (files repeated), decode max side {max_side}")
-    print(f"{'batch':>5} {'images/s':>9}  {'decode p50/p95 ms/img':>22}  {'preprocess p50/p95 ms/batch':>28}  {'infer p50/p95 ms/batch':>23}")
+    print(
+        f"model {model.card.name} {model.card.version} on {model.provider}; {len(usable)} distinct radiographs, "
+        f"{images} images per batch size (files repeated), decode max side {max_side}"
+    )
+    print(
+        f"{'batch':>5} {'images/s':>9}  {'decode p50/p95 ms/img':>22}  {'preprocess p50/p95 ms/batch':>28}  {'infer p50/p95 ms/batch':>23}"
+    )
     for bs in batches:
         decode_ms: list[float] = []
         pre_ms: list[float] = []
@@ -116,7 +124,7 @@ def infer(model_dir: Path, files: list[Path], batches: list[int], images: int, p
         t_all = time.perf_counter()
         for start in range(0, len(order), bs):
             imgs = []
-            for f in order[start:start + bs]:
+            for f in order[start : start + bs]:
                 t0 = time.perf_counter()
                 imgs.append(decode_file(f, max_side=max_side).image)
                 decode_ms.append((time.perf_counter() - t0) * 1000)
@@ -127,14 +135,25 @@ def infer(model_dir: Path, files: list[Path], batches: list[int], images: int, p
             pre_ms.append(model.timings.preprocess_ms)
             inf_ms.append(model.timings.infer_ms)
         rate = len(order) / (time.perf_counter() - t_all)
-        print(f"{bs:>5} {rate:>9.1f}  {_pct(decode_ms, 50):>10.1f} / {_pct(decode_ms, 95):<9.1f}  "
-              f"{_pct(pre_ms, 50):>13.1f} / {_pct(pre_ms, 95):<12.1f}  {_pct(inf_ms, 50):>10.1f} / {_pct(inf_ms, 95):<10.1f}")
+        print(
+            f"{bs:>5} {rate:>9.1f}  {_pct(decode_ms, 50):>10.1f} / {_pct(decode_ms, 95):<9.1f}  "
+            f"{_pct(pre_ms, 50):>13.1f} / {_pct(pre_ms, 95):<12.1f}  {_pct(inf_ms, 50):>10.1f} / {_pct(inf_ms, 95):<10.1f}"
+        )
     print("reference: NNCPR reports 0.21 s for one image")
     return 0
 
 
-def route(studies: int, images: int, rows: int, columns: int, workers: int, quiet_s: float, model: Path | None,
-          max_associations: int, workdir: Path | None) -> int:
+def route(
+    studies: int,
+    images: int,
+    rows: int,
+    columns: int,
+    workers: int,
+    quiet_s: float,
+    model: Path | None,
+    max_associations: int,
+    workdir: Path | None,
+) -> int:
     """End to end: storescu -> nnrouter (keep, classify, route, forward) -> storescp, beside storescu -> storescp.
 
     Both runs send the same files to the same kind of receiver in the same
@@ -153,7 +172,11 @@ def route(studies: int, images: int, rows: int, columns: int, workers: int, quie
     direct = dest = node = None
     try:
         print(f"generating {studies} studies x {images} DX images {rows}x{columns} 16-bit in {root} ...", flush=True)
-        files = [f for s in range(studies) for f in synthetic.write_series(root / "in" / f"s{s}", images, rows=rows, columns=columns)]
+        files = [
+            f
+            for s in range(studies)
+            for f in synthetic.write_series(root / "in" / f"s{s}", images, rows=rows, columns=columns)
+        ]
         total = len(files)
         size_mb = sum(f.stat().st_size for f in files) / 1e6
         cfg = peers.storescu_config(files, root / "storescu.cfg")
@@ -174,12 +197,15 @@ def route(studies: int, images: int, rows: int, columns: int, workers: int, quie
             "rules:\n"
             "  - {name: everything, then: {forward: [dest]}}\n"
         )
-        node = peers.Node(root / "nnrouter", settings={
-            "logging": {"level": "warning"},
-            "workers": {"count": workers},
-            "models": {"classifier": str(model) if model else None},
-            "routing": {"rules": str(rules_file), "tick_s": 0.2},
-        }).start()
+        node = peers.Node(
+            root / "nnrouter",
+            settings={
+                "logging": {"level": "warning"},
+                "workers": {"count": workers},
+                "models": {"classifier": str(model) if model else None},
+                "routing": {"rules": str(rules_file), "tick_s": 0.2},
+            },
+        ).start()
         time.sleep(2)  # the workers load their model and warm up before the clock starts
         t0 = time.perf_counter()
         _send(node.port, files, node.ae_title, cfg)
@@ -190,7 +216,9 @@ def route(studies: int, images: int, rows: int, columns: int, workers: int, quie
             while True:
                 with store.read() as s:
                     rows_ = s.execute(
-                        select(Instance.received_at, Outbox.sent_at, Outbox.state).join(Outbox, Outbox.instance_id == Instance.id)
+                        select(Instance.received_at, Outbox.sent_at, Outbox.state).join(
+                            Outbox, Outbox.instance_id == Instance.id
+                        )
                     ).all()
                 sent = [r for r in rows_ if r.state == OutboxState.SENT]
                 dead = [r for r in rows_ if r.state == OutboxState.DEAD]
@@ -206,11 +234,17 @@ def route(studies: int, images: int, rows: int, columns: int, workers: int, quie
         delays = [(r.sent_at - r.received_at).total_seconds() for r in sent]
         print(f"through nnrouter: all received in {t_sent:7.2f} s, all delivered in {t_routed:7.2f} s", flush=True)
         print()
-        print(f"{studies} studies x {images} images, {size_mb / total:.1f} MB each; {workers} worker(s), "
-              f"model {model or 'none'}, quiet period {quiet_s} s, {max_associations} association(s) to the destination")
+        print(
+            f"{studies} studies x {images} images, {size_mb / total:.1f} MB each; {workers} worker(s), "
+            f"model {model or 'none'}, quiet period {quiet_s} s, {max_associations} association(s) to the destination"
+        )
         print(f"  direct     {total / t_direct:7.2f} images/s  {size_mb / t_direct:8.1f} MB/s")
-        print(f"  nnrouter   {total / t_routed:7.2f} images/s  {size_mb / t_routed:8.1f} MB/s  (end to end, fsync'd, classified, routed)")
-        print(f"  receipt -> delivery: p50 {_pct(delays, 50):.2f} s, p95 {_pct(delays, 95):.2f} s, max {max(delays):.2f} s")
+        print(
+            f"  nnrouter   {total / t_routed:7.2f} images/s  {size_mb / t_routed:8.1f} MB/s  (end to end, fsync'd, classified, routed)"
+        )
+        print(
+            f"  receipt -> delivery: p50 {_pct(delays, 50):.2f} s, p95 {_pct(delays, 95):.2f} s, max {max(delays):.2f} s"
+        )
         print(f"ratio nnrouter/direct: {t_direct / t_routed:.2f}")
         return 0
     finally:
@@ -344,8 +378,13 @@ class _Senders:
                     status = int(rsp.Status) if "Status" in rsp else None
                     if status is None:  # what became of it: the store is asked at the end
                         with self.lock:
-                            self.unanswered.append((uid, round(time.monotonic() - sent_at, 1),
-                                                    "aborted" if assoc.is_aborted else "timed out"))
+                            self.unanswered.append(
+                                (
+                                    uid,
+                                    round(time.monotonic() - sent_at, 1),
+                                    "aborted" if assoc.is_aborted else "timed out",
+                                )
+                            )
                     with self.lock:
                         if status == 0:
                             self.acked += 1
@@ -365,8 +404,19 @@ def _spool_files(root: Path) -> int:
     return sum(1 for f in root.rglob("*.dcm") if ".incoming" not in f.parts)
 
 
-def soak(seconds: float, *, senders: int, per_association: int, rows: int, columns: int, workers: int,
-         model: Path | None, interval_s: float, warmup_s: float, workdir: Path | None) -> int:
+def soak(
+    seconds: float,
+    *,
+    senders: int,
+    per_association: int,
+    rows: int,
+    columns: int,
+    workers: int,
+    model: Path | None,
+    interval_s: float,
+    warmup_s: float,
+    workdir: Path | None,
+) -> int:
     """Small fresh instances over many associations for ``seconds``; RSS per process, rate, and the count check.
 
     What a router must not do over days: grow. RSS is sampled every
@@ -386,16 +436,22 @@ def soak(seconds: float, *, senders: int, per_association: int, rows: int, colum
     senders_ = None
     failures: list[str] = []
     try:
-        node = peers.Node(root / "nnrouter", settings={
-            "logging": {"level": "warning"},
-            "dicom": {"max_associations": max(10, senders * 2)},
-            "workers": {"count": workers},
-            "models": {"classifier": str(model) if model else None},
-        }).start()
+        node = peers.Node(
+            root / "nnrouter",
+            settings={
+                "logging": {"level": "warning"},
+                "dicom": {"max_associations": max(10, senders * 2)},
+                "workers": {"count": workers},
+                "models": {"classifier": str(model) if model else None},
+            },
+        ).start()
         time.sleep(2)  # workers and router up before the clock starts
-        print(f"soak: {seconds / 60:.1f} min, {senders} senders x {per_association} instances an association, "
-              f"{rows}x{columns} 16-bit DX (fresh UIDs each), {workers} worker(s), model {model or 'none'}; "
-              f"nnrouter in {node.home}", flush=True)
+        print(
+            f"soak: {seconds / 60:.1f} min, {senders} senders x {per_association} instances an association, "
+            f"{rows}x{columns} 16-bit DX (fresh UIDs each), {workers} worker(s), model {model or 'none'}; "
+            f"nnrouter in {node.home}",
+            flush=True,
+        )
         roles = _roles(node.config_path)
         senders_ = _Senders(node.port, node.ae_title, senders, per_association, rows, columns).start()
         t0 = time.monotonic()
@@ -409,14 +465,20 @@ def soak(seconds: float, *, senders: int, per_association: int, rows: int, colum
                 break
             if now >= next_at or now - t0 >= seconds:
                 acked = senders_.acked
-                rss = {role: r for role, pid in _processes(node.proc.pid, roles).items()  # type: ignore[union-attr]
-                       if role != "resource_tracker" and (r := _rss_mb(pid)) is not None}
+                rss = {
+                    role: r
+                    for role, pid in _processes(node.proc.pid, roles).items()  # type: ignore[union-attr]
+                    if role != "resource_tracker" and (r := _rss_mb(pid)) is not None
+                }
                 samples.append((now - t0, acked, rss))
                 rate = (acked - last_acked) / max(now - last_t, 1e-9)
                 mins, secs = divmod(int(now - t0), 60)
-                print(f"[{mins:3d}:{secs:02d}] {acked:7d} acknowledged ({rate:6.1f}/s), {senders_.failed} failed, "
-                      f"{senders_.associations} associations; RSS MB: "
-                      + ", ".join(f"{k} {v:.1f}" for k, v in rss.items()), flush=True)
+                print(
+                    f"[{mins:3d}:{secs:02d}] {acked:7d} acknowledged ({rate:6.1f}/s), {senders_.failed} failed, "
+                    f"{senders_.associations} associations; RSS MB: "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in rss.items()),
+                    flush=True,
+                )
                 last_t, last_acked = now, acked
                 next_at += interval_s
                 if now - t0 >= seconds:
@@ -431,20 +493,33 @@ def soak(seconds: float, *, senders: int, per_association: int, rows: int, colum
             with store.read() as s:
                 rows_stored = s.execute(select(func.count()).select_from(Instance)).scalar_one()
                 lost_answers = senders_.unanswered
-                kept = set(s.execute(select(Instance.sop_instance_uid).where(
-                    Instance.sop_instance_uid.in_([u for u, _, _ in lost_answers[:100]]))).scalars()) if lost_answers else set()
+                kept = (
+                    set(
+                        s.execute(
+                            select(Instance.sop_instance_uid).where(
+                                Instance.sop_instance_uid.in_([u for u, _, _ in lost_answers[:100]])
+                            )
+                        ).scalars()
+                    )
+                    if lost_answers
+                    else set()
+                )
         finally:
             store.dispose()
         files = _spool_files(node.spool)
 
         print()
-        print(f"{acked} instances acknowledged in {elapsed:.0f} s over {senders_.associations} associations: "
-              f"{acked / elapsed:.1f} images/s; {senders_.failed} failed stores, {senders_.refused} refused associations"
-              + (f" ({senders_.errors})" if senders_.errors else ""))
+        print(
+            f"{acked} instances acknowledged in {elapsed:.0f} s over {senders_.associations} associations: "
+            f"{acked / elapsed:.1f} images/s; {senders_.failed} failed stores, {senders_.refused} refused associations"
+            + (f" ({senders_.errors})" if senders_.errors else "")
+        )
         for uid, waited, how in lost_answers[:10]:
             print(f"  no response to {uid} after {waited} s ({how}); {'stored' if uid in kept else 'not stored'}")
         same = acked == rows_stored == files
-        print(f"counts: acknowledged {acked}, stored rows {rows_stored}, spool files {files}: {'OK' if same else 'MISMATCH'}")
+        print(
+            f"counts: acknowledged {acked}, stored rows {rows_stored}, spool files {files}: {'OK' if same else 'MISMATCH'}"
+        )
         if not same:
             failures.append(f"counts differ: acknowledged {acked}, stored rows {rows_stored}, spool files {files}")
         if senders_.failed:

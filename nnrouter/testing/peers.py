@@ -122,7 +122,16 @@ class StoreSCP:
     def start(self, extra: list[str] | None = None) -> StoreSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            ["storescp", *(["+xa"] if self.accept_all else []), "-aet", self.aet, "-od", str(self.folder), *(extra or []), str(self.port)],
+            [
+                "storescp",
+                *(["+xa"] if self.accept_all else []),
+                "-aet",
+                self.aet,
+                "-od",
+                str(self.folder),
+                *(extra or []),
+                str(self.port),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -180,7 +189,10 @@ class Node:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "nnrouter", *args, "--config", str(self.config_path)],
-            capture_output=True, text=True, check=check, timeout=120,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
         )
 
     def start(self, upgrade: bool = True) -> Node:
@@ -190,7 +202,9 @@ class Node:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nnrouter", "serve", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         log.close()
         wait_port(self.port, proc=self.proc)
@@ -236,10 +250,17 @@ class Orthanc:
 
         self.home.mkdir(parents=True, exist_ok=True)
         cfg = {
-            "Name": "nnrouter-test", "StorageDirectory": str(self.home / "db"), "IndexDirectory": str(self.home / "db"),
-            "DicomAet": self.aet, "DicomPort": self.port, "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": True,
-            "Plugins": [], "StableAge": 1,
+            "Name": "nnrouter-test",
+            "StorageDirectory": str(self.home / "db"),
+            "IndexDirectory": str(self.home / "db"),
+            "DicomAet": self.aet,
+            "DicomPort": self.port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": True,
+            "Plugins": [],
+            "StableAge": 1,
         }
         if self.modalities:
             cfg["DicomModalities"] = self.modalities
@@ -266,8 +287,9 @@ class Orthanc:
         import json
         import urllib.request
 
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data,
-                                     method="GET" if data is None else "POST")
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", data=data, method="GET" if data is None else "POST"
+        )
         with urllib.request.urlopen(req, timeout=timeout) as rsp:
             out = rsp.read()
         return json.loads(out) if rsp.headers.get_content_type() == "application/json" else out
@@ -309,8 +331,9 @@ class Wlmscpfs:
         (self.folder / "lockfile").touch()  # wlmscpfs locks it while searching; without it every query fails
         log = open(self.db / "wlmscpfs.log", "ab")
         # -csk: return the files' Specific Character Set, so UTF-8 names arrive as names.
-        self.proc = subprocess.Popen(["wlmscpfs", "-v", "-csk", "-dfp", str(self.db), str(self.port)],
-                                     stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            ["wlmscpfs", "-v", "-csk", "-dfp", str(self.db), str(self.port)], stdout=log, stderr=subprocess.STDOUT
+        )
         log.close()
         wait_port(self.port, proc=self.proc)
         return self

@@ -158,7 +158,9 @@ def write_dx(path: Path, spec: DXSpec) -> Path:
     return path
 
 
-def write_series(folder: Path, count: int, *, rows: int = 512, columns: int = 512, study_uid: str | None = None) -> list[Path]:
+def write_series(
+    folder: Path, count: int, *, rows: int = 512, columns: int = 512, study_uid: str | None = None
+) -> list[Path]:
     """``count`` distinct DX files of one study, one series: what a modality sends."""
     folder.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()
@@ -166,7 +168,9 @@ def write_series(folder: Path, count: int, *, rows: int = 512, columns: int = 51
     return [
         write_dx(
             folder / f"dx{i:05d}.dcm",
-            DXSpec(rows=rows, columns=columns, study_uid=study_uid, series_uid=series_uid, instance_number=i + 1, seed=i),
+            DXSpec(
+                rows=rows, columns=columns, study_uid=study_uid, series_uid=series_uid, instance_number=i + 1, seed=i
+            ),
         )
         for i in range(count)
     ]

@@ -221,35 +221,55 @@ def load_rules(path: Path) -> Rules:
     problems: list[tuple[tuple, str, str]] = []  # (yaml path, field, reason)
     for alias, target in spec.body_part_aliases.items():
         if target not in known_parts:
-            problems.append((("body_part_aliases", alias), f"body_part_aliases.{alias}",
-                             f"{target} is not a Body Part Examined of any class ({', '.join(sorted(known_parts))})"))
+            problems.append(
+                (
+                    ("body_part_aliases", alias),
+                    f"body_part_aliases.{alias}",
+                    f"{target} is not a Body Part Examined of any class ({', '.join(sorted(known_parts))})",
+                )
+            )
     aliases = dict(spec.body_part_aliases)
 
     for i, rule in enumerate(spec.views):
         part = aliases.get(rule.body_part, rule.body_part)
         if rule.label != OTHER and table[rule.label].body_part_examined != part:
-            problems.append((("views", i, "body_part"), f"views[{i}].body_part",
-                             f"{rule.body_part} is not the body part of {rule.label} "
-                             f"({table[rule.label].body_part_examined})"))
+            problems.append(
+                (
+                    ("views", i, "body_part"),
+                    f"views[{i}].body_part",
+                    f"{rule.body_part} is not the body part of {rule.label} ({table[rule.label].body_part_examined})",
+                )
+            )
             continue
         for view in rule.view_positions:
             key = (part, view)
             if key in pairs and pairs[key] != rule.label:
-                problems.append((("views", i, "view_positions"), f"views[{i}].view_positions",
-                                 f"{part} + {view} already maps to {pairs[key]} ({pair_origin[key]})"))
+                problems.append(
+                    (
+                        ("views", i, "view_positions"),
+                        f"views[{i}].view_positions",
+                        f"{part} + {view} already maps to {pairs[key]} ({pair_origin[key]})",
+                    )
+                )
                 continue
             pairs[key] = rule.label
             pair_origin[key] = f"views[{i}]"
 
     for i, part_rule in enumerate(spec.description_body_parts):
         if part_rule.body_part not in known_parts:
-            problems.append((("description_body_parts", i, "body_part"), f"description_body_parts[{i}].body_part",
-                             f"{part_rule.body_part} is not a Body Part Examined of any class "
-                             f"({', '.join(sorted(known_parts))})"))
+            problems.append(
+                (
+                    ("description_body_parts", i, "body_part"),
+                    f"description_body_parts[{i}].body_part",
+                    f"{part_rule.body_part} is not a Body Part Examined of any class "
+                    f"({', '.join(sorted(known_parts))})",
+                )
+            )
 
     for rule in spec.codes:
-        code_map.setdefault(rule.code.strip(), {}).setdefault(
-            (rule.scheme or "*").strip().upper(), set()).add(rule.label)
+        code_map.setdefault(rule.code.strip(), {}).setdefault((rule.scheme or "*").strip().upper(), set()).add(
+            rule.label
+        )
 
     if problems:
         _, positions = yamlfile.load(path)
@@ -265,7 +285,9 @@ def load_rules(path: Path) -> Rules:
         pairs=pairs,
         codes={k: {s: frozenset(v) for s, v in by.items()} for k, by in code_map.items()},
         descriptions=tuple((re.compile(r.pattern, re.IGNORECASE), r.label) for r in spec.descriptions),
-        description_parts=tuple((re.compile(r.pattern, re.IGNORECASE), r.body_part) for r in spec.description_body_parts),
+        description_parts=tuple(
+            (re.compile(r.pattern, re.IGNORECASE), r.body_part) for r in spec.description_body_parts
+        ),
         source=str(path),
         sha256=_sha256(path),
     )
@@ -317,8 +339,7 @@ def _header_codes(ds: Dataset) -> list[tuple[str, str, str, str]]:
         for item in ds.get(seq) or []:
             value = _text(item, "CodeValue") or _text(item, "LongCodeValue")
             if value:
-                out.append((seq, value, _text(item, "CodingSchemeDesignator").upper(),
-                            _text(item, "CodeMeaning")))
+                out.append((seq, value, _text(item, "CodingSchemeDesignator").upper(), _text(item, "CodeMeaning")))
     return out
 
 
@@ -353,8 +374,11 @@ def decide(ds: Dataset, rules: Rules) -> Decision:
     if part in rules.body_parts:
         evidence.append(Evidence("BodyPartExamined", raw_part, rules.body_parts[part], False))
     if part and view and (part, view) in rules.pairs:
-        evidence.append(Evidence("BodyPartExamined+ViewPosition", f"{raw_part}/{view}",
-                                 frozenset({rules.pairs[(part, view)]}), True))
+        evidence.append(
+            Evidence(
+                "BodyPartExamined+ViewPosition", f"{raw_part}/{view}", frozenset({rules.pairs[(part, view)]}), True
+            )
+        )
 
     texts = [(k, _text(ds, k)) for k in _DESCRIPTION_FIELDS]
     texts += [(f"{q} meaning", m) for q, _, _, m in header_codes if m]
@@ -370,8 +394,9 @@ def decide(ds: Dataset, rules: Rules) -> Decision:
         # conflict rather than quietly labelled a hand.
         parts = {p for pattern, p in rules.description_parts if pattern.search(plain)}
         if parts:
-            evidence.append(Evidence(f"{name} anatomy", text,
-                                     frozenset().union(*(rules.body_parts[p] for p in parts)), False))
+            evidence.append(
+                Evidence(f"{name} anatomy", text, frozenset().union(*(rules.body_parts[p] for p in parts)), False)
+            )
 
     shown = tuple(str(e) for e in evidence)
     allowed = frozenset.intersection(*(e.classes for e in evidence)) if evidence else frozenset()
@@ -386,8 +411,13 @@ def decide(ds: Dataset, rules: Rules) -> Decision:
             why = "no procedure code, body part with view position, or description names a class"
         return Decision("unmapped", None, why, shown, seen)
     if len(allowed) > 1:
-        return Decision("unmapped", None, f"evidence allows several classes ({', '.join(sorted(allowed))}): "
-                        + "; ".join(shown), shown, seen)
+        return Decision(
+            "unmapped",
+            None,
+            f"evidence allows several classes ({', '.join(sorted(allowed))}): " + "; ".join(shown),
+            shown,
+            seen,
+        )
     (label,) = allowed
     return Decision("mapped", label, "", shown, seen)
 
@@ -441,9 +471,13 @@ def from_class_folders(root: Path, *, check_decode: bool = True) -> Found:
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
         if folder.name not in known:
-            found.rejected.append(Rejected(str(folder), "unmapped",
-                                           f"folder name {folder.name!r} is not one of the classes or {OTHER!r} "
-                                           f"({len(files)} files left out)"))
+            found.rejected.append(
+                Rejected(
+                    str(folder),
+                    "unmapped",
+                    f"folder name {folder.name!r} is not one of the classes or {OTHER!r} ({len(files)} files left out)",
+                )
+            )
             continue
         for f in files:
             if f.suffix.lower() not in IMAGE_SUFFIXES:
@@ -452,15 +486,20 @@ def from_class_folders(root: Path, *, check_decode: bool = True) -> Found:
             rel = f.relative_to(root).as_posix()
             listed = groups.get(rel)
             if listed is not None and listed[1] != folder.name:
-                found.rejected.append(Rejected(str(f), "conflicting",
-                                               f"MANIFEST.csv says class {listed[1]!r}, the folder says {folder.name!r}"))
+                found.rejected.append(
+                    Rejected(
+                        str(f), "conflicting", f"MANIFEST.csv says class {listed[1]!r}, the folder says {folder.name!r}"
+                    )
+                )
                 continue
             if listed is None:
                 fallback += 1
             group = listed[0] if listed is not None else folder.name
             found.entries.append(Entry(str(f), folder.name, group, "image", (f"folder {folder.name}",)))
     if not groups:
-        found.notes.append(f"{root}: no MANIFEST.csv, so each class folder is taken as one source (group = folder name)")
+        found.notes.append(
+            f"{root}: no MANIFEST.csv, so each class folder is taken as one source (group = folder name)"
+        )
     elif fallback:
         found.notes.append(f"{root}: {fallback} images are not in MANIFEST.csv; their group is their folder name")
     if check_decode:
@@ -496,6 +535,7 @@ def _read_groups(root: Path) -> tuple[dict[str, tuple[str, str]], list[str]]:
 
 def _check_images(entries: list[Entry], rejected: list[Rejected]) -> list[Entry]:
     """Open every image the way the trainer does (cv2, grey), in threads: cv2 lets go of the GIL."""
+
     def readable(entry: Entry) -> bool:
         return cv2.imread(entry.file, cv2.IMREAD_GRAYSCALE) is not None
 
@@ -512,8 +552,9 @@ def _walk(paths: Iterable[Path]) -> list[Path]:
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*")
-                          if f.is_file() and not f.name.startswith(".") and f.name.upper() != "DICOMDIR")
+            out += sorted(
+                f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".") and f.name.upper() != "DICOMDIR"
+            )
         elif p.exists():
             out.append(p)
         else:
@@ -559,8 +600,13 @@ def source_group(ds: Dataset, group_by: str, calling_ae: str | None) -> str:
     return f"{prefix} {value}"
 
 
-def from_dicom(paths: Iterable[Path], rules: Rules, *, check_decode: bool = True,
-               group: Callable[[Dataset, Path], str] | None = None) -> Found:
+def from_dicom(
+    paths: Iterable[Path],
+    rules: Rules,
+    *,
+    check_decode: bool = True,
+    group: Callable[[Dataset, Path], str] | None = None,
+) -> Found:
     """Label DICOM files (or folders of them) from their headers; decode-check the labelled ones.
 
     ``group`` names a file's source group from its header and path; by default
@@ -579,16 +625,18 @@ def from_dicom(paths: Iterable[Path], rules: Rules, *, check_decode: bool = True
                 warnings.simplefilter("ignore")
                 ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
         except Exception as exc:  # pydicom raises many types on damaged files
-            found.rejected.append(Rejected(str(path), "unreadable",
-                                           f"not a readable DICOM file: {type(exc).__name__}"))
+            found.rejected.append(Rejected(str(path), "unreadable", f"not a readable DICOM file: {type(exc).__name__}"))
             continue
         if "SOPClassUID" not in ds and "Modality" not in ds:
             found.rejected.append(Rejected(str(path), "unreadable", "not a DICOM image (no SOP Class UID or Modality)"))
             continue
         decision = decide(ds, rules)
         if decision.outcome != "mapped":
-            details = decision.evidence if decision.outcome == "conflicting" else tuple(
-                f"{k}={v}" for k, v in decision.seen.items())
+            details = (
+                decision.evidence
+                if decision.outcome == "conflicting"
+                else tuple(f"{k}={v}" for k, v in decision.seen.items())
+            )
             found.rejected.append(Rejected(str(path), decision.outcome, decision.reason, details))
             continue
         uid = _text(ds, "SOPInstanceUID")
@@ -597,8 +645,9 @@ def from_dicom(paths: Iterable[Path], rules: Rules, *, check_decode: bool = True
             continue
         if uid:
             seen_uids[uid] = str(path)
-        found.entries.append(Entry(str(path), decision.label or "", (group or _group)(ds, path), "dicom",
-                                   decision.evidence))
+        found.entries.append(
+            Entry(str(path), decision.label or "", (group or _group)(ds, path), "dicom", decision.evidence)
+        )
     if check_decode:
         found.entries = _check_dicom(found.entries, found.rejected)
     return found
@@ -616,8 +665,9 @@ def _check_dicom(entries: list[Entry], rejected: list[Rejected]) -> list[Entry]:
     return kept
 
 
-def from_store(settings: config.Settings, rules: Rules, *, check_decode: bool = True,
-               group_by: str = "calling_ae") -> Found:
+def from_store(
+    settings: config.Settings, rules: Rules, *, check_decode: bool = True, group_by: str = "calling_ae"
+) -> Found:
     """The store's instances whose file is still there: the newest version of each SOP Instance.
 
     Instances a worker already found undecodable are reported with the
@@ -632,15 +682,22 @@ def from_store(settings: config.Settings, rules: Rules, *, check_decode: bool = 
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         db = Path(url.split("///", 1)[1])
         if not db.is_file():
-            raise yamlfile.FileProblems([yamlfile.Problem(str(db), None, None, "database.url", "no database file here")])
+            raise yamlfile.FileProblems(
+                [yamlfile.Problem(str(db), None, None, "database.url", "no database file here")]
+            )
     store = Store(url)
     try:
         store.require_current()
         with store.read() as s:
             rows = s.execute(
-                select(Instance.sop_instance_uid, Instance.version, Instance.path, Instance.state, Instance.state_reason,
-                       Instance.calling_ae)
-                .order_by(Instance.sop_instance_uid, Instance.version)
+                select(
+                    Instance.sop_instance_uid,
+                    Instance.version,
+                    Instance.path,
+                    Instance.state,
+                    Instance.state_reason,
+                    Instance.calling_ae,
+                ).order_by(Instance.sop_instance_uid, Instance.version)
             ).all()
     finally:
         store.dispose()
@@ -658,8 +715,14 @@ def from_store(settings: config.Settings, rules: Rules, *, check_decode: bool = 
             found.rejected.append(Rejected(path, "unreadable", "the store names this file but it is gone"))
         else:
             paths.append(Path(path))
-    found.extend(from_dicom(sorted(paths), rules, check_decode=check_decode,
-                            group=lambda ds, path: source_group(ds, group_by, sender.get(path))))
+    found.extend(
+        from_dicom(
+            sorted(paths),
+            rules,
+            check_decode=check_decode,
+            group=lambda ds, path: source_group(ds, group_by, sender.get(path)),
+        )
+    )
     return found
 
 
@@ -692,7 +755,8 @@ class Summary:
         by_outcome: dict[str, list[dict]] = {}
         for r in self.rejected:
             by_outcome.setdefault(r.outcome, []).append(
-                {"file": r.file, "reason": r.reason, "details": list(r.details)})
+                {"file": r.file, "reason": r.reason, "details": list(r.details)}
+            )
         return {
             "manifest": str(self.manifest),
             "manifest_sha256": self.sha256,
@@ -708,8 +772,10 @@ class Summary:
         }
 
     def text(self, limit: int = 20) -> str:
-        lines = [f"{self.manifest}: {self.total} files, {len(self.labels)} classes, "
-                 f"{len(self.groups)} source groups (sha256 {self.sha256[:16]})"]
+        lines = [
+            f"{self.manifest}: {self.total} files, {len(self.labels)} classes, "
+            f"{len(self.groups)} source groups (sha256 {self.sha256[:16]})"
+        ]
         for label, n in self.labels.items():
             groups = self.sources[label]
             lines.append(f"  {label:<32} {n:>6}  from {len(groups)} source{'s' if len(groups) != 1 else ''}")
@@ -782,9 +848,17 @@ def split_groups(values: Iterable[str], known: set[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def build(out: Path, *, images: Path | None = None, dicom: list[Path] | None = None,
-          store_config: Path | None = None, mapping: Path = Path("rules/labels.yaml"),
-          check_decode: bool = True, group_by: str = "calling_ae", exclude_groups: Iterable[str] = ()) -> Summary:
+def build(
+    out: Path,
+    *,
+    images: Path | None = None,
+    dicom: list[Path] | None = None,
+    store_config: Path | None = None,
+    mapping: Path = Path("rules/labels.yaml"),
+    check_decode: bool = True,
+    group_by: str = "calling_ae",
+    exclude_groups: Iterable[str] = (),
+) -> Summary:
     """Write the manifest ``out`` and ``<out>.summary.json`` from any of the three inputs.
 
     The mapping is read (and checked) only when DICOM is an input: class
@@ -805,18 +879,28 @@ def build(out: Path, *, images: Path | None = None, dicom: list[Path] | None = N
     if dicom:
         found.extend(from_dicom(dicom, rules, check_decode=check_decode))  # type: ignore[arg-type]
     if store_config is not None:
-        found.extend(from_store(config.load(store_config), rules, check_decode=check_decode,  # type: ignore[arg-type]
-                                group_by=group_by))
+        found.extend(
+            from_store(
+                config.load(store_config),
+                rules,
+                check_decode=check_decode,  # type: ignore[arg-type]
+                group_by=group_by,
+            )
+        )
     present = Counter(e.group for e in found.entries)
     excluded = set(split_groups(exclude_groups, set(present)))
     if excluded:
         missing = sorted(excluded - set(present))
         if missing:
-            raise ValueError(f"no file is in group(s) {', '.join(map(repr, missing))}; the groups are: "
-                             + ", ".join(map(repr, sorted(present))))
+            raise ValueError(
+                f"no file is in group(s) {', '.join(map(repr, missing))}; the groups are: "
+                + ", ".join(map(repr, sorted(present)))
+            )
         found.entries = [e for e in found.entries if e.group not in excluded]
-        found.notes.append("held out of this manifest (--exclude-groups): "
-                           + ", ".join(f"{g} ({present[g]} files)" for g in sorted(excluded)))
+        found.notes.append(
+            "held out of this manifest (--exclude-groups): "
+            + ", ".join(f"{g} ({present[g]} files)" for g in sorted(excluded))
+        )
     if not check_decode:
         found.notes.append("decode check skipped (--no-check-decode): some files may not decode in training")
     return _write(out, found, rules)

@@ -28,7 +28,14 @@ import numpy as np
 from nnrouter.pixels.detect import Detection
 
 __all__ = [
-    "DetectorReport", "LabelFigures", "average_precision", "evaluate", "f1_at", "figures", "fold_split", "iou",
+    "DetectorReport",
+    "LabelFigures",
+    "average_precision",
+    "evaluate",
+    "f1_at",
+    "figures",
+    "fold_split",
+    "iou",
     "update_card",
 ]
 
@@ -69,8 +76,9 @@ def average_precision(scores: Sequence[float], tp: Sequence[bool], n_gt: int) ->
     return float(np.sum((recall[step + 1] - recall[step]) * precision[step + 1]))
 
 
-def _match(dets: list[list[Detection]], gts: Truth, label: str, conf: float, thr: float = 0.5
-           ) -> tuple[list[float], list[bool], int]:
+def _match(
+    dets: list[list[Detection]], gts: Truth, label: str, conf: float, thr: float = 0.5
+) -> tuple[list[float], list[bool], int]:
     """VOC matching per image: best score first, to the ground truth it overlaps most; a taken one is a miss."""
     scores, tp, n_gt = [], [], 0
     for found, truth in zip(dets, gts):
@@ -112,7 +120,8 @@ def figures(dets: list[list[Detection]], gts: Truth, labels: Sequence[str], conf
         out[label] = LabelFigures(
             ap50=round(ap, 4) if n_gt else float("nan"),
             mean_iou=round(float(np.mean(ious)), 4) if ious else float("nan"),
-            boxes=n_gt, images=len(gts),
+            boxes=n_gt,
+            images=len(gts),
             recall=round(sum(tp_c) / n_gt, 4) if n_gt else float("nan"),
             precision=round(sum(tp_c) / len(tp_c), 4) if tp_c else float("nan"),
         )
@@ -137,23 +146,37 @@ class DetectorReport:
     fold_epochs: int = 0  # the most epochs a held-out-source fold trained
 
     def text(self) -> str:
-        lines = [(f"detector {self.model} v{self.version}: AP@0.5 (VOC all-points) and mean IoU of each "
-                  "ground-truth box with its best detection above conf (0 if none)")]
-        lines.append(f"{'split':<58} {'label':<6} {'images':>6} {'boxes':>5} {'AP@0.5':>7} {'meanIoU':>7} "
-                     f"{'recall':>6} {'prec':>6}")
+        lines = [
+            (
+                f"detector {self.model} v{self.version}: AP@0.5 (VOC all-points) and mean IoU of each "
+                "ground-truth box with its best detection above conf (0 if none)"
+            )
+        ]
+        lines.append(
+            f"{'split':<58} {'label':<6} {'images':>6} {'boxes':>5} {'AP@0.5':>7} {'meanIoU':>7} "
+            f"{'recall':>6} {'prec':>6}"
+        )
         for r in self.results:
             for label, f in r.per_label.items():
                 if not f.boxes:
                     continue
-                lines.append(f"{r.name[:58]:<58} {label:<6} {f.images:>6} {f.boxes:>5} {f.ap50:>7.3f} "
-                             f"{f.mean_iou:>7.3f} {f.recall:>6.3f} {f.precision:>6.3f}")
+                lines.append(
+                    f"{r.name[:58]:<58} {label:<6} {f.images:>6} {f.boxes:>5} {f.ap50:>7.3f} "
+                    f"{f.mean_iou:>7.3f} {f.recall:>6.3f} {f.precision:>6.3f}"
+                )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def to_json(self) -> dict:
         """Plain data; an undefined figure (nan: no box of the label) is null."""
-        return _no_nan({"model": self.model, "version": self.version, "notes": self.notes,
-                        "results": [asdict(r) for r in self.results]})
+        return _no_nan(
+            {
+                "model": self.model,
+                "version": self.version,
+                "notes": self.notes,
+                "results": [asdict(r) for r in self.results],
+            }
+        )
 
 
 def _onnx_detections(model_dir: Path, images: list[np.ndarray]) -> tuple[list[list[Detection]], float, float]:
@@ -168,14 +191,22 @@ def _onnx_detections(model_dir: Path, images: list[np.ndarray]) -> tuple[list[li
     session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     out: list[list[Detection]] = []
     for s in range(0, len(images), 32):
-        x, placed = model.preprocess(images[s:s + 32])
+        x, placed = model.preprocess(images[s : s + 32])
         (pred,) = session.run([card.outputs["predictions"]], {card.input_name: x})
         out += decode_ultralytics(pred, card.labels, AP_FLOOR, card.iou_threshold, letterboxes=placed)
     return out, card.conf_threshold, card.iou_threshold
 
 
-def evaluate(model_dir: Path, regions: Path, *, negatives: Sequence[Path] | None = None, out: Path | None = None,
-             cache_dir: Path | None = None, max_epochs: int = 0, log: Callable[[str], None] = print) -> DetectorReport:
+def evaluate(
+    model_dir: Path,
+    regions: Path,
+    *,
+    negatives: Sequence[Path] | None = None,
+    out: Path | None = None,
+    cache_dir: Path | None = None,
+    max_epochs: int = 0,
+    log: Callable[[str], None] = print,
+) -> DetectorReport:
     """The shipped model on its validation split, then the recipe retrained with each spine source held out."""
     from nnrouter.pixels.modelcard import load_card
     from nnrouter.training.train_detector import (
@@ -207,17 +238,27 @@ def evaluate(model_dir: Path, regions: Path, *, negatives: Sequence[Path] | None
     report = DetectorReport(card.name, card.version, fold_epochs=cfg.epochs)
     trained_digest = card.metrics.get("reproduce", {}).get("annotations_digest")
     if trained_digest and trained_digest != data_digest(samples):
-        report.notes.append("the annotations differ from those the model was trained on (digest): "
-                            "its validation split may include images it was trained on")
+        report.notes.append(
+            "the annotations differ from those the model was trained on (digest): "
+            "its validation split may include images it was trained on"
+        )
     split = [bucket(s.file, cfg) for s in samples]
-    bank = build_bank(samples, labels, [i for i, b in enumerate(split) if b != "val"], cfg, cache_dir=cache_dir, log=log)
+    bank = build_bank(
+        samples, labels, [i for i, b in enumerate(split) if b != "val"], cfg, cache_dir=cache_dir, log=log
+    )
 
     val_idx = [i for i, b in enumerate(split) if b == "val"]
     images = [_load(samples[i], cfg)[0] for i in val_idx]
     dets, conf, nms_iou = _onnx_detections(model_dir, images)
-    report.results.append(SplitResult(
-        f"validation: random {cfg.val_percent}% hash split, all sources", "shipped ONNX", conf, nms_iou,
-        figures(dets, truth(samples, bank, val_idx), labels, conf)))
+    report.results.append(
+        SplitResult(
+            f"validation: random {cfg.val_percent}% hash split, all sources",
+            "shipped ONNX",
+            conf,
+            nms_iou,
+            figures(dets, truth(samples, bank, val_idx), labels, conf),
+        )
+    )
 
     spine_groups = sorted({s.group for s in samples if any(b[0] == "SPINE" for b in s.boxes)})
     if len(spine_groups) < 2:
@@ -225,8 +266,10 @@ def evaluate(model_dir: Path, regions: Path, *, negatives: Sequence[Path] | None
     for held in spine_groups if len(spine_groups) > 1 else []:
         others = [g for g in spine_groups if g != held]
         train_idx, fold_val, test = fold_split(samples, split, held)
-        log(f"fold: spine source {held} held out; training on {len(train_idx)} images "
-            f"({', '.join(others)} spine, head, negatives), {len(fold_val)} for thresholds, testing on {len(test)}")
+        log(
+            f"fold: spine source {held} held out; training on {len(train_idx)} images "
+            f"({', '.join(others)} spine, head, negatives), {len(fold_val)} for thresholds, testing on {len(test)}"
+        )
         fitted = fit(bank, samples, labels, train_idx, fold_val, cfg, log=log)
         found = predict(fitted.det, bank, test, labels, AP_FLOOR, fitted.iou_threshold)
         gts = truth(samples, bank, test)
@@ -238,13 +281,17 @@ def evaluate(model_dir: Path, regions: Path, *, negatives: Sequence[Path] | None
         d, g = _subset(found, gts, [samples[i].group != held for i in test])
         spine_in = figures(d, g, ["SPINE"], fitted.conf_threshold)
         head = figures(found, gts, [lab for lab in labels if lab != "SPINE"], fitted.conf_threshold)
-        for name, figs in ((f"SPINE held out: {held} (trained on {', '.join(others)})", spine_out),
-                           (f"SPINE in-source: {', '.join(others)} test split", spine_in),
-                           (f"other labels: {cfg.test_percent}% hash test split", head)):
+        for name, figs in (
+            (f"SPINE held out: {held} (trained on {', '.join(others)})", spine_out),
+            (f"SPINE in-source: {', '.join(others)} test split", spine_in),
+            (f"other labels: {cfg.test_percent}% hash test split", head),
+        ):
             report.results.append(SplitResult(name, tag, fitted.conf_threshold, fitted.iou_threshold, figs))
-    report.notes.append("spine held-out rows: trained on one spine source, tested on every image of the other "
-                        "(plus the fold's test-split head and negative films, where any spine claimed is a false "
-                        "positive); head has one source: a fixed hash split, never trained on or used for thresholds")
+    report.notes.append(
+        "spine held-out rows: trained on one spine source, tested on every image of the other "
+        "(plus the fold's test-split head and negative films, where any spine claimed is a false "
+        "positive); head has one source: a fixed hash split, never trained on or used for thresholds"
+    )
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(report.to_json(), indent=2))
@@ -269,7 +316,7 @@ def _subset(found: list[list[Detection]], gts: Truth, keep: list[bool]) -> tuple
 
 
 def _no_nan(o: object) -> object:
-    if isinstance(o, float) and o != o:  # noqa: PLR0124 - nan is the one value unequal to itself
+    if isinstance(o, float) and o != o:
         return None
     if isinstance(o, dict):
         return {k: _no_nan(v) for k, v in o.items()}

@@ -81,8 +81,11 @@ def summarise(predictions: list[Prediction], classes: dict[str, list[str]]) -> d
                 # The top class alone, before the unknown gates: tells a wrong call from a refusal.
                 "top_class_sensitivity": round(sum(p.top == label for p in truth) / len(truth), 4) if truth else None,
                 # Over the held-out source's own images; None where it has no other class to confuse.
-                "precision": (round(sum(p.truth == label for p in called) / len(called), 4)
-                              if called and any(p.truth != label for p in mine) else None),
+                "precision": (
+                    round(sum(p.truth == label for p in called) / len(called), 4)
+                    if called and any(p.truth != label for p in mine)
+                    else None
+                ),
                 "missed_as": dict(Counter(p.label for p in truth if p.label != label).most_common()),
             }
     return table
@@ -102,8 +105,9 @@ def fold_subset(entries: list[Entry], labels: list[str], keep: list[int], source
     return sorted(others[j] for j in recipe)
 
 
-def leave_one_source_out(manifest: Path, cfg: TrainConfig, *, cache_dir: Path | None = None,
-                         sources: list[str] | None = None, log=print) -> dict:  # type: ignore[no-untyped-def]
+def leave_one_source_out(
+    manifest: Path, cfg: TrainConfig, *, cache_dir: Path | None = None, sources: list[str] | None = None, log=print
+) -> dict:  # type: ignore[no-untyped-def]
     """Run one fold per source of every multi-source class; the figures and every held-out prediction."""
     entries = read_manifest(manifest)
     labels, _ = claimed_labels(entries, cfg.min_images)
@@ -121,19 +125,33 @@ def leave_one_source_out(manifest: Path, cfg: TrainConfig, *, cache_dir: Path | 
         trained = Counter(entries[i].label for i in train_idx)
         missing = [label for label in labels if not trained[label]]
         fold_labels = [label for label in labels if trained[label]]
-        log(f"fold without {source}: {len(train_idx)} training images"
-            + (f"; no training image left for {', '.join(missing)}" if missing else ""))
+        log(
+            f"fold without {source}: {len(train_idx)} training images"
+            + (f"; no training image left for {', '.join(missing)}" if missing else "")
+        )
         fitted = fit(bank, entries, fold_labels, train_idx, cfg, log=lambda m: log(f"  {m}"))
         test_idx = [i for i, e in enumerate(entries) if e.group == source]
         for i, d in zip(test_idx, fitted.decide(bank, test_idx, cfg)):
             e = entries[i]
-            predictions.append(Prediction(Path(e.file).name, source, e.label, d["label"], d["top"], d["score"], d["ood"]))
-        folds.append({"held_out": source, "trained_images": dict(sorted(trained.items())), "untrained": missing,
-                      "test_images": len(test_idx), "val_accuracy": round(fitted.val_accuracy, 4),
-                      "epochs": len(fitted.history), "seconds": round(time.time() - t0, 1),
-                      "thresholds": {"temperature": round(fitted.temperature, 4),
-                                     "unknown": round(fitted.unknown_threshold, 4),
-                                     "ood": fitted.ood["threshold"]}})
+            predictions.append(
+                Prediction(Path(e.file).name, source, e.label, d["label"], d["top"], d["score"], d["ood"])
+            )
+        folds.append(
+            {
+                "held_out": source,
+                "trained_images": dict(sorted(trained.items())),
+                "untrained": missing,
+                "test_images": len(test_idx),
+                "val_accuracy": round(fitted.val_accuracy, 4),
+                "epochs": len(fitted.history),
+                "seconds": round(time.time() - t0, 1),
+                "thresholds": {
+                    "temperature": round(fitted.temperature, 4),
+                    "unknown": round(fitted.unknown_threshold, 4),
+                    "ood": fitted.ood["threshold"],
+                },
+            }
+        )
     return {
         "measurable": True,
         "classes": classes,
@@ -148,8 +166,10 @@ def table_text(result: dict) -> str:
     """The leave-one-source-out table as a reader wants it: one row per class and held-out source."""
     if not result.get("measurable"):
         return f"leave-one-source-out: not measurable ({result.get('reason')})"
-    lines = ["leave-one-source-out (trained without the source, tested on all of its images):",
-             f"  {'class':<22}{'held-out source':<46}{'n':>5}{'sens':>7}{'prec':>7}{'top':>7}  missed as"]
+    lines = [
+        "leave-one-source-out (trained without the source, tested on all of its images):",
+        f"  {'class':<22}{'held-out source':<46}{'n':>5}{'sens':>7}{'prec':>7}{'top':>7}  missed as",
+    ]
     for label, per in result["table"].items():
         for source, m in per.items():
             sens = "-" if m["sensitivity"] is None else f"{m['sensitivity']:.3f}"
@@ -157,5 +177,7 @@ def table_text(result: dict) -> str:
             missed = ", ".join(f"{k} {v}" for k, v in m["missed_as"].items()) or "-"
             top = "-" if m.get("top_class_sensitivity") is None else f"{m['top_class_sensitivity']:.3f}"
             lines.append(f"  {label:<22}{source:<46}{m['n']:>5}{sens:>7}{prec:>7}{top:>7}  {missed}")
-    lines.append("  (sens: the decision, unknown counted as a miss; top: the top class alone, before the unknown gates)")
+    lines.append(
+        "  (sens: the decision, unknown counted as a miss; top: the top class alone, before the unknown gates)"
+    )
     return "\n".join(lines)

@@ -89,7 +89,9 @@ def import_nncpr(
         f"with tf2onnx {tf2onnx.__version__}, TF {tf.__version__}, ONNX opset {opset}"
     )
     model = _convert(tf2onnx, graph_def, head, opset, pb_path.name)
-    model.metadata_props.extend(_props({"source": pb_path.name, "source_sha256": source_sha, "converted_by": provenance}))
+    model.metadata_props.extend(
+        _props({"source": pb_path.name, "source_sha256": source_sha, "converted_by": provenance})
+    )
     blob = model.SerializeToString()
     check = _compare_with_tensorflow(tf, graph, blob, head)
 
@@ -143,8 +145,9 @@ def _props(values: dict[str, str]) -> list[Any]:
     return [StringStringEntryProto(key=k, value=v) for k, v in values.items()]
 
 
-def _card(name: str, version: str, labels: list[str], head: _Head | str, sha256: str, provenance: str,
-          check: dict[str, Any]) -> ModelCard:
+def _card(
+    name: str, version: str, labels: list[str], head: _Head | str, sha256: str, provenance: str, check: dict[str, Any]
+) -> ModelCard:
     outputs = {"scores": f"{OUTPUT}:0"}
     limitations = [
         "Trained by the NNCPR authors on radiographs from their own institution; how it does on another site's "
@@ -209,7 +212,9 @@ def _check_interface(graph: Any, pb_path: Path, n_labels: int) -> None:
     ops = {op.name: op for op in graph.get_operations()}
     for node in (INPUT, OUTPUT):
         if node not in ops:
-            raise ValueError(f"{pb_path}: no node named {node!r}; NNCPR's graph has input {INPUT!r} and output {OUTPUT!r}")
+            raise ValueError(
+                f"{pb_path}: no node named {node!r}; NNCPR's graph has input {INPUT!r} and output {OUTPUT!r}"
+            )
     if ops[INPUT].type not in ("Placeholder", "PlaceholderWithDefault"):
         raise ValueError(f"{pb_path}: {INPUT!r} is a {ops[INPUT].type}, not a Placeholder")
     x = ops[INPUT].outputs[0]
@@ -296,7 +301,9 @@ def _linear_head(tf: Any, graph_def: Any, graph: Any) -> _Head | str:
                 return f"the head's weights take {weight.shape[0]} features, the map has {s[3]} channels"
             return _Head(features=features, weight=weight.astype(np.float64), grid=(s[1], s[2]))
         else:
-            return f"the head between {OUTPUT!r} and the last feature map contains {n.op} {n.name!r}, which is not linear"
+            return (
+                f"the head between {OUTPUT!r} and the last feature map contains {n.op} {n.name!r}, which is not linear"
+            )
 
 
 def _same_vector(before: list[int | None] | None, after: list[int | None] | None) -> bool:
@@ -347,7 +354,7 @@ def _for_conversion(graph_def: Any) -> Any:
 
 def _check_inputs() -> np.ndarray:
     """Two images on NNCPR's input scale: a ramp and rings, different enough to take different paths."""
-    y, x = np.mgrid[0:SIZE[0], 0:SIZE[1]].astype(np.float32)
+    y, x = np.mgrid[0 : SIZE[0], 0 : SIZE[1]].astype(np.float32)
     ramp = (x + 0.5 * y) / (1.5 * SIZE[1]) * 2 - 1
     rings = np.cos(np.hypot(x - 90, y - 130) / 9.0)
     imgs = np.stack([ramp, rings])[..., None]
@@ -366,19 +373,24 @@ def _compare_with_tensorflow(tf: Any, graph: Any, blob: bytes, head: _Head | str
     fetch = [f"{OUTPUT}:0"] + ([head.features] if isinstance(head, _Head) else [])
     with tf.compat.v1.Session(graph=graph) as sess:
         # One image at a time: the source may fix its batch at 1 even though the conversion does not.
-        runs = [sess.run(fetch, {f"{INPUT}:0": x[i:i + 1]}) for i in range(len(x))]
+        runs = [sess.run(fetch, {f"{INPUT}:0": x[i : i + 1]}) for i in range(len(x))]
     tf_out = [np.concatenate([r[j] for r in runs]) for j in range(len(fetch))]
     session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     names = [f"{OUTPUT}:0"] + ([CAM_OUTPUT] if isinstance(head, _Head) else [])
     try:
         ort_out = session.run(names, {f"{INPUT}:0": x})
     except Exception as e:  # onnxruntime's errors have no common base class worth naming
-        raise ValueError(f"converted model does not run on a batch of {len(x)} (a batch size fixed inside the graph?): {e}") from None
+        raise ValueError(
+            f"converted model does not run on a batch of {len(x)} (a batch size fixed inside the graph?): {e}"
+        ) from None
 
     score_diff = float(np.abs(tf_out[0] - ort_out[0]).max())
     if not score_diff <= _MAX_SCORE_DIFF:  # also catches NaN
         raise ValueError(f"converted model disagrees with TensorFlow: scores differ by up to {score_diff:.3g}")
-    check: dict[str, Any] = {"inputs": "2 synthetic images (ramp, rings)", "max_abs_score_diff": float(f"{score_diff:.3g}")}
+    check: dict[str, Any] = {
+        "inputs": "2 synthetic images (ramp, rings)",
+        "max_abs_score_diff": float(f"{score_diff:.3g}"),
+    }
     if isinstance(head, _Head):
         top = ort_out[0].argmax(axis=1)
         want = np.einsum("nhwc,nc->nhw", tf_out[1].astype(np.float64), head.weight.T[top])
@@ -387,5 +399,3 @@ def _compare_with_tensorflow(tf: Any, graph: Any, blob: bytes, head: _Head | str
             raise ValueError(f"converted model's activation map disagrees with TensorFlow's by {rel:.3g} (relative)")
         check["max_rel_cam_diff"] = float(f"{rel:.3g}")
     return check
-
-

@@ -102,8 +102,13 @@ def card_digest(card: ModelCard) -> str | None:
     return found.group(1) if found else None
 
 
-def held_out(entries: list, candidate: ModelCard, current: ModelCard, groups: list[str] | None = None,
-             trained_on: list | None = None) -> HeldOut:
+def held_out(
+    entries: list,
+    candidate: ModelCard,
+    current: ModelCard,
+    groups: list[str] | None = None,
+    trained_on: list | None = None,
+) -> HeldOut:
     """The dataset images that neither model was trained on, of the classes either claims.
 
     Raises PromotionError when there are none, when a named group is not in
@@ -119,36 +124,47 @@ def held_out(entries: list, candidate: ModelCard, current: ModelCard, groups: li
         present = {e.group for e in entries}
         unknown = [g for g in groups if g not in present]
         if unknown:
-            raise PromotionError(f"no image of the dataset is in group(s) {', '.join(map(repr, unknown))}; "
-                                 f"its groups are: {', '.join(map(repr, sorted(present)))}")
+            raise PromotionError(
+                f"no image of the dataset is in group(s) {', '.join(map(repr, unknown))}; "
+                f"its groups are: {', '.join(map(repr, sorted(present)))}"
+            )
         wanted = set(groups)
         trained = trained_groups(candidate)
         if trained is not None:
             overlap = sorted(trained & wanted)
             if overlap:
-                raise PromotionError(f"the candidate's card says it was trained on {', '.join(map(repr, overlap))}: "
-                                     "those images cannot show how it does on a source it never saw")
+                raise PromotionError(
+                    f"the candidate's card says it was trained on {', '.join(map(repr, overlap))}: "
+                    "those images cannot show how it does on a source it never saw"
+                )
         elif trained_on is not None:
             digest = card_digest(candidate)
             if manifest_digest(trained_on) != digest:
-                raise PromotionError(f"--trained-on is not the manifest the candidate was trained on: its digest is "
-                                     f"{manifest_digest(trained_on)[:16]}, the card's {(digest or 'none')[:16]}")
+                raise PromotionError(
+                    f"--trained-on is not the manifest the candidate was trained on: its digest is "
+                    f"{manifest_digest(trained_on)[:16]}, the card's {(digest or 'none')[:16]}"
+                )
             overlap = sorted({e.group for e in trained_on} & wanted)
             if overlap:
-                raise PromotionError(f"the candidate was trained on {', '.join(map(repr, overlap))} (its training "
-                                     "manifest): those images cannot show how it does on a source it never saw")
+                raise PromotionError(
+                    f"the candidate was trained on {', '.join(map(repr, overlap))} (its training "
+                    "manifest): those images cannot show how it does on a source it never saw"
+                )
         else:
             digest = card_digest(candidate)
             without = manifest_digest([e for e in entries if e.group not in wanted])
             if digest == manifest_digest(entries):
-                raise PromotionError("the candidate was trained on this whole dataset (its card's manifest digest), "
-                                     f"groups {', '.join(map(repr, sorted(wanted)))} included")
+                raise PromotionError(
+                    "the candidate was trained on this whole dataset (its card's manifest digest), "
+                    f"groups {', '.join(map(repr, sorted(wanted)))} included"
+                )
             if digest != without:
                 raise PromotionError(
                     "the candidate's card does not show that it was kept off "
                     f"{', '.join(map(repr, sorted(wanted)))}: it lists no training groups, and its manifest digest "
                     f"({(digest or 'none')[:16]}) is not that of this dataset without them ({without[:16]}). Give its "
-                    "training manifest (--trained-on), or compare on the validation split (no --holdout-groups)")
+                    "training manifest (--trained-on), or compare on the validation split (no --holdout-groups)"
+                )
         pool = [e for e in entries if e.group in wanted]
         how = f"source groups {', '.join(sorted(wanted))}, which the candidate was not trained on"
         if (trained_groups(current) or set()) & wanted:
@@ -156,8 +172,10 @@ def held_out(entries: list, candidate: ModelCard, current: ModelCard, groups: li
     else:
         splits = {"candidate": _split_of(candidate), "current": _split_of(current)}
         if splits["candidate"] is None:
-            raise PromotionError("the candidate's card records no validation split (metrics.training.config): "
-                                 "name held-out source groups with --holdout-groups")
+            raise PromotionError(
+                "the candidate's card records no validation split (metrics.training.config): "
+                "name held-out source groups with --holdout-groups"
+            )
         known = [s for s in splits.values() if s is not None]
         pool = [e for e in entries if all(is_validation(e, pct, seed) for pct, seed in known)]
         parts = [f"{who} {s[0]} % seed {s[1]}" for who, s in splits.items() if s is not None]
@@ -166,8 +184,10 @@ def held_out(entries: list, candidate: ModelCard, current: ModelCard, groups: li
             notes.append("the current model's card records no validation split: it may have seen some of these images")
     chosen = [e for e in pool if e.label in claimed]
     if not chosen:
-        raise PromotionError(f"nothing held out: no image of the dataset is in {how} and of a class either model "
-                             f"claims ({', '.join(sorted(claimed))})")
+        raise PromotionError(
+            f"nothing held out: no image of the dataset is in {how} and of a class either model "
+            f"claims ({', '.join(sorted(claimed))})"
+        )
     return HeldOut(chosen, how, len(pool) - len(chosen), tuple(notes))
 
 
@@ -222,8 +242,18 @@ def _figures(model_dir: Path, entries: list, log: Callable[[str], None]) -> Figu
     # The runtime's "unknown": over the claimed images (a rate in the report), and what the unclaimed were called.
     unknown = report.unknown
     unknown += sum(called.get("unknown", 0) for called in report.probes.values())
-    return Figures(Path(model_dir), card.name, card.version, card.sha256, list(card.labels), len(entries),
-                   sum(hits.values()), unknown, hits, counts)
+    return Figures(
+        Path(model_dir),
+        card.name,
+        card.version,
+        card.sha256,
+        list(card.labels),
+        len(entries),
+        sum(hits.values()),
+        unknown,
+        hits,
+        counts,
+    )
 
 
 @dataclass
@@ -247,15 +277,23 @@ class Comparison:
         def diff(a: float | None, b: float | None) -> str:
             return "-" if a is None or b is None else f"{a - b:+.3f}"
 
-        lines = [f"held out: {self.held.how}: {c.images} images"
-                 + (f" ({self.held.not_compared} of classes neither model claims left out)" if self.held.not_compared else ""),
-                 f"candidate {c.name} {c.version} ({c.path}, sha256 {c.sha256[:12]})",
-                 f"current   {k.name} {k.version} ({k.path}, sha256 {k.sha256[:12]})",
-                 f"{'':<26}{'n':>5}{'candidate':>11}{'current':>10}{'difference':>12}",
-                 f"{'accuracy':<26}{c.images:>5}{c.accuracy:>11.3f}{k.accuracy:>10.3f}{c.accuracy - k.accuracy:>+12.3f}",
-                 (f"{'reported unknown':<26}{c.images:>5}{c.unknown_rate:>11.3f}{k.unknown_rate:>10.3f}"
-                  f"{c.unknown_rate - k.unknown_rate:>+12.3f}"),
-                 "sensitivity per class:"]
+        lines = [
+            f"held out: {self.held.how}: {c.images} images"
+            + (
+                f" ({self.held.not_compared} of classes neither model claims left out)"
+                if self.held.not_compared
+                else ""
+            ),
+            f"candidate {c.name} {c.version} ({c.path}, sha256 {c.sha256[:12]})",
+            f"current   {k.name} {k.version} ({k.path}, sha256 {k.sha256[:12]})",
+            f"{'':<26}{'n':>5}{'candidate':>11}{'current':>10}{'difference':>12}",
+            f"{'accuracy':<26}{c.images:>5}{c.accuracy:>11.3f}{k.accuracy:>10.3f}{c.accuracy - k.accuracy:>+12.3f}",
+            (
+                f"{'reported unknown':<26}{c.images:>5}{c.unknown_rate:>11.3f}{k.unknown_rate:>10.3f}"
+                f"{c.unknown_rate - k.unknown_rate:>+12.3f}"
+            ),
+            "sensitivity per class:",
+        ]
         for label in sorted(c.counts):
             sc, sk = c.sensitivity(label), k.sensitivity(label)
             mark = "" if label in k.labels else "  (not claimed by the current model)"
@@ -266,15 +304,25 @@ class Comparison:
             lines.append(f"  not compared (no held-out images): {', '.join(unmeasured)}")
         lines += [f"note: {n}" for n in self.held.notes]
         if self.accepted:
-            lines.append(f"candidate is at least as good (accuracy not lower; no class of the current model loses more "
-                         f"than {self.tolerance:.3f} sensitivity)")
+            lines.append(
+                f"candidate is at least as good (accuracy not lower; no class of the current model loses more "
+                f"than {self.tolerance:.3f} sensitivity)"
+            )
         else:
             lines += [f"refused: {r}" for r in self.reasons]
         return "\n".join(lines)
 
 
-def compare(candidate: Path, current: Path, dataset: Path, *, groups: list[str] | None = None,
-            trained_on: Path | None = None, tolerance: float = 0.0, log: Callable[[str], None] = print) -> Comparison:
+def compare(
+    candidate: Path,
+    current: Path,
+    dataset: Path,
+    *,
+    groups: list[str] | None = None,
+    trained_on: Path | None = None,
+    tolerance: float = 0.0,
+    log: Callable[[str], None] = print,
+) -> Comparison:
     """Both models on the same held-out images, and whether the candidate may replace the current one."""
     from nnrouter.training.train import read_manifest
 
@@ -295,16 +343,19 @@ def compare(candidate: Path, current: Path, dataset: Path, *, groups: list[str] 
     cur = _figures(current, held.entries, log)
     reasons = []
     if cand.correct < cur.correct:
-        reasons.append(f"accuracy {cand.accuracy:.3f} is lower than the current model's {cur.accuracy:.3f} "
-                       f"({cand.correct} vs {cur.correct} of {cand.images})")
+        reasons.append(
+            f"accuracy {cand.accuracy:.3f} is lower than the current model's {cur.accuracy:.3f} "
+            f"({cand.correct} vs {cur.correct} of {cand.images})"
+        )
     for label in cur.labels:
         sc, sk = cand.sensitivity(label), cur.sensitivity(label)
         if sk is None:
             continue
         # Compared in counts: a float tolerance of 0 must not fail on rounding.
         if cand.hits.get(label, 0) < cur.hits[label] - tolerance * cand.counts[label] - 1e-9:
-            reasons.append(f"{label}: sensitivity {sc:.3f} vs {sk:.3f} ({(sc or 0) - sk:+.3f}; tolerance "
-                           f"{tolerance:.3f})")
+            reasons.append(
+                f"{label}: sensitivity {sc:.3f} vs {sk:.3f} ({(sc or 0) - sk:+.3f}; tolerance {tolerance:.3f})"
+            )
     return Comparison(held, cand, cur, tolerance, reasons)
 
 
@@ -436,9 +487,17 @@ def rollback(target: Path, *, log: Callable[[str], None] = print) -> str:
     return got
 
 
-def promote(candidate: Path, target: Path, dataset: Path, *, groups: list[str] | None = None,
-            trained_on: Path | None = None, tolerance: float = 0.0, dry_run: bool = False,
-            log: Callable[[str], None] = print) -> Comparison:
+def promote(
+    candidate: Path,
+    target: Path,
+    dataset: Path,
+    *,
+    groups: list[str] | None = None,
+    trained_on: Path | None = None,
+    tolerance: float = 0.0,
+    dry_run: bool = False,
+    log: Callable[[str], None] = print,
+) -> Comparison:
     """Compare, print, and install the candidate when it is at least as good (not when ``dry_run``)."""
     if not Path(target).is_dir():
         raise PromotionError(f"{target}: no current model to compare with")
@@ -446,8 +505,10 @@ def promote(candidate: Path, target: Path, dataset: Path, *, groups: list[str] |
     log(comparison.text())
     if comparison.accepted and not dry_run:
         sha = install(candidate, target, log=log)
-        log(f"promoted: {target} is now {comparison.candidate.name} {comparison.candidate.version} (sha256 {sha}); "
-            f"the previous model is in {previous_dir(Path(target))} (`nnrouter models promote --rollback`)")
+        log(
+            f"promoted: {target} is now {comparison.candidate.name} {comparison.candidate.version} (sha256 {sha}); "
+            f"the previous model is in {previous_dir(Path(target))} (`nnrouter models promote --rollback`)"
+        )
     return comparison
 
 

@@ -90,8 +90,18 @@ class _Checker:
     def __init__(self) -> None:
         self.sizes: dict[str, tuple[int, int]] = {}
 
-    def box(self, at: str, file: Path, label: str, x0: float, y0: float, x1: float, y1: float,
-            group: str, size: tuple[int, int] | None = None) -> Box:
+    def box(
+        self,
+        at: str,
+        file: Path,
+        label: str,
+        x0: float,
+        y0: float,
+        x1: float,
+        y1: float,
+        group: str,
+        size: tuple[int, int] | None = None,
+    ) -> Box:
         """One checked box; ``at`` is the ``file:line`` that errors start with."""
         name = label.strip().upper()
         if name not in REGIONS:
@@ -111,9 +121,7 @@ class _Checker:
             raise RegionsError(f"{at}: empty box: need x1 > x0 and y1 > y0, got x0={x0} y0={y0} x1={x1} y1={y1}")
         t = EDGE_TOLERANCE_PX
         if x0 < -t or y0 < -t or x1 > w + t or y1 > h + t:
-            raise RegionsError(
-                f"{at}: box ({x0}, {y0}, {x1}, {y1}) reaches outside the {w}x{h} image {file.name}"
-            )
+            raise RegionsError(f"{at}: box ({x0}, {y0}, {x1}, {y1}) reaches outside the {w}x{h} image {file.name}")
         return Box(key, name, max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1), group)
 
 
@@ -175,7 +183,9 @@ def _read_coco(path: Path) -> list[Box]:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
         return f"{lines.get(probe, 1)}: {where}"
 
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
+    if not isinstance(data, dict) or not all(
+        isinstance(data.get(k), list) for k in ("images", "annotations", "categories")
+    ):
         raise RegionsError(f"{path}:1: a COCO file needs lists 'images', 'annotations' and 'categories'")
     check = _Checker()
     cats = {}
@@ -194,7 +204,9 @@ def _read_coco(path: Path) -> list[Box]:
         if not isinstance(a, dict):
             raise RegionsError(f"{path}:{at('annotations', i)}: an annotation must be an object")
         if a.get("image_id") not in images:
-            raise RegionsError(f"{path}:{at('annotations', i, 'image_id')}: image_id {a.get('image_id')!r} is not in images")
+            raise RegionsError(
+                f"{path}:{at('annotations', i, 'image_id')}: image_id {a.get('image_id')!r} is not in images"
+            )
         if a.get("category_id") not in cats:
             raise RegionsError(
                 f"{path}:{at('annotations', i, 'category_id')}: category_id {a.get('category_id')!r} is not in categories"
@@ -262,10 +274,18 @@ def _read_yolo(root: Path) -> list[Box]:
             cx, cy, bw, bh = (_number(at, c, v) for c, v in zip(("cx", "cy", "w", "h"), fields[1:]))
             if not all(0.0 <= v <= 1.0 for v in (cx, cy, bw, bh)):
                 raise RegionsError(f"{at}: YOLO coordinates are fractions of the image, 0..1; got {fields[1:]}")
-            boxes.append(check.box(
-                at, img.resolve(), names[k],
-                (cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h, group_of(img),
-            ))
+            boxes.append(
+                check.box(
+                    at,
+                    img.resolve(),
+                    names[k],
+                    (cx - bw / 2) * w,
+                    (cy - bh / 2) * h,
+                    (cx + bw / 2) * w,
+                    (cy + bh / 2) * h,
+                    group_of(img),
+                )
+            )
     if not boxes:
         raise RegionsError(f"{root}: no boxes in any label file")
     return boxes

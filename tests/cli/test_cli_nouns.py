@@ -24,8 +24,14 @@ from nnrouter.testing.synthetic import write_series
 
 
 def nnrouter(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nnrouter", *args], check=False, capture_output=True, text=True,
-                          timeout=120, env=None if env is None else {**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-m", "nnrouter", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=None if env is None else {**os.environ, **env},
+    )
 
 
 def deprecated(res: subprocess.CompletedProcess, old: str, new: str) -> bool:
@@ -45,19 +51,40 @@ def _stored(node, tmp_path) -> tuple[str, str]:  # type: ignore[no-untyped-def]
             for n, (date, labels) in enumerate((("20261127", ["knee_lateral", "knee_ap"]), ("20250101", ["knee_ap"]))):
                 files = write_series(tmp_path / f"study{n}", len(labels), rows=32, columns=32)
                 first = dcmread(files[0], stop_before_pixels=True)
-                study = Study(study_uid=str(first.StudyInstanceUID), study_date=date, patient_id="P1",
-                              accession_number=f"ACC{n}")
+                study = Study(
+                    study_uid=str(first.StudyInstanceUID), study_date=date, patient_id="P1", accession_number=f"ACC{n}"
+                )
                 series = Series(study=study, series_uid=str(first.SeriesInstanceUID), modality="DX")
                 s.add_all([study, series])
                 for i, (f, label) in enumerate(zip(files, labels), 1):
                     ds = dcmread(f, stop_before_pixels=True)
-                    inst = Instance(series=series, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-                                    transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=str(f), size_bytes=1,
-                                    sha256=f"{n}{i}", state=InstanceState.CLASSIFIED, instance_number=str(i),
-                                    image_laterality="L")
+                    inst = Instance(
+                        series=series,
+                        sop_instance_uid=str(ds.SOPInstanceUID),
+                        sop_class_uid=str(ds.SOPClassUID),
+                        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                        path=str(f),
+                        size_bytes=1,
+                        sha256=f"{n}{i}",
+                        state=InstanceState.CLASSIFIED,
+                        instance_number=str(i),
+                        image_laterality="L",
+                    )
                     s.add(inst)
-                    s.add(Prediction(instance=inst, model_name="test", model_version="1", provider="CPU", label=label,
-                                     score=0.97, top5=[[label, 0.97]], decode_ms=1, preprocess_ms=1, infer_ms=1))
+                    s.add(
+                        Prediction(
+                            instance=inst,
+                            model_name="test",
+                            model_version="1",
+                            provider="CPU",
+                            label=label,
+                            score=0.97,
+                            top5=[[label, 0.97]],
+                            decode_ms=1,
+                            preprocess_ms=1,
+                            infer_ms=1,
+                        )
+                    )
                 uids.append(study.study_uid)
     finally:
         store.dispose()
@@ -97,7 +124,9 @@ def test_protocols_write_and_the_old_name(tmp_path):
     old = nnrouter("hang-protocols", "--out", str(tmp_path / "old"))
     assert old.returncode == 0 and f"wrote {len(written)} Hanging Protocol instances" in old.stdout
     assert deprecated(old, "hang-protocols", "protocols write|send")
-    assert sorted(p.name for p in (tmp_path / "old").glob("*.dcm")) == sorted(p.name for p in (tmp_path / "new").glob("*.dcm"))
+    assert sorted(p.name for p in (tmp_path / "old").glob("*.dcm")) == sorted(
+        p.name for p in (tmp_path / "new").glob("*.dcm")
+    )
 
 
 @needs("storescu")
@@ -105,10 +134,14 @@ def test_protocols_send_stores_them_at_a_destination(tmp_path, node_factory):
     """Another nnrouter is the PACS here (DCMTK's storescp and Orthanc 1.10 refuse Hanging Protocol Storage)."""
     pacs = node_factory("pacs", ae_title="PACS").start()
     rules_file = tmp_path / "rules.yaml"
-    rules_file.write_text(yaml.safe_dump({
-        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
-        "rules": [{"name": "all", "then": {"forward": ["pacs"]}}],
-    }))
+    rules_file.write_text(
+        yaml.safe_dump(
+            {
+                "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+                "rules": [{"name": "all", "then": {"forward": ["pacs"]}}],
+            }
+        )
+    )
     n = len(hanging.generic_protocols())
     tmp = tmp_path / "tmp"
     tmp.mkdir()

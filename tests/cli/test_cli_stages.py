@@ -23,10 +23,16 @@ pytestmark = needs("storescp")
 
 def test_forward_delivers_the_outbox_and_stops_on_sigterm(node_factory, storescp, tmp_path):
     rules_file = tmp_path / "rules.yaml"
-    rules_file.write_text(yaml.safe_dump({
-        "destinations": [{"name": "pacs", "ae_title": storescp.aet, "host": "127.0.0.1", "port": storescp.port}],
-        "rules": [{"name": "all", "then": {"forward": ["pacs"]}}],
-    }))
+    rules_file.write_text(
+        yaml.safe_dump(
+            {
+                "destinations": [
+                    {"name": "pacs", "ae_title": storescp.aet, "host": "127.0.0.1", "port": storescp.port}
+                ],
+                "rules": [{"name": "all", "then": {"forward": ["pacs"]}}],
+            }
+        )
+    )
     node = node_factory(settings={"routing": {"rules": str(rules_file), "tick_s": 0.2}})
     node.write_config()
     node.cli("db", "upgrade")
@@ -36,8 +42,11 @@ def test_forward_delivers_the_outbox_and_stops_on_sigterm(node_factory, storescp
         queue(store, files, ["pacs"])
 
         with open(tmp_path / "forward.log", "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "nnrouter", "forward", "--config", str(node.config_path)],
-                                    stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "nnrouter", "forward", "--config", str(node.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         try:
             deadline, states = time.monotonic() + 60, []
             while time.monotonic() < deadline and proc.poll() is None:
@@ -60,8 +69,11 @@ def test_forward_delivers_the_outbox_and_stops_on_sigterm(node_factory, storescp
     # What an operator sees of it, and the clean-up, as JSON.
     sent = json.loads(node.cli("outbox", "list", "--state", "sent", "--json").stdout)
     assert [(r["destination"], r["state"]) for r in sent] == [("pacs", "sent")] * 3
-    assert json.loads(node.cli("outbox", "retry", "--json").stdout) == {"queued": 0, "states": ["dead", "failed", "held"],
-                                                                        "ids": []}
+    assert json.loads(node.cli("outbox", "retry", "--json").stdout) == {
+        "queued": 0,
+        "states": ["dead", "failed", "held"],
+        "ids": [],
+    }
     purged = json.loads(node.cli("outbox", "purge", "--json").stdout)
     assert purged["removed"] == 3 and sorted(purged["ids"]) == sorted(r["id"] for r in sent)
     assert json.loads(node.cli("outbox", "list", "--json").stdout) == []

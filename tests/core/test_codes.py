@@ -62,7 +62,9 @@ def test_codes_are_well_formed():
         assert re.fullmatch(r"\d{6,18}", c.anatomy_code.value), c.name
         if c.view_code is not None:
             assert re.fullmatch(r"\d{6,18}", c.view_code.value) and c.view_code.meaning, c.name
-        assert (c.order_codes or not c.nncpr) and all(re.fullmatch(r"\d{4,5}-\d", o.value) for o in c.order_codes), c.name
+        assert (c.order_codes or not c.nncpr) and all(re.fullmatch(r"\d{4,5}-\d", o.value) for o in c.order_codes), (
+            c.name
+        )
 
 
 def test_nncpr_order():

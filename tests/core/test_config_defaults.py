@@ -53,10 +53,16 @@ def test_the_worklist_calls_as_dicom_ae_title_unless_told():
 def test_listener_limits_made_without_a_config_are_the_config_defaults():
     assert netguard.Limits() == netguard.Limits.from_settings(config.Dicom())
     assert hl7.Limits() == hl7.Limits.from_config(config.Hl7())
-    assert hl7.MAX_MESSAGE == config.Hl7().max_message_bytes
+    assert config.Hl7().max_message_bytes == hl7.MAX_MESSAGE
     # Each field of the dataclasses: none is left with a default of its own.
     assert {f.name for f in dataclasses.fields(hl7.Limits)} == {
-        "allowed_hosts", "max_connections", "max_connections_per_host", "idle_timeout_s", "message_timeout_s", "max_message"}
+        "allowed_hosts",
+        "max_connections",
+        "max_connections_per_host",
+        "idle_timeout_s",
+        "message_timeout_s",
+        "max_message",
+    }
 
 
 def test_send_and_echo_wait_as_a_destination_does():

@@ -82,8 +82,11 @@ def test_the_c_store_path_and_the_ingest_are_one_keep(store, tmp_path):
     raw = _part10(ds)
     meta_len = 132 + 12 + int.from_bytes(raw[140:144], "little")
     received = Receiver(settings, store, spool).keep(
-        ingest.parse_header(ds), raw[:meta_len], memoryview(raw)[meta_len:],
-        {"transfer_syntax_uid": str(ds.file_meta.TransferSyntaxUID), "calling_ae": "MODALITY"})
+        ingest.parse_header(ds),
+        raw[:meta_len],
+        memoryview(raw)[meta_len:],
+        {"transfer_syntax_uid": str(ds.file_meta.TransferSyntaxUID), "calling_ae": "MODALITY"},
+    )
     made = ingest.keep(store, spool, ds, "NNROUTER", node="node-b")
     assert not received.duplicate and made.duplicate and made.instance_id == received.instance_id
     with store.read() as s:
@@ -94,8 +97,13 @@ def test_a_hanging_protocol_has_no_study_and_is_kept_under_derived_uids(store, t
     spool = Spool(tmp_path / "spool")
     protocol = protocol_for("KNEE", version="1")
     kept = ingest.keep(store, spool, protocol, "NNROUTER", node=None)
-    again = ingest.keep(store, spool, protocol_for("KNEE", version="1", created=dt.datetime(2024, 5, 1, tzinfo=dt.UTC)),
-                        "NNROUTER", node=None)
+    again = ingest.keep(
+        store,
+        spool,
+        protocol_for("KNEE", version="1", created=dt.datetime(2024, 5, 1, tzinfo=dt.UTC)),
+        "NNROUTER",
+        node=None,
+    )
     with store.read() as s:
         rows = s.execute(select(Instance).order_by(Instance.version)).scalars().all()
     # The same SOP Instance UID (it follows from the content), other bytes (creation time): a second version.

@@ -69,7 +69,9 @@ def test_auto_on_a_terminal_is_console_lines_without_patient_data():
 
 
 def test_auto_into_a_pipe_is_json_lines_without_patient_data():
-    res = subprocess.run([sys.executable, "-c", SCRIPT, "auto"], check=False, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-c", SCRIPT, "auto"], check=False, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stderr
     events = [json.loads(line) for line in res.stderr.splitlines()]
     assert [e["event"] for e in events] == ["study_received", "decode_failed"]

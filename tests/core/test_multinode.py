@@ -61,8 +61,9 @@ def store(database_url):  # type: ignore[no-untyped-def]
     s.dispose()
 
 
-def _instances(store: Store, spool: Path, nodes: list[str | None], *, state: str = InstanceState.RECEIVED,
-               days_ago: float = 0) -> dict[int, str | None]:
+def _instances(
+    store: Store, spool: Path, nodes: list[str | None], *, state: str = InstanceState.RECEIVED, days_ago: float = 0
+) -> dict[int, str | None]:
     """One study with an instance (and its file) per entry of ``nodes``; the ids and the node each names."""
     then = utcnow() - dt.timedelta(days=days_ago)
     out: dict[int, str | None] = {}
@@ -75,9 +76,19 @@ def _instances(store: Store, spool: Path, nodes: list[str | None], *, state: str
             sop, data = generate_uid(), os.urandom(256)
             path = Spool(spool).path_for(study_uid, series_uid, sop, 1)
             size = Spool(spool).keep([data], path)
-            inst = Instance(series=series, sop_instance_uid=sop, sop_class_uid=CR, transfer_syntax_uid=EXPLICIT,
-                            path=str(path), size_bytes=size, sha256=hashlib.sha256(data).hexdigest(), state=state,
-                            node=node, received_at=then, updated_at=then)
+            inst = Instance(
+                series=series,
+                sop_instance_uid=sop,
+                sop_class_uid=CR,
+                transfer_syntax_uid=EXPLICIT,
+                path=str(path),
+                size_bytes=size,
+                sha256=hashlib.sha256(data).hexdigest(),
+                state=state,
+                node=node,
+                received_at=then,
+                updated_at=then,
+            )
             s.add(inst)
             s.flush()
             out[inst.id] = node
@@ -101,7 +112,11 @@ def test_classify_claims_only_this_nodes_and_unnamed_instances(store, tmp_path):
     assert {c.id for c in got_b} == _of(ids, "b")
     # b's claims run out (b died): only a node named b retries them.
     with store.write() as s:
-        s.execute(update(Instance).where(Instance.id.in_(_of(ids, "b"))).values(lease_until=utcnow() - dt.timedelta(seconds=1)))
+        s.execute(
+            update(Instance)
+            .where(Instance.id.in_(_of(ids, "b")))
+            .values(lease_until=utcnow() - dt.timedelta(seconds=1))
+        )
     assert a.claim(10) == []
     (retry,) = b.claim(10)
     assert retry.retry and retry.id in _of(ids, "b")
@@ -117,8 +132,15 @@ def _queued(store: Store, ids: dict[int, str | None], destination: str = "pacs")
     with store.write() as s:
         for i in ids:
             s.execute(update(Instance).where(Instance.id == i).values(state=InstanceState.DECODED))
-            s.add(Outbox(instance_id=i, destination=destination, rule="all", state=OutboxState.PENDING,
-                         next_attempt_at=utcnow() - dt.timedelta(seconds=1)))
+            s.add(
+                Outbox(
+                    instance_id=i,
+                    destination=destination,
+                    rule="all",
+                    state=OutboxState.PENDING,
+                    next_attempt_at=utcnow() - dt.timedelta(seconds=1),
+                )
+            )
 
 
 def _forwarder(store: Store, **settings: dict) -> Forwarder:
@@ -164,7 +186,7 @@ def test_node_name_defaults_to_the_host_name_and_is_checked():
 
     assert Settings().node.name == socket.gethostname()
     assert Settings(node={"name": None}).node.name == socket.gethostname()
-    with pytest.raises(ValueError, match="node.name"):
+    with pytest.raises(ValueError, match=r"node\.name"):
         Settings(node={"name": "x" * 65})
     with pytest.raises(ValueError, match="control characters"):
         Settings(node={"name": "a\tb"})
@@ -177,13 +199,20 @@ def test_rows_from_before_the_migration_belong_to_any_node(database_url, tmp_pat
         command.upgrade(store._alembic(), "0006")
         now = utcnow()
         with store.engine.begin() as conn:
-            conn.execute(text("INSERT INTO study (study_uid, created_at, last_received_at) VALUES ('1.2.3', :t, :t)"), {"t": now})
-            conn.execute(text("INSERT INTO series (study_id, series_uid, created_at) VALUES (1, '1.2.3.1', :t)"), {"t": now})
-            conn.execute(text(
-                "INSERT INTO instance (series_id, sop_instance_uid, version, sop_class_uid, transfer_syntax_uid, path, "
-                "size_bytes, sha256, state, received_at, updated_at, attempts) "
-                "VALUES (1, '1.2.3.1.1', 1, :cr, :ts, '/nowhere', 1, 'x', 'received', :t, :t, 0)"),
-                {"cr": CR, "ts": EXPLICIT, "t": now})
+            conn.execute(
+                text("INSERT INTO study (study_uid, created_at, last_received_at) VALUES ('1.2.3', :t, :t)"), {"t": now}
+            )
+            conn.execute(
+                text("INSERT INTO series (study_id, series_uid, created_at) VALUES (1, '1.2.3.1', :t)"), {"t": now}
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO instance (series_id, sop_instance_uid, version, sop_class_uid, transfer_syntax_uid, path, "
+                    "size_bytes, sha256, state, received_at, updated_at, attempts) "
+                    "VALUES (1, '1.2.3.1.1', 1, :cr, :ts, '/nowhere', 1, 'x', 'received', :t, :t, 0)"
+                ),
+                {"cr": CR, "ts": EXPLICIT, "t": now},
+            )
         store.upgrade()
         with store.read() as s:
             assert s.execute(select(Instance.node)).scalar_one() is None
@@ -198,9 +227,13 @@ def test_rows_from_before_the_migration_belong_to_any_node(database_url, tmp_pat
 def test_a_short_spool_cleans_early_only_studies_held_here(tmp_path):
     """A node short of space frees its own spool; another node's delivered studies are not its to cut short."""
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    settings = Settings(node={"name": "a"}, database={"url": url}, routing={"rules": tmp_path / "rules.yaml"},
-                        storage={"path": tmp_path / "spool", "derived_path": tmp_path / "derived", "min_free_mb": 0},
-                        retention={"clean_below_free_mb": 10**9})  # always short
+    settings = Settings(
+        node={"name": "a"},
+        database={"url": url},
+        routing={"rules": tmp_path / "rules.yaml"},
+        storage={"path": tmp_path / "spool", "derived_path": tmp_path / "derived", "min_free_mb": 0},
+        retention={"clean_below_free_mb": 10**9},
+    )  # always short
     store = Store(url)
     store.upgrade()
     try:
@@ -210,9 +243,19 @@ def test_a_short_spool_cleans_early_only_studies_held_here(tmp_path):
             with store.write() as s:
                 study_id = s.get(Instance, next(iter(ids))).series.study_id
                 for i in ids:
-                    s.add(Outbox(instance_id=i, destination="pacs", rule="all", state=OutboxState.SENT, sent_at=utcnow()))
-                s.add(RoutingDecision(study_id=study_id, rules_digest="x", outcomes=[], hold=False, discard=False,
-                                      deliveries=[{"destination": "pacs", "rule": "all", "coerce": None}]))
+                    s.add(
+                        Outbox(instance_id=i, destination="pacs", rule="all", state=OutboxState.SENT, sent_at=utcnow())
+                    )
+                s.add(
+                    RoutingDecision(
+                        study_id=study_id,
+                        rules_digest="x",
+                        outcomes=[],
+                        hold=False,
+                        discard=False,
+                        deliveries=[{"destination": "pacs", "rule": "all", "coerce": None}],
+                    )
+                )
                 studies[node] = s.get(Study, study_id).study_uid
         done = Cleaner(settings, store).run()
         assert [c.study_uid for c in done.studies] == [studies["a"]]
@@ -244,8 +287,10 @@ def _log_events(node: peers.Node, event: str) -> list[dict]:
 
 
 # Run a command in a mount namespace of its own (as root, or in a user namespace where allowed).
-_UNSHARE = (["unshare", "--mount", "--propagation", "private"],
-            ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"])
+_UNSHARE = (
+    ["unshare", "--mount", "--propagation", "private"],
+    ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"],
+)
 # sh -c SCRIPT sh OWN AT CMD...: bind OWN over AT, then become CMD.
 _BIND_AND_RUN = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
 
@@ -257,8 +302,12 @@ def _isolation(tmp: Path) -> list[str] | None:
     (own / "here").touch()
     for prefix in _UNSHARE:
         try:
-            res = subprocess.run([*prefix, "sh", "-c", _BIND_AND_RUN, "sh", str(own), str(at), "test", "-e", str(at / "here")],
-                                 check=False, capture_output=True, timeout=30)
+            res = subprocess.run(
+                [*prefix, "sh", "-c", _BIND_AND_RUN, "sh", str(own), str(at), "test", "-e", str(at / "here")],
+                check=False,
+                capture_output=True,
+                timeout=30,
+            )
         except (OSError, subprocess.TimeoutExpired):
             continue
         if res.returncode == 0:
@@ -291,8 +340,9 @@ class OwnMachine(peers.Node):
             self.spool_at.mkdir(parents=True, exist_ok=True)
             serve = [*self.isolate, "sh", "-c", _BIND_AND_RUN, "sh", str(self.spool), str(self.spool_at), *serve]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.proc = subprocess.Popen(
+                serve, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            )
         peers.wait_port(self.port, proc=self.proc)
         return self
 
@@ -306,24 +356,43 @@ def test_two_nodes_on_one_postgresql_each_classify_and_forward_what_they_hold(po
     isolate = _isolation(tmp_path)
     try:
         rules_file = tmp_path / "routes.yaml"
-        rules_file.write_text(yaml.safe_dump({
-            "settings": {"quiet_s": 0.5},
-            # Quick retries: on a node that took another's delivery the failure shows as attempts, not a timeout.
-            "destinations": [{"name": "archive", "ae_title": scp.aet, "host": "127.0.0.1", "port": scp.port,
-                              "retry": {"first_delay_s": 0.2, "multiplier": 1, "max_retries": 20}}],
-            "rules": [{"name": "everything", "then": {"forward": ["archive"]}}],
-        }))
+        rules_file.write_text(
+            yaml.safe_dump(
+                {
+                    "settings": {"quiet_s": 0.5},
+                    # Quick retries: on a node that took another's delivery the failure shows as attempts, not a timeout.
+                    "destinations": [
+                        {
+                            "name": "archive",
+                            "ae_title": scp.aet,
+                            "host": "127.0.0.1",
+                            "port": scp.port,
+                            "retry": {"first_delay_s": 0.2, "multiplier": 1, "max_retries": 20},
+                        }
+                    ],
+                    "rules": [{"name": "everything", "then": {"forward": ["archive"]}}],
+                }
+            )
+        )
         for name in ("node-a", "node-b"):
-            nodes[name] = OwnMachine(tmp_path / name, database_url=url, spool_at=tmp_path / "spool", isolate=isolate, settings={
-                "node": {"name": name},
-                "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 50},
-                "routing": {"rules": str(rules_file), "tick_s": 0.2},
-                "retention": {"enabled": False},
-            }).start()
+            nodes[name] = OwnMachine(
+                tmp_path / name,
+                database_url=url,
+                spool_at=tmp_path / "spool",
+                isolate=isolate,
+                settings={
+                    "node": {"name": name},
+                    "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 50},
+                    "routing": {"rules": str(rules_file), "tick_s": 0.2},
+                    "retention": {"enabled": False},
+                },
+            ).start()
         # A study for each node, and one whose images reach both (a balancer in front).
         mixed = write_series(tmp_path / "mixed", 8, rows=64, columns=64)
-        sent = {"node-a": write_series(tmp_path / "a", 12, rows=64, columns=64) + mixed[:4],
-                "node-b": write_series(tmp_path / "b", 12, rows=64, columns=64) + mixed[4:]}
+        sent = {
+            "node-a": write_series(tmp_path / "a", 12, rows=64, columns=64) + mixed[:4],
+            "node-b": write_series(tmp_path / "b", 12, rows=64, columns=64) + mixed[4:],
+        }
         held = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): name for name, fs in sent.items() for f in fs}
         results: dict[str, subprocess.CompletedProcess] = {}
 
@@ -340,13 +409,19 @@ def test_two_nodes_on_one_postgresql_each_classify_and_forward_what_they_hold(po
 
         store = Store(url)
         try:
+
             def outbox() -> list[tuple[Outbox, Instance]]:
                 with store.read() as s:
                     return [(o, i) for o, i in s.execute(select(Outbox, Instance).join(Instance)).all()]
 
             done = (OutboxState.SENT, OutboxState.DEAD)
-            wait_for(lambda: (len(outbox()) == len(held) and all(o.state in done for o, _ in outbox()))
-                     or sorted(Counter(o.state for o, _ in outbox()).items()), timeout=180)
+            wait_for(
+                lambda: (
+                    (len(outbox()) == len(held) and all(o.state in done for o, _ in outbox()))
+                    or sorted(Counter(o.state for o, _ in outbox()).items())
+                ),
+                timeout=180,
+            )
             rows = outbox()
             with store.read() as s:
                 instances = s.execute(select(Instance)).scalars().all()
@@ -355,17 +430,26 @@ def test_two_nodes_on_one_postgresql_each_classify_and_forward_what_they_hold(po
         # Every row names the node that received it.
         assert {i.sop_instance_uid: i.node for i in instances} == held
         # Classified once, by its node: none taken by a node without the file.
-        assert [(i.sop_instance_uid, i.state, i.state_reason) for i in instances if i.state != InstanceState.DECODED] == []
+        assert [
+            (i.sop_instance_uid, i.state, i.state_reason) for i in instances if i.state != InstanceState.DECODED
+        ] == []
         for name, node in nodes.items():
             looked = sum(rec["size"] for rec in _log_events(node, "batch"))
             assert looked == list(held.values()).count(name), name
             assert not _log_events(node, "spool_file_unreadable"), name
         # Delivered once, by its node, at the first try.
-        assert [(i.sop_instance_uid, o.state, o.attempts, o.last_error) for o, i in rows
-                if (o.state, o.attempts, o.last_error) != (OutboxState.SENT, 1, None)] == []
+        assert [
+            (i.sop_instance_uid, o.state, o.attempts, o.last_error)
+            for o, i in rows
+            if (o.state, o.attempts, o.last_error) != (OutboxState.SENT, 1, None)
+        ] == []
         for name, node in nodes.items():
-            assert sum(rec.get("sent", 0) for rec in _log_events(node, "forwarded")) == list(held.values()).count(name), name
-        got = Counter(str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in scp.folder.iterdir() if f.is_file())
+            assert sum(rec.get("sent", 0) for rec in _log_events(node, "forwarded")) == list(held.values()).count(
+                name
+            ), name
+        got = Counter(
+            str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in scp.folder.iterdir() if f.is_file()
+        )
         assert got == Counter(list(held)), "each instance arrives exactly once"
         # Each file is in the spool of the node that holds it, and only there.
         for name, node in nodes.items():

@@ -23,8 +23,13 @@ from nnrouter.dicom.receive import Header, Receiver
 
 def _header(study: str, series: str, sop: str) -> Header:
     return Header(
-        study_uid=study, series_uid=series, sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-        study={"accession_number": "A1"}, series={"modality": "DX"}, instance={"rows": 2, "columns": 2},
+        study_uid=study,
+        series_uid=series,
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+        study={"accession_number": "A1"},
+        series={"modality": "DX"},
+        instance={"rows": 2, "columns": 2},
     )
 
 
@@ -65,7 +70,10 @@ def test_keep_is_idempotent_and_versions_changed_content(store, tmp_path):
         # The study is what the newest version says: later stages count each instance once.
         other = receiver.keep(_header(study, series, generate_uid()), b"META", memoryview(b"OTHER"), origin)
         study_id = s.execute(select(Study.id)).scalar_one()
-        assert [(i.id, i.version) for i in current_instances(s, study_id)] == [(changed.instance_id, 2), (other.instance_id, 1)]
+        assert [(i.id, i.version) for i in current_instances(s, study_id)] == [
+            (changed.instance_id, 2),
+            (other.instance_id, 1),
+        ]
 
 
 def test_concurrent_senders_of_one_study(store, tmp_path):
@@ -79,10 +87,20 @@ def test_concurrent_senders_of_one_study(store, tmp_path):
     def send(chunk: list[str]) -> None:
         try:
             for uid in chunk:
-                receiver.keep(_header(study, series, uid), b"M", memoryview(uid.encode()), {"transfer_syntax_uid": "1.2.840.10008.1.2.1"})
+                receiver.keep(
+                    _header(study, series, uid),
+                    b"M",
+                    memoryview(uid.encode()),
+                    {"transfer_syntax_uid": "1.2.840.10008.1.2.1"},
+                )
                 # The same instance from a second sender at the same time.
-                receiver.keep(_header(study, series, uid), b"M", memoryview(uid.encode()), {"transfer_syntax_uid": "1.2.840.10008.1.2.1"})
-        except BaseException as exc:  # noqa: BLE001 - reported below
+                receiver.keep(
+                    _header(study, series, uid),
+                    b"M",
+                    memoryview(uid.encode()),
+                    {"transfer_syntax_uid": "1.2.840.10008.1.2.1"},
+                )
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=send, args=(uids[i::4],)) for i in range(4)]

@@ -55,7 +55,9 @@ def test_keys_compare_as_yaml_reads_them(tmp_path):
     path = tmp_path / "k.yaml"
     path.write_text("keep_days_by_destination:\n  1: 3\n  0x1: 4\n  '1': 5\n")
     # 1 and 0x1 are the same integer; '1' is a string, another key.
-    assert [p.split(": ", 1)[1] for p in _problems(path)] == ["keep_days_by_destination.0x1: duplicate key '0x1' (first at line 2)"]
+    assert [p.split(": ", 1)[1] for p in _problems(path)] == [
+        "keep_days_by_destination.0x1: duplicate key '0x1' (first at line 2)"
+    ]
 
 
 def test_merge_keys_may_still_be_overridden(tmp_path):
@@ -101,7 +103,10 @@ def test_rules_check_refuses_a_duplicate(tmp_path, capsys):
     path.write_text(text + "destinations: []\n")
     last = len(path.read_text().splitlines())
     assert main(["rules", "check", str(path)]) == 1
-    assert f"{path}:{last}:1: destinations: duplicate key 'destinations' (first at line {first})" in capsys.readouterr().err
+    assert (
+        f"{path}:{last}:1: destinations: duplicate key 'destinations' (first at line {first})"
+        in capsys.readouterr().err
+    )
 
 
 def test_procedures_check_refuses_a_duplicate(tmp_path, capsys):
@@ -135,5 +140,7 @@ def test_model_card_refuses_a_duplicate(tmp_path):
     first = text.splitlines().index(next(line for line in text.splitlines() if line.startswith("name:"))) + 1
     card.write_text(text.rstrip("\n") + "\nname: another-model\n")
     last = len(card.read_text().splitlines())
-    with pytest.raises(ModelCardError, match=rf"model\.yaml:{last}:1: name: duplicate key 'name' \(first at line {first}\)"):
+    with pytest.raises(
+        ModelCardError, match=rf"model\.yaml:{last}:1: name: duplicate key 'name' \(first at line {first}\)"
+    ):
         load_card(tmp_path)

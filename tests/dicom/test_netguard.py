@@ -29,8 +29,14 @@ from nnrouter.dicom import netguard
 from nnrouter.dicom.netguard import ConnectionGuard, Limits, PduFramer, Refusal
 from nnrouter.testing import peers
 
-LIMITS = Limits(first_pdu_timeout_s=1.0, pdu_timeout_s=1.5, max_associate_pdu=65536, max_pdata_pdu=16384 + 1024,
-                max_connections_per_host=3, max_pending_connections=4)
+LIMITS = Limits(
+    first_pdu_timeout_s=1.0,
+    pdu_timeout_s=1.5,
+    max_associate_pdu=65536,
+    max_pdata_pdu=16384 + 1024,
+    max_connections_per_host=3,
+    max_pending_connections=4,
+)
 
 
 def item(kind: int, payload: bytes) -> bytes:
@@ -41,7 +47,9 @@ def associate_rq(called: str = "GUARDED", calling: str = "TESTER") -> bytes:
     app = item(0x10, b"1.2.840.10008.3.1.1.1")
     pc = item(0x20, bytes([1, 0, 0, 0]) + item(0x30, b"1.2.840.10008.1.1") + item(0x40, b"1.2.840.10008.1.2"))
     user = item(0x50, item(0x51, struct.pack(">L", 16384)) + item(0x52, b"1.2.826.0.1.3680043.9.9999.1"))
-    body = struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode() + bytes(32) + app + pc + user
+    body = (
+        struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode() + bytes(32) + app + pc + user
+    )
     return struct.pack(">BBL", 1, 0, len(body)) + body
 
 
@@ -70,7 +78,7 @@ def test_length_is_refused_on_the_header_before_any_body():
     f = PduFramer(LIMITS, connected_at=0.0)
     f.feed(rq, now=0.1)
     problem = f.feed(header(0x04, 16384 + 1025), now=0.2)
-    assert problem is not None and "PDU type 0x04 announces 17409 bytes, limit 17408" == problem.reason
+    assert problem is not None and problem.reason == "PDU type 0x04 announces 17409 bytes, limit 17408"
     f = PduFramer(LIMITS, connected_at=0.0)
     f.feed(rq, now=0.1)
     assert "unknown PDU type 0x09" in f.feed(header(0x09, 4), now=0.2).reason  # type: ignore[union-attr]
@@ -90,7 +98,7 @@ def test_a_trickle_does_not_move_the_deadline():
     assert f.deadline(now=200.0) == 201.5  # between PDUs: one starting now
     f.feed(header(0x04, 100)[:3], now=200.0)
     f.feed(header(0x04, 100)[3:] + bytes(50), now=201.0)
-    assert f.deadline(now=201.4) == 201.5 and "PDU not complete within 1.5 s" == f.overdue()
+    assert f.deadline(now=201.4) == 201.5 and f.overdue() == "PDU not complete within 1.5 s"
     f.feed(bytes(50), now=201.4)
     assert not f.in_pdu and f.pdus == 2
 
@@ -102,14 +110,14 @@ def test_chunks_across_pdu_boundaries():
     for size in (1, 7, 4096):
         f = PduFramer(LIMITS, connected_at=0.0)
         for i in range(0, len(stream), size):
-            assert f.feed(stream[i:i + size], now=0.1) is None
+            assert f.feed(stream[i : i + size], now=0.1) is None
         assert f.pdus == 4 and not f.in_pdu
 
 
 def test_associate_request_is_decoded_before_pynetdicom_sees_it():
     netguard.check_associate_rq(associate_rq())
     broken = bytearray(associate_rq())
-    broken[6 + 68 + 2:6 + 68 + 4] = b"\xff\xff"  # the application context item claims 65535 bytes
+    broken[6 + 68 + 2 : 6 + 68 + 4] = b"\xff\xff"  # the application context item claims 65535 bytes
     with pytest.raises(Refusal, match="A-ASSOCIATE-RQ cannot be decoded"):
         netguard.check_associate_rq(bytes(broken))
     # A presentation context without an abstract syntax: pynetdicom 3.0.4 decodes
@@ -118,7 +126,7 @@ def test_associate_request_is_decoded_before_pynetdicom_sees_it():
     at = 74 + 4 + len(b"1.2.840.10008.3.1.1.1")  # after the fixed fields and the application context item
     assert rq[at] == 0x20
     cx = item(0x20, bytes([1, 0, 0, 0]) + item(0x40, b"1.2.840.10008.1.2"))
-    body = rq[6:at] + cx + rq[at + 4 + struct.unpack(">H", rq[at + 2:at + 4])[0]:]
+    body = rq[6:at] + cx + rq[at + 4 + struct.unpack(">H", rq[at + 2 : at + 4])[0] :]
     with pytest.raises(Refusal, match="presentation context 1 has no abstract syntax"):
         netguard.check_associate_rq(struct.pack(">BBL", 1, 0, len(body)) + body)
 
@@ -205,7 +213,9 @@ def guarded(request):  # type: ignore[no-untyped-def]
     ae.maximum_associations = 1
     ae.maximum_pdu_size = 16384
     port = peers.free_port()
-    server = netguard.run_in_thread(netguard.make_server(ae, ("127.0.0.1", port), limits, [(evt.EVT_C_ECHO, lambda e: 0)]))
+    server = netguard.run_in_thread(
+        netguard.make_server(ae, ("127.0.0.1", port), limits, [(evt.EVT_C_ECHO, lambda e: 0)])
+    )
     try:
         yield port, server
     finally:
@@ -282,10 +292,10 @@ def test_per_host_cap_on_the_wire(guarded):
     port, _ = guarded
     socks = [_connect(port, "127.0.10.1") for _ in range(LIMITS.max_connections_per_host + 2)]
     # The ones over the cap are closed at once, without a word.
-    extra = [_until_closed(s, within=0.8) for s in socks[LIMITS.max_connections_per_host:]]
+    extra = [_until_closed(s, within=0.8) for s in socks[LIMITS.max_connections_per_host :]]
     assert extra == [(True, b"")] * 2
     assert _echo(port)  # from 127.0.0.1
-    for s in socks[:LIMITS.max_connections_per_host]:
+    for s in socks[: LIMITS.max_connections_per_host]:
         assert _until_closed(s)[0]
 
 
@@ -398,25 +408,69 @@ def _tls_files(folder: Path) -> dict[str, Path]:
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=nnrouter test ca",
-        "-keyout", "ca.key", "-out", "ca.pem")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=nnrouter test ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    )
     for who, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout", f"{who}.key", "-out", f"{who}.csr")
+        run(
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout", f"{who}.key", "-out", f"{who}.csr"
+        )
         (folder / f"{who}.ext").write_text(ext + "\n")
-        run("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
-            "-extfile", f"{who}.ext", "-out", f"{who}.pem")
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{who}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            f"{who}.ext",
+            "-out",
+            f"{who}.pem",
+        )
     return {n: folder / n for n in ("ca.pem", "server.key", "server.pem", "client.key", "client.pem")}
 
 
 @needs("openssl", "echoscu", "storescu")
 def test_inbound_tls_with_client_certificates(node_factory, tmp_path):
     tls = _tls_files(tmp_path / "tls")
-    node = node_factory(settings={"dicom": {"tls": {
-        "cert": str(tls["server.pem"]), "key": str(tls["server.key"]), "ca": str(tls["ca.pem"]), "require_client_cert": True,
-    }}}).start()
+    node = node_factory(
+        settings={
+            "dicom": {
+                "tls": {
+                    "cert": str(tls["server.pem"]),
+                    "key": str(tls["server.key"]),
+                    "ca": str(tls["ca.pem"]),
+                    "require_client_cert": True,
+                }
+            }
+        }
+    ).start()
     client = ["+tls", str(tls["client.key"]), str(tls["client.pem"]), "+cf", str(tls["ca.pem"])]
-    res = subprocess.run(["echoscu", "-v", *client, "-aec", node.ae_title, "127.0.0.1", str(node.port)],
-                         check=False, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["echoscu", "-v", *client, "-aec", node.ae_title, "127.0.0.1", str(node.port)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0 and "Received Echo Response (Success)" in res.stderr, res.stderr
     from nnrouter.testing.synthetic import write_series
 
@@ -425,33 +479,57 @@ def test_inbound_tls_with_client_certificates(node_factory, tmp_path):
     assert res.returncode == 0 and res.stderr.count("Received Store Response (Success)") == 2, res.stderr[-2000:]
     assert len(list(node.spool.rglob("*.dcm"))) == 2
     # No certificate, though required: refused, and the log says why.
-    res = subprocess.run(["echoscu", "+tla", "+cf", str(tls["ca.pem"]), "-aec", node.ae_title, "127.0.0.1", str(node.port)],
-                         check=False, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["echoscu", "+tla", "+cf", str(tls["ca.pem"]), "-aec", node.ae_title, "127.0.0.1", str(node.port)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode != 0
     # Plain DICOM on the TLS port: refused too.
-    res = subprocess.run(["echoscu", "-to", "5", "-ta", "5", "-aec", node.ae_title, "127.0.0.1", str(node.port)],
-                         check=False, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["echoscu", "-to", "5", "-ta", "5", "-aec", node.ae_title, "127.0.0.1", str(node.port)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode != 0
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        reasons = [line for line in node.log_lines() if '"connection_closed"' in line and "TLS handshake failed" in line]
+        reasons = [
+            line for line in node.log_lines() if '"connection_closed"' in line and "TLS handshake failed" in line
+        ]
         if len(reasons) >= 2:
             break
         time.sleep(0.2)
     assert any("peer did not return a certificate" in line for line in reasons), reasons
     assert any("wrong version number" in line or "http request" in line for line in reasons), reasons
     # And the node keeps serving TLS.
-    res = subprocess.run(["echoscu", *client, "-aec", node.ae_title, "127.0.0.1", str(node.port)],
-                         check=False, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["echoscu", *client, "-aec", node.ae_title, "127.0.0.1", str(node.port)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
 
 
 @needs("openssl", "echoscu")
 def test_inbound_tls_without_client_certificates(node_factory, tmp_path):
     tls = _tls_files(tmp_path / "tls")
-    node = node_factory(settings={"dicom": {"tls": {"cert": str(tls["server.pem"]), "key": str(tls["server.key"])}}}).start()
-    res = subprocess.run(["echoscu", "+tla", "+cf", str(tls["ca.pem"]), "-aec", node.ae_title, "127.0.0.1", str(node.port)],
-                         check=False, capture_output=True, text=True, timeout=60)
+    node = node_factory(
+        settings={"dicom": {"tls": {"cert": str(tls["server.pem"]), "key": str(tls["server.key"])}}}
+    ).start()
+    res = subprocess.run(
+        ["echoscu", "+tla", "+cf", str(tls["ca.pem"]), "-aec", node.ae_title, "127.0.0.1", str(node.port)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
 
 
@@ -466,18 +544,41 @@ def _hp_find(port: int, calling: str) -> list[tuple[int, str | None]]:
     q = Dataset()
     q.HangingProtocolName = "XR KNEE*"
     try:
-        return [(int(s.Status), s.get("ErrorComment")) for s, _ in assoc.send_c_find(q, HangingProtocolInformationModelFind)]
+        return [
+            (int(s.Status), s.get("ErrorComment")) for s, _ in assoc.send_c_find(q, HangingProtocolInformationModelFind)
+        ]
     finally:
         assoc.release()
 
 
 @needs("findscu")
 def test_only_declared_peers_may_query(node_factory, tmp_path):
-    node = node_factory(settings={"dicom": {"query_aes": [{"ae_title": "PACS"}, {"ae_title": "VIEWER", "host": "127.0.0.2"}]}}).start()
+    node = node_factory(
+        settings={"dicom": {"query_aes": [{"ae_title": "PACS"}, {"ae_title": "VIEWER", "host": "127.0.0.2"}]}}
+    ).start()
 
     def findscu(calling: str, verbosity: str = "-v") -> subprocess.CompletedProcess:
-        return subprocess.run(["findscu", verbosity, "-S", "-aet", calling, "-aec", node.ae_title, "-k", "QueryRetrieveLevel=STUDY",
-                               "-k", "PatientName=*", "127.0.0.1", str(node.port)], check=False, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [
+                "findscu",
+                verbosity,
+                "-S",
+                "-aet",
+                calling,
+                "-aec",
+                node.ae_title,
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                "PatientName=*",
+                "127.0.0.1",
+                str(node.port),
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     res = findscu("INTRUDER", "-d")  # DCMTK shows a failure's Error Comment only in its debug output
     assert "DIMSE Status                  : 0x0124: Failure" in res.stderr, res.stderr[-3000:]

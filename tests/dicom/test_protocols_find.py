@@ -32,7 +32,10 @@ def _anatomy_query(code: str) -> Dataset:
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the wildcard UID is the malformed query under test
 def test_find_matching_rules():
     protocols = generic_protocols(version="1", created=CREATED)
-    names = lambda q: [str(r.HangingProtocolName) for r in find(q, protocols)]
+
+    def names(q):
+        return [str(r.HangingProtocolName) for r in find(q, protocols)]
+
     assert names(_query(HangingProtocolName="XR K*")) == ["XR KNEE", "XR KNEE R+L"]
     assert names(_query(HangingProtocolName="XR ?SPINE")) == ["XR CSPINE", "XR LSPINE", "XR TSPINE"]
     assert names(_query(HangingProtocolName="xr knee")) == []  # case-sensitive
@@ -41,16 +44,28 @@ def test_find_matching_rules():
     assert names(_query(HangingProtocolName="XR CHEST", HangingProtocolLevel="USER")) == []
     assert names(_query(HangingProtocolName="XR CHEST", HangingProtocolCreator="NNROUTER")) == ["XR CHEST"]
     uids = [protocols[0].SOPInstanceUID, protocols[3].SOPInstanceUID]
-    assert names(_query(SOPInstanceUID=uids, HangingProtocolName="")) == [str(protocols[0].HangingProtocolName), str(protocols[3].HangingProtocolName)]
+    assert names(_query(SOPInstanceUID=uids, HangingProtocolName="")) == [
+        str(protocols[0].HangingProtocolName),
+        str(protocols[3].HangingProtocolName),
+    ]
     assert names(_query(HangingProtocolName="", NumberOfPriorsReferenced=2)) == []
     assert len(names(_query(HangingProtocolName="", NumberOfPriorsReferenced=1))) == len(protocols)
-    assert len(names(_query(HangingProtocolName="", HangingProtocolCreationDateTime="20240101-20241231"))) == len(protocols)
+    assert len(names(_query(HangingProtocolName="", HangingProtocolCreationDateTime="20240101-20241231"))) == len(
+        protocols
+    )
     assert names(_query(HangingProtocolName="", HangingProtocolCreationDateTime="2025-")) == []
-    knee = names(_query(HangingProtocolName="", HangingProtocolDefinitionSequence=Sequence([_anatomy_query("64234005")])))
+    knee = names(
+        _query(HangingProtocolName="", HangingProtocolDefinitionSequence=Sequence([_anatomy_query("64234005")]))
+    )
     assert knee == ["XR KNEE", "XR KNEE R+L"]
     # Only the requested keys come back, with the character set to decode them.
     (r,) = find(_query(HangingProtocolName="XR JAW", NumberOfScreens=None, QueryRetrieveLevel="HANGING"), protocols)
-    assert sorted(e.keyword for e in r) == ["HangingProtocolName", "NumberOfScreens", "QueryRetrieveLevel", "SpecificCharacterSet"]
+    assert sorted(e.keyword for e in r) == [
+        "HangingProtocolName",
+        "NumberOfScreens",
+        "QueryRetrieveLevel",
+        "SpecificCharacterSet",
+    ]
     assert r.NumberOfScreens == 2
     with pytest.raises(QueryError):
         list(find(_query(SOPInstanceUID="1.2.*"), protocols))
@@ -64,7 +79,9 @@ def hp_scp():  # type: ignore[no-untyped-def]
     ae = AE(ae_title="HPSCP")
     ae.add_supported_context(HangingProtocolInformationModelFind)
     port = peers.free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, handle_find, [protocols])])
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, handle_find, [protocols])]
+    )
     try:
         peers.wait_port(port)
         yield port, protocols
@@ -78,7 +95,10 @@ def _scu_find(port: int, identifier: Dataset, aec: str = "HPSCP") -> list[tuple[
     assoc = ae.associate("127.0.0.1", port, ae_title=aec)
     assert assoc.is_established
     try:
-        return [(int(status.Status), ident) for status, ident in assoc.send_c_find(identifier, HangingProtocolInformationModelFind)]
+        return [
+            (int(status.Status), ident)
+            for status, ident in assoc.send_c_find(identifier, HangingProtocolInformationModelFind)
+        ]
     finally:
         assoc.release()
 
@@ -87,8 +107,13 @@ def test_find_on_the_wire_by_name_wildcard(hp_scp):
     # DCMTK findscu knows only the worklist and patient/study root models, not
     # the Hanging Protocol model, so the viewer here is pynetdicom.
     port, protocols = hp_scp
-    q = _query(SpecificCharacterSet="ISO_IR 100", HangingProtocolName="XR *SPINE", HangingProtocolDescription="",
-               SOPInstanceUID="", NumberOfPriorsReferenced=None)
+    q = _query(
+        SpecificCharacterSet="ISO_IR 100",
+        HangingProtocolName="XR *SPINE",
+        HangingProtocolDescription="",
+        SOPInstanceUID="",
+        NumberOfPriorsReferenced=None,
+    )
     rsp = _scu_find(port, q)
     assert [s for s, _ in rsp] == [0xFF00] * 4 + [0x0000]
     pending = [ident for s, ident in rsp if s == 0xFF00]
@@ -97,7 +122,13 @@ def test_find_on_the_wire_by_name_wildcard(hp_scp):
     by_name = {str(p.HangingProtocolName): p for p in protocols}
     for ident in pending:
         assert sorted(e.keyword for e in ident) == sorted(
-            ["SpecificCharacterSet", "HangingProtocolName", "HangingProtocolDescription", "SOPInstanceUID", "NumberOfPriorsReferenced"]
+            [
+                "SpecificCharacterSet",
+                "HangingProtocolName",
+                "HangingProtocolDescription",
+                "SOPInstanceUID",
+                "NumberOfPriorsReferenced",
+            ]
         )
         p = by_name[str(ident.HangingProtocolName)]
         assert ident.SOPInstanceUID == p.SOPInstanceUID
@@ -123,7 +154,9 @@ def test_find_on_the_wire_by_anatomic_region(hp_scp):
 
 def test_find_on_the_wire_malformed_identifier(hp_scp):
     port, _ = hp_scp
-    q = _query(HangingProtocolName="", HangingProtocolDefinitionSequence=Sequence([_anatomy_query("1"), _anatomy_query("2")]))
+    q = _query(
+        HangingProtocolName="", HangingProtocolDefinitionSequence=Sequence([_anatomy_query("1"), _anatomy_query("2")])
+    )
     rsp = _scu_find(port, q)
     assert [s for s, _ in rsp] == [0xA900]
 

@@ -118,9 +118,18 @@ def tagged(request, tmp_path_factory):  # type: ignore[no-untyped-def]
             world.sop[name] = generate_uid()
             pname, pid, date, tm, acc = STUDIES[study]
             spec = DXSpec(
-                rows=32, columns=32, body_part=body_part, view_position=view, patient_name=pname, patient_id=pid,
-                accession_number=acc, study_uid=world.study[study], series_uid=world.series[series],
-                sop_instance_uid=world.sop[name], instance_number=n + 1, seed=n,
+                rows=32,
+                columns=32,
+                body_part=body_part,
+                view_position=view,
+                patient_name=pname,
+                patient_id=pid,
+                accession_number=acc,
+                study_uid=world.study[study],
+                series_uid=world.series[series],
+                sop_instance_uid=world.sop[name],
+                instance_number=n + 1,
+                seed=n,
             )
             ds = dx_dataset(spec)
             ds.StudyDate, ds.StudyTime, ds.SeriesNumber = date, tm, number
@@ -136,14 +145,32 @@ def tagged(request, tmp_path_factory):  # type: ignore[no-untyped-def]
                 ids = dict(s.execute(select(Instance.sop_instance_uid, Instance.id)).all())
                 for name, (*_, preds) in IMAGES.items():
                     for version, label in enumerate(preds, start=1):
-                        s.add(Prediction(
-                            instance_id=ids[world.sop[name]], model_name="test", model_version=str(version), provider="CPU",
-                            label=label, score=0.9, top5=[[label, 0.9]], decode_ms=1.0, preprocess_ms=1.0, infer_ms=1.0,
-                        ))
+                        s.add(
+                            Prediction(
+                                instance_id=ids[world.sop[name]],
+                                model_name="test",
+                                model_version=str(version),
+                                provider="CPU",
+                                label=label,
+                                score=0.9,
+                                top5=[[label, 0.9]],
+                                decode_ms=1.0,
+                                preprocess_ms=1.0,
+                                infer_ms=1.0,
+                            )
+                        )
                 by_uid = dict(s.execute(select(Study.study_uid, Study.id)).all())
                 for study, kinds in FLAGS.items():
                     for kind in kinds:
-                        s.add(Flag(study_id=by_uid[world.study[study]], kind=kind, severity="warning", reason="test", evidence={}))
+                        s.add(
+                            Flag(
+                                study_id=by_uid[world.study[study]],
+                                kind=kind,
+                                severity="warning",
+                                reason="test",
+                                evidence={},
+                            )
+                        )
         finally:
             store.dispose()
         yield world
@@ -164,7 +191,19 @@ def findscu(
     """Ask with DCMTK findscu; the answers as data sets (findscu -X writes them as files)."""
     out = world.tmp / f"find-{uuid.uuid4().hex[:8]}"
     out.mkdir()
-    args = ["findscu", "-v", model, "-aet", "FINDSCU", "-aec", world.node.ae_title, "-X", "-od", str(out), *(extra or [])]
+    args = [
+        "findscu",
+        "-v",
+        model,
+        "-aet",
+        "FINDSCU",
+        "-aec",
+        world.node.ae_title,
+        "-X",
+        "-od",
+        str(out),
+        *(extra or []),
+    ]
     for k in keys:
         args += ["-k", k]
     args += ["127.0.0.1", str(port or world.node.port)]
@@ -172,7 +211,9 @@ def findscu(
         qf = out / "query.dcm"
         query.save_as(qf, implicit_vr=False, little_endian=True)
         args.append(str(qf))
-    res = subprocess.run(args, capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}, check=False)
+    res = subprocess.run(
+        args, capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}, check=False
+    )
     return [dcmread(f) for f in sorted(out.glob("rsp*.dcm"))], res
 
 
@@ -182,10 +223,20 @@ def _uids(answers: list[Dataset], keyword: str) -> set[str]:
 
 def test_study_by_patient_id_and_date_range(tagged):
     w = tagged
-    answers, res = findscu(w, [
-        "QueryRetrieveLevel=STUDY", "PatientID=QP001", "StudyDate=20240101-20240131", "StudyInstanceUID", "PatientName",
-        "ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", "AccessionNumber",
-    ])
+    answers, res = findscu(
+        w,
+        [
+            "QueryRetrieveLevel=STUDY",
+            "PatientID=QP001",
+            "StudyDate=20240101-20240131",
+            "StudyInstanceUID",
+            "PatientName",
+            "ModalitiesInStudy",
+            "NumberOfStudyRelatedSeries",
+            "NumberOfStudyRelatedInstances",
+            "AccessionNumber",
+        ],
+    )
     assert res.returncode == 0, res.stderr
     assert len(answers) == 1, res.stderr
     a = answers[0]
@@ -214,16 +265,35 @@ def test_study_by_patient_id_and_date_range(tagged):
 
 def test_series_level(tagged):
     w = tagged
-    answers, res = findscu(w, [
-        "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={w.study['A']}", "SeriesInstanceUID", "Modality", "SeriesNumber",
-        "BodyPartExamined", "NumberOfSeriesRelatedInstances",
-    ])
+    answers, res = findscu(
+        w,
+        [
+            "QueryRetrieveLevel=SERIES",
+            f"StudyInstanceUID={w.study['A']}",
+            "SeriesInstanceUID",
+            "Modality",
+            "SeriesNumber",
+            "BodyPartExamined",
+            "NumberOfSeriesRelatedInstances",
+        ],
+    )
     assert res.returncode == 0, res.stderr
-    got = {a.SeriesInstanceUID: (a.Modality, int(a.SeriesNumber), a.BodyPartExamined, int(a.NumberOfSeriesRelatedInstances)) for a in answers}
+    got = {
+        a.SeriesInstanceUID: (
+            a.Modality,
+            int(a.SeriesNumber),
+            a.BodyPartExamined,
+            int(a.NumberOfSeriesRelatedInstances),
+        )
+        for a in answers
+    }
     assert got == {w.series["A-chest"]: ("DX", 1, "CHEST", 3), w.series["A-knee"]: ("DX", 2, "KNEE", 1)}
     # Body Part Examined matches what any image was found to be: B's abdomen series holds a chest.
     answers, _ = findscu(w, ["QueryRetrieveLevel=SERIES", "BodyPartExamined=CHEST", "SeriesInstanceUID"])
-    assert {a.SeriesInstanceUID: a.BodyPartExamined for a in answers} == {w.series["A-chest"]: "CHEST", w.series["B-abd"]: "CHEST"}
+    assert {a.SeriesInstanceUID: a.BodyPartExamined for a in answers} == {
+        w.series["A-chest"]: "CHEST",
+        w.series["B-abd"]: "CHEST",
+    }
     answers, _ = findscu(w, ["QueryRetrieveLevel=SERIES", "BodyPartExamined=ABDOMEN", "SeriesInstanceUID"])
     assert {a.SeriesInstanceUID: a.BodyPartExamined for a in answers} == {w.series["B-abd"]: "ABDOMEN"}
     answers, _ = findscu(w, ["QueryRetrieveLevel=SERIES", "SeriesNumber=2", "PatientID=QP00*"])
@@ -232,10 +302,18 @@ def test_series_level(tagged):
 
 def test_image_level_finds_chest_laterals_by_view_code(tagged):
     w = tagged
-    answers, res = findscu(w, [
-        "QueryRetrieveLevel=IMAGE", "BodyPartExamined=CHEST", f"ViewCodeSequence[0].CodeValue={CHEST_LATERAL}",
-        "ViewCodeSequence[0].CodingSchemeDesignator", "ViewCodeSequence[0].CodeMeaning", "ViewPosition", "SOPInstanceUID",
-    ])
+    answers, res = findscu(
+        w,
+        [
+            "QueryRetrieveLevel=IMAGE",
+            "BodyPartExamined=CHEST",
+            f"ViewCodeSequence[0].CodeValue={CHEST_LATERAL}",
+            "ViewCodeSequence[0].CodingSchemeDesignator",
+            "ViewCodeSequence[0].CodeMeaning",
+            "ViewPosition",
+            "SOPInstanceUID",
+        ],
+    )
     assert res.returncode == 0, res.stderr
     # A2 (header PA, newest prediction lateral) and B1 (header ABDOMEN): the pixels decide.
     assert _uids(answers, "SOPInstanceUID") == {w.sop["A2"], w.sop["B1"]}
@@ -247,13 +325,27 @@ def test_image_level_finds_chest_laterals_by_view_code(tagged):
 
 def test_image_level_values_found_or_from_the_header(tagged):
     w = tagged
-    answers, res = findscu(w, [
-        "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={w.study['A']}", "SOPInstanceUID", "SOPClassUID", "InstanceNumber",
-        "BodyPartExamined", "ViewPosition", "ViewCodeSequence", "ImageLaterality",
-    ])
+    answers, res = findscu(
+        w,
+        [
+            "QueryRetrieveLevel=IMAGE",
+            f"StudyInstanceUID={w.study['A']}",
+            "SOPInstanceUID",
+            "SOPClassUID",
+            "InstanceNumber",
+            "BodyPartExamined",
+            "ViewPosition",
+            "ViewCodeSequence",
+            "ImageLaterality",
+        ],
+    )
     assert res.returncode == 0, res.stderr
     got = {
-        a.SOPInstanceUID: (a.BodyPartExamined, a.ViewPosition, a.ViewCodeSequence[0].CodeValue if a.ViewCodeSequence else None)
+        a.SOPInstanceUID: (
+            a.BodyPartExamined,
+            a.ViewPosition,
+            a.ViewCodeSequence[0].CodeValue if a.ViewCodeSequence else None,
+        )
         for a in answers
     }
     assert got == {
@@ -291,7 +383,9 @@ def test_names_beyond_ascii_match_without_case(tagged):
     try:
         query = Query(store)
         for name in ("müller*", "MÜLLER^JÖRG", "M?LLER^*"):
-            answers, truncated = query.find(parse_request(_request("STUDY", PatientName=name, StudyInstanceUID=""), STUDY_ROOT_FIND))
+            answers, truncated = query.find(
+                parse_request(_request("STUDY", PatientName=name, StudyInstanceUID=""), STUDY_ROOT_FIND)
+            )
             assert [a.StudyInstanceUID for a in answers] == [tagged.study["D"]], name
             assert not truncated
     finally:
@@ -323,7 +417,12 @@ def test_mismatch_flags_private_key(tagged):
     answers, res = findscu(w, ["QueryRetrieveLevel=STUDY", "StudyInstanceUID", "0075,0010=NNROUTER", "0075,1010"])
     assert res.returncode == 0, res.stderr
     got = {a.StudyInstanceUID: _flags(a) for a in answers}
-    assert got == {w.study["A"]: ["EXTRA_VIEW", "MISSING_VIEW"], w.study["B"]: ["HEADER_CONFLICT"], w.study["C"]: [], w.study["D"]: []}
+    assert got == {
+        w.study["A"]: ["EXTRA_VIEW", "MISSING_VIEW"],
+        w.study["B"]: ["HEADER_CONFLICT"],
+        w.study["C"]: [],
+        w.study["D"]: [],
+    }
     # A kind, with findscu's -k and the dictionary line the module's docstring gives; either case.
     dic = w.tmp / "nnrouter.dic"
     dic.write_text('(0075,"NNROUTER",10)\tCS\tMismatchFlags\t1-n\tPrivateTag\n')
@@ -331,7 +430,8 @@ def test_mismatch_flags_private_key(tagged):
     dicts = [str(p) for p in (dcmtk / "dicom.dic", dcmtk / "private.dic") if p.exists()]
     if dicts:
         answers, res = findscu(
-            w, ["QueryRetrieveLevel=STUDY", "StudyInstanceUID", "0075,0010=NNROUTER", "0075,1010=header_conflict"],
+            w,
+            ["QueryRetrieveLevel=STUDY", "StudyInstanceUID", "0075,0010=NNROUTER", "0075,1010=header_conflict"],
             env={"DCMDICTPATH": ":".join([*dicts, str(dic)])},
         )
         assert _uids(answers, "StudyInstanceUID") == {w.study["B"]}, res.stderr
@@ -351,9 +451,20 @@ def test_mismatch_flags_private_key(tagged):
 
 
 STUDY_KEYS = [
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
-    "AccessionNumber", "StudyID", "StudyDescription", "ReferringPhysicianName", "ModalitiesInStudy",
-    "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "ModalitiesInStudy",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
 ]
 
 
@@ -368,7 +479,13 @@ def test_universal_matching_returns_the_keys(tagged):
     by_uid = {a.StudyInstanceUID: a for a in answers}
     for study, (pname, pid, date, tm, acc) in STUDIES.items():
         a = by_uid[w.study[study]]
-        assert (str(a.PatientName), a.PatientID, a.StudyDate, a.StudyTime, a.AccessionNumber) == (pname, pid, date, tm, acc)
+        assert (str(a.PatientName), a.PatientID, a.StudyDate, a.StudyTime, a.AccessionNumber) == (
+            pname,
+            pid,
+            date,
+            tm,
+            acc,
+        )
         assert a.PatientBirthDate == "19700101" and a.PatientSex == "O"
     assert int(by_uid[w.study["B"]].NumberOfStudyRelatedInstances) == 2
     # Keys nnrouter does not keep are answered zero-length.
@@ -377,15 +494,33 @@ def test_universal_matching_returns_the_keys(tagged):
 
 def test_patient_root(tagged):
     w = tagged
-    answers, res = findscu(w, [
-        "QueryRetrieveLevel=PATIENT", "PatientID", "PatientName", "NumberOfPatientRelatedStudies",
-        "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances",
-    ], model="-P")
+    answers, res = findscu(
+        w,
+        [
+            "QueryRetrieveLevel=PATIENT",
+            "PatientID",
+            "PatientName",
+            "NumberOfPatientRelatedStudies",
+            "NumberOfPatientRelatedSeries",
+            "NumberOfPatientRelatedInstances",
+        ],
+        model="-P",
+    )
     assert res.returncode == 0, res.stderr
-    got = {a.PatientID: (str(a.PatientName), int(a.NumberOfPatientRelatedStudies), int(a.NumberOfPatientRelatedSeries),
-                         int(a.NumberOfPatientRelatedInstances)) for a in answers}
+    got = {
+        a.PatientID: (
+            str(a.PatientName),
+            int(a.NumberOfPatientRelatedStudies),
+            int(a.NumberOfPatientRelatedSeries),
+            int(a.NumberOfPatientRelatedInstances),
+        )
+        for a in answers
+    }
     assert got == {
-        "QP001": ("DOE^JANE", 1, 2, 4), "QP002": ("Smith^John", 1, 1, 2), "QP003": ("DOE^JOHN", 1, 1, 1), "QP004": ("Müller^Jörg", 1, 1, 1),
+        "QP001": ("DOE^JANE", 1, 2, 4),
+        "QP002": ("Smith^John", 1, 1, 2),
+        "QP003": ("DOE^JOHN", 1, 1, 1),
+        "QP004": ("Müller^Jörg", 1, 1, 1),
     }
     answers, _ = findscu(w, ["QueryRetrieveLevel=IMAGE", "PatientID=QP002", "SOPInstanceUID"], model="-P")
     assert _uids(answers, "SOPInstanceUID") == {w.sop["B1"], w.sop["B2"]}
@@ -439,7 +574,9 @@ def test_cap_and_cancel(tagged):
             answers, res = findscu(w, ["QueryRetrieveLevel=IMAGE", "SOPInstanceUID", "InstanceNumber"], port=port)
         assert res.returncode == 0 and len(answers) == 2, res.stderr
         assert "Final Find Response (Success)" in res.stderr
-        assert [e for e in logged if e["event"] == "query_truncated" and e["limit"] == 2 and e["log_level"] == "warning"]
+        assert [
+            e for e in logged if e["event"] == "query_truncated" and e["limit"] == 2 and e["log_level"] == "warning"
+        ]
         # Python-side matching (IS) streams the rows and stops at the cap too.
         answers, res = findscu(w, ["QueryRetrieveLevel=IMAGE", "SOPInstanceUID", "InstanceNumber=1\\3\\5"], port=port)
         assert [int(a.InstanceNumber) for a in answers] == [1, 3], res.stderr
@@ -464,9 +601,15 @@ def test_database_error_is_unable_to_process(tagged, tmp_path):
 
 
 def test_allowed_calling_aes_apply_to_queries(node_factory, tagged):
-    node = node_factory("guarded", settings={"dicom": {
-        "allowed_calling_aes": [{"ae_title": "PACS"}], "query_aes": [{"ae_title": "PACS"}, {"ae_title": "FINDSCU"}],
-    }}).start()
+    node = node_factory(
+        "guarded",
+        settings={
+            "dicom": {
+                "allowed_calling_aes": [{"ae_title": "PACS"}],
+                "query_aes": [{"ae_title": "PACS"}, {"ae_title": "FINDSCU"}],
+            }
+        },
+    ).start()
     w = Tagged(node, tagged.tmp)
     answers, res = findscu(w, ["QueryRetrieveLevel=STUDY"])  # calling AE FINDSCU
     assert answers == [] and "Association Rejected" in res.stderr, res.stderr
@@ -485,6 +628,7 @@ def test_orthanc_finds_what_nnrouter_tagged(tagged):
         modalities={"nnrouter": [w.node.ae_title, "127.0.0.1", w.node.port]},
     ).start()
     try:
+
         def ask(level: str, query: dict, normalize: bool = True) -> list[dict]:
             # Orthanc 1.10 forwards only its "main" tags unless told not to normalize.
             rsp = orthanc.post("/modalities/nnrouter/query", {"Level": level, "Query": query, "Normalize": normalize})
@@ -493,14 +637,24 @@ def test_orthanc_finds_what_nnrouter_tagged(tagged):
             return [orthanc.get(f"/queries/{qid}/answers/{i}/content?simplify") for i in range(n)]
 
         studies = ask("Study", {"PatientID": "QP00*", "StudyDate": "20240101-", "AccessionNumber": ""})
-        assert {s["StudyInstanceUID"]: s["AccessionNumber"] for s in studies} == {w.study["A"]: "QA1", w.study["B"]: "QB1"}
-        images = ask("Instance", {"StudyInstanceUID": w.study["B"], "SeriesInstanceUID": w.series["B-abd"], "BodyPartExamined": "CHEST"})
+        assert {s["StudyInstanceUID"]: s["AccessionNumber"] for s in studies} == {
+            w.study["A"]: "QA1",
+            w.study["B"]: "QB1",
+        }
+        images = ask(
+            "Instance",
+            {"StudyInstanceUID": w.study["B"], "SeriesInstanceUID": w.series["B-abd"], "BodyPartExamined": "CHEST"},
+        )
         assert [(i["SOPInstanceUID"], i["BodyPartExamined"]) for i in images] == [(w.sop["B1"], "CHEST")]
-        images = ask("Instance", {"BodyPartExamined": "CHEST", "ViewPosition": "LL", "SOPInstanceUID": ""}, normalize=False)
+        images = ask(
+            "Instance", {"BodyPartExamined": "CHEST", "ViewPosition": "LL", "SOPInstanceUID": ""}, normalize=False
+        )
         assert {i["SOPInstanceUID"] for i in images} == {w.sop["A2"], w.sop["A3"], w.sop["B1"]}
         assert {i["ViewPosition"] for i in images} == {"LL"}
         # The private key: Orthanc sends it when told not to normalize.
-        flagged = ask("Study", {"0075,0010": "NNROUTER", "0075,1010": "MISSING_VIEW", "StudyInstanceUID": ""}, normalize=False)
+        flagged = ask(
+            "Study", {"0075,0010": "NNROUTER", "0075,1010": "MISSING_VIEW", "StudyInstanceUID": ""}, normalize=False
+        )
         assert [s["StudyInstanceUID"] for s in flagged] == [w.study["A"]]
     finally:
         orthanc.stop()

@@ -103,13 +103,18 @@ def test_real_radiographs_arrive_as_sent(node_factory, database_url, storescp, t
 
 def test_echo_and_association_checks(node_factory):
     node = node_factory(
-        settings={"dicom": {"allowed_calling_aes": [{"ae_title": "MODALITY1"}, {"ae_title": "PINNED", "host": "127.0.0.2"}]}}
+        settings={
+            "dicom": {"allowed_calling_aes": [{"ae_title": "MODALITY1"}, {"ae_title": "PINNED", "host": "127.0.0.2"}]}
+        }
     ).start()
 
     def echo(aet: str, aec: str = "NNROUTER") -> subprocess.CompletedProcess:
         return subprocess.run(
             ["echoscu", "-v", "-aet", aet, "-aec", aec, "127.0.0.1", str(node.port)],
-            capture_output=True, text=True, timeout=30, check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         )
 
     ok = echo("MODALITY1")
@@ -199,7 +204,9 @@ def test_broken_shared_files(node_factory, tmp_path):
     assert sorted(expected) == [f.name for f in shared_files("bad")]
     for f, (status, comment) in zip(shared_files("bad"), send_as_is(node.port, shared_files("bad"))):
         assert status == expected[f.name], (f.name, status, comment)
-    results = raw_store(node.port, [(str(dcmread(good).SOPClassUID), str(dcmread(good).SOPInstanceUID), dataset_bytes(good))])
+    results = raw_store(
+        node.port, [(str(dcmread(good).SOPClassUID), str(dcmread(good).SOPInstanceUID), dataset_bytes(good))]
+    )
     assert results == [(0, "")]
     assert len(_instances(node)) == len(expected) + 1
     assert node.proc.poll() is None
@@ -228,7 +235,9 @@ def test_resent_instance_is_idempotent_and_changed_content_keeps_both(node_facto
 
 def test_no_patient_data_in_logs(node_factory, tmp_path):
     node = node_factory().start()
-    spec = DXSpec(rows=64, columns=64, patient_name="DOE^JANE^Q", patient_id="PID-778899", patient_birth_date="19411207")
+    spec = DXSpec(
+        rows=64, columns=64, patient_name="DOE^JANE^Q", patient_id="PID-778899", patient_birth_date="19411207"
+    )
     f = write_dx(tmp_path / "phi.dcm", spec)
     assert _acked(peers.storescu(node.port, [f]).stderr) == 1
     # A refused instance too: error paths are where data leaks.
@@ -266,7 +275,9 @@ def _nested_sequences(depth: int) -> bytes:
     """(0040,A730) Content Sequence nested ``depth`` deep, every level of undefined length."""
     import struct
 
-    start = struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    start = struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF) + struct.pack(
+        "<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF
+    )
     end = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
     leaf = struct.pack("<HH2sH", 0x0008, 0x0100, b"SH", 2) + b"X "
     return start * depth + leaf + end * depth
@@ -297,7 +308,7 @@ def test_unknown_vr_and_invalid_uids_get_clear_statuses(node_factory):
 
     raw = _encode(base)
     at = raw.index(b"\x08\x00\x30\x10LO")  # (0008,1030) Study Description
-    unknown_vr = (sop, base.SOPInstanceUID, raw[:at + 4] + b"ZZ" + raw[at + 6:])
+    unknown_vr = (sop, base.SOPInstanceUID, raw[: at + 4] + b"ZZ" + raw[at + 6 :])
     deep = variant()
     deep = (sop, deep[1], _before_pixels(deep[2], _nested_sequences(250)))
     leading_zero = variant(SeriesInstanceUID="1.2.826.0.1.3680043.02.7")
@@ -360,7 +371,7 @@ def test_internal_errors_reach_the_log_not_the_sender(node_factory, tmp_path):
     failed = [e for e in _log_events(node) if e.get("event") == "store_failed"]
     assert failed and failed[-1]["ref"] == ref and "no such table" in failed[-1].get("exception", "")
     # Nothing was half-kept, and with the table back the same instance is stored.
-    assert not [p for p in node.spool.rglob("*.dcm")]
+    assert not list(node.spool.rglob("*.dcm"))
     assert raw_store(node.port, [item]) == [(0, "")]
     assert len(_instances(node)) == 1
 

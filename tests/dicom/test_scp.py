@@ -27,16 +27,24 @@ from nnrouter.dicom import scp
 from nnrouter.testing import peers
 from nnrouter.testing.synthetic import DXSpec, dx_dataset
 
-CONTEXTS = (Verification, DigitalXRayImageStorageForPresentation, StudyRootQueryRetrieveInformationModelFind,
-            HangingProtocolInformationModelFind)
+CONTEXTS = (
+    Verification,
+    DigitalXRayImageStorageForPresentation,
+    StudyRootQueryRetrieveInformationModelFind,
+    HangingProtocolInformationModelFind,
+)
 
 
 @pytest.fixture
 def site(tmp_path):  # type: ignore[no-untyped-def]
     settings = Settings(
-        dicom={"ae_title": "NNROUTER", "bind": "127.0.0.1", "port": peers.free_port(),
-               "allowed_calling_aes": [{"ae_title": "MODALITY"}, {"ae_title": "VIEWER"}],
-               "query_aes": [{"ae_title": "VIEWER"}]},
+        dicom={
+            "ae_title": "NNROUTER",
+            "bind": "127.0.0.1",
+            "port": peers.free_port(),
+            "allowed_calling_aes": [{"ae_title": "MODALITY"}, {"ae_title": "VIEWER"}],
+            "query_aes": [{"ae_title": "VIEWER"}],
+        },
         storage={"path": str(tmp_path / "spool"), "min_free_mb": 0},
         limits={"refuse_below_free_mb": 0},
         database={"url": f"sqlite:///{tmp_path / 'nnrouter.db'}"},
@@ -94,18 +102,33 @@ def test_each_service_on_the_one_ae(site):
         assoc.release()
     assert [(s, c) for s, _, c in refused] == [(0x0124, "calling AE MODALITY is not allowed to query")] * 2
     (line,) = [e for e in logged if e["event"] == "association"]
-    assert (line["calling_ae"], line["instances"], line["statuses"], line["ended"]) == ("MODALITY", 1, {"0x0000": 1}, "released")
+    assert (line["calling_ae"], line["instances"], line["statuses"], line["ended"]) == (
+        "MODALITY",
+        1,
+        {"0x0000": 1},
+        "released",
+    )
     assert len([e for e in logged if e["event"] == "query_refused"]) == 2
     with store.read() as s:
         row = s.execute(select(Instance)).scalar_one()
-    assert (row.sop_instance_uid, row.calling_ae, row.node, row.state) == (ds.SOPInstanceUID, "MODALITY", "node-a", "received")
+    assert (row.sop_instance_uid, row.calling_ae, row.node, row.state) == (
+        ds.SOPInstanceUID,
+        "MODALITY",
+        "node-a",
+        "received",
+    )
 
     assoc = _associate(settings, "VIEWER")
     assert assoc.is_established
-    studies = _find(assoc, _study_query(StudyInstanceUID=ds.StudyInstanceUID), StudyRootQueryRetrieveInformationModelFind)
+    studies = _find(
+        assoc, _study_query(StudyInstanceUID=ds.StudyInstanceUID), StudyRootQueryRetrieveInformationModelFind
+    )
     protocols = _find(assoc, _protocol_query(), HangingProtocolInformationModelFind)
     assoc.release()
-    assert [(s, i.StudyInstanceUID if i else None) for s, i, _ in studies] == [(0xFF00, ds.StudyInstanceUID), (0x0000, None)]
+    assert [(s, i.StudyInstanceUID if i else None) for s, i, _ in studies] == [
+        (0xFF00, ds.StudyInstanceUID),
+        (0x0000, None),
+    ]
     assert sorted(str(i.HangingProtocolName) for s, i, _ in protocols if s == 0xFF00) == ["XR KNEE", "XR KNEE R+L"]
     assert protocols[-1][0] == 0x0000
 

@@ -29,13 +29,31 @@ def wlm(tmp_path):
     """wlmscpfs serving a worklist of two orders under the AE title CALLED."""
     scp = peers.Wlmscpfs(tmp_path / "worklists", aet=CALLED)
     scp.folder.mkdir(parents=True)
-    worklist_entry(scp.folder / "knee.wl", accession="ACC1001", study_uid=KNEE_STUDY,
-                   code=code_item(KNEE_LATERAL, "LN", "XR Knee Lateral"), description="XR Knee Lateral LEFT", modality="CR",
-                   sps_description="Knee lateral", patient_name="TESTPATIENT^ANNA", patient_id="PID1001", station=["XR1", "XR2"])
+    worklist_entry(
+        scp.folder / "knee.wl",
+        accession="ACC1001",
+        study_uid=KNEE_STUDY,
+        code=code_item(KNEE_LATERAL, "LN", "XR Knee Lateral"),
+        description="XR Knee Lateral LEFT",
+        modality="CR",
+        sps_description="Knee lateral",
+        patient_name="TESTPATIENT^ANNA",
+        patient_id="PID1001",
+        station=["XR1", "XR2"],
+    )
     # No Requested Procedure Description: the step's description has to do.
-    worklist_entry(scp.folder / "hands.wl", accession="ACC1002", study_uid=HAND_STUDY,
-                   code=code_item(HAND, "LN", "XR Hand AP"), description="", modality="DX",
-                   sps_description="Hands AP, both", patient_name="MÜLLER^JÜRGEN", patient_id="PID1002", station=["XR1"])
+    worklist_entry(
+        scp.folder / "hands.wl",
+        accession="ACC1002",
+        study_uid=HAND_STUDY,
+        code=code_item(HAND, "LN", "XR Hand AP"),
+        description="",
+        modality="DX",
+        sps_description="Hands AP, both",
+        patient_name="MÜLLER^JÜRGEN",
+        patient_id="PID1002",
+        station=["XR1"],
+    )
     scp.start()
     try:
         yield scp.port
@@ -44,8 +62,14 @@ def wlm(tmp_path):
 
 
 def _query(port: int, **kwargs):  # type: ignore[no-untyped-def]
-    return worklist.query("127.0.0.1", port, calling_ae="NNROUTER", called_ae=kwargs.pop("called_ae", CALLED),
-                          timeout=kwargs.pop("timeout", 10), **kwargs)
+    return worklist.query(
+        "127.0.0.1",
+        port,
+        calling_ae="NNROUTER",
+        called_ae=kwargs.pop("called_ae", CALLED),
+        timeout=kwargs.pop("timeout", 10),
+        **kwargs,
+    )
 
 
 def test_query_by_accession_finds_the_order(wlm):
@@ -96,11 +120,14 @@ def test_wildcards_are_left_to_the_scp(wlm):
 def test_failure_status(tmp_path):
     (tmp_path / CALLED).mkdir()  # no lockfile: wlmscpfs fails every query
     port = peers.free_port()
-    proc = subprocess.Popen(["wlmscpfs", "-dfp", str(tmp_path), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["wlmscpfs", "-dfp", str(tmp_path), str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         peers.wait_port(port, proc=proc)
-        with pytest.raises(worklist.WorklistError, match=rf"{CALLED} at 127\.0\.0\.1:{port}: C-FIND failed with status 0xA700"):
+        with pytest.raises(
+            worklist.WorklistError, match=rf"{CALLED} at 127\.0\.0\.1:{port}: C-FIND failed with status 0xA700"
+        ):
             _query(port, accession_number="ACC1001")
     finally:
         proc.terminate()

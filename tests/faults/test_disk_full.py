@@ -55,8 +55,12 @@ def tmpfs(tmp_path):  # type: ignore[no-untyped-def]
             pytest.skip("mounting a tmpfs needs root (CI runs the tests as root)")
         folder = tmp_path / name
         folder.mkdir()
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(folder)],
-                             check=False, capture_output=True, text=True)
+        res = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(folder)],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
         if res.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs: {res.stderr.strip() or res.returncode}")
         mounted.append(folder)
@@ -88,7 +92,7 @@ def _consistent(node: peers.Node, spool: Path) -> dict[str, int]:
     """Temp files, rows without files, files without rows."""
     rows = node_rows(node, Instance)
     files = {str(p) for p in spool.rglob("*.dcm") if ".incoming" not in p.parts}
-    temp = [p for p in (spool / ".incoming").glob("*")] if (spool / ".incoming").exists() else []
+    temp = list((spool / ".incoming").glob("*")) if (spool / ".incoming").exists() else []
     paths = {r.path for r in rows}
     return {"temp_files": len(temp), "rows_without_file": len(paths - files), "files_without_row": len(files - paths)}
 
@@ -139,9 +143,15 @@ class Outcome:
 
     def figure(self) -> dict:
         return dict(
-            cases=self.cases, acknowledged=len(self.acked), stored=self.stored, lost=len(self.acked) - self.stored,
-            statuses=self.statuses, comments=sorted({re.sub(r" \(ref \w+\)", "", c) for _, _, c in self.refused}),
-            echo_while_full=self.served, recovery_s=round(self.recovery_s, 2), stored_after_recovery=self.recovered,
+            cases=self.cases,
+            acknowledged=len(self.acked),
+            stored=self.stored,
+            lost=len(self.acked) - self.stored,
+            statuses=self.statuses,
+            comments=sorted({re.sub(r" \(ref \w+\)", "", c) for _, _, c in self.refused}),
+            echo_while_full=self.served,
+            recovery_s=round(self.recovery_s, 2),
+            stored_after_recovery=self.recovered,
             **self.state,
         )
 
@@ -158,8 +168,9 @@ def _fill_then_free(node: peers.Node, spool: Path, files: list[Path], filler: Pa
 
     recovery_s, again = _recover(node, [f for f, _, _ in refused], filler)
     recovered = sum(1 for _, s, _ in again if s == 0) + 1
-    return Outcome(len(files), acked, refused, statuses, served, state, stored, recovery_s, recovered,
-                   _consistent(node, spool))
+    return Outcome(
+        len(files), acked, refused, statuses, served, state, stored, recovery_s, recovered, _consistent(node, spool)
+    )
 
 
 @pytest.mark.parametrize("min_free_mb", [0, 4], ids=["enospc", "threshold"])
@@ -191,8 +202,10 @@ def test_spool_disk_full(tmpfs, node_factory, tmp_path, figures, min_free_mb):
 
 def test_sqlite_database_disk_full(tmpfs, node_factory, tmp_path, figures):
     disk = tmpfs("db_fs", 8)
-    node = node_factory(database_url=f"sqlite:///{disk / 'nnrouter.db'}",
-                        settings={"storage": {"min_free_mb": 0}, **NO_ASSOCIATION_FLOOR})
+    node = node_factory(
+        database_url=f"sqlite:///{disk / 'nnrouter.db'}",
+        settings={"storage": {"min_free_mb": 0}, **NO_ASSOCIATION_FLOOR},
+    )
     node.start()
     filler = _fill(disk, leave_kb=256)  # room for a few commits' worth of WAL frames
     src = tmp_path / "src"

@@ -100,8 +100,16 @@ def _seeds(tmp: Path) -> list[Seed]:
     out = []
     for f in files:
         ds = dcmread(f, force=True, stop_before_pixels=True)
-        out.append(Seed(f.name, str(ds.SOPClassUID), str(ds.SOPInstanceUID).strip(),
-                        UID(str(ds.file_meta.TransferSyntaxUID)), dataset_bytes(f), f))
+        out.append(
+            Seed(
+                f.name,
+                str(ds.SOPClassUID),
+                str(ds.SOPInstanceUID).strip(),
+                UID(str(ds.file_meta.TransferSyntaxUID)),
+                dataset_bytes(f),
+                f,
+            )
+        )
     return out
 
 
@@ -135,7 +143,9 @@ def _encode(ds, ts: UID) -> bytes:  # type: ignore[no-untyped-def]
 
 
 def _nested(depth: int) -> bytes:
-    start = struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    start = struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF) + struct.pack(
+        "<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF
+    )
     end = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
     leaf = struct.pack("<HH2sH", 0x0008, 0x0100, b"SH", 2) + b"X "
     return start * depth + leaf + end * depth
@@ -170,7 +180,7 @@ def _mutate(kind: str, seed: Seed, rnd: random.Random) -> Case:
         _, head, _, _ = rnd.choice([e for e in elems if e[3] not in EXPLICIT_VR_LENGTH_32] or elems)
         letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
         new_vr = rnd.choice([a + b for a in letters for b in letters if a + b not in _KNOWN_VRS])
-        case.raw = raw[: head + 4] + new_vr.encode() + raw[head + 6:]
+        case.raw = raw[: head + 4] + new_vr.encode() + raw[head + 6 :]
         case.expect = {0xC000}
     elif kind == "hostile_uid":
         keyword = rnd.choice(UID_KEYWORDS)
@@ -235,13 +245,29 @@ def _cases(seeds: list[Seed], rnd: random.Random, n: int) -> list[Case]:
         ds = dcmread(synthetic.path)
         ds.SOPInstanceUID = value
         affected = value if len(value) <= 64 else generate_uid()
-        fixed.append(Case("hostile_uid:SOPInstanceUID", synthetic.sop_class, affected, str(synthetic.ts),
-                          _encode(ds, synthetic.ts), {0xA900}))
+        fixed.append(
+            Case(
+                "hostile_uid:SOPInstanceUID",
+                synthetic.sop_class,
+                affected,
+                str(synthetic.ts),
+                _encode(ds, synthetic.ts),
+                {0xA900},
+            )
+        )
     for depth in (250, 5000):
         fresh, uid = _fresh(synthetic, rnd)
         at = fresh.find(b"\xe0\x7f\x10\x00")
-        fixed.append(Case(f"deep_sequence:{depth}", synthetic.sop_class, uid, str(synthetic.ts),
-                          fresh[:at] + _nested(depth) + fresh[at:], {0xC000}))
+        fixed.append(
+            Case(
+                f"deep_sequence:{depth}",
+                synthetic.sop_class,
+                uid,
+                str(synthetic.ts),
+                fresh[:at] + _nested(depth) + fresh[at:],
+                {0xC000},
+            )
+        )
     randoms = [_mutate(KINDS[i % len(KINDS)], rnd.choice(seeds), rnd) for i in range(n)]
     return fixed + randoms
 
@@ -299,7 +325,7 @@ def test_fuzzed_data_sets_get_answers_and_nothing_escapes_the_spool(node_factory
     answers: list[tuple[int | None, str]] = []
     good_ok = good_total = 0
     for b in range(0, len(cases), BATCH):
-        batch = cases[b:b + BATCH]
+        batch = cases[b : b + BATCH]
         answers += _send(node.port, batch, tmp_path / "sender" / str(b))
         good = write_dx(tmp_path / "sender" / str(b) / "good.dcm", DXSpec(rows=32, columns=32))
         res = peers.storescu(node.port, [good], timeout=60)
@@ -327,10 +353,16 @@ def test_fuzzed_data_sets_get_answers_and_nothing_escapes_the_spool(node_factory
     )
     figures.add(
         "fuzzed data sets",
-        cases=len(cases), seed=SEED, statuses=dict(sorted(statuses.items())),
-        by_kind={k: dict(v) for k, v in sorted(by_kind.items())}, aborts=statuses.get("abort", 0),
-        good_sends=f"{good_ok}/{good_total}", acknowledged=len(acked), stored=acked_stored,
-        lost=len(acked) - acked_stored, files_outside_spool=len(outside),
+        cases=len(cases),
+        seed=SEED,
+        statuses=dict(sorted(statuses.items())),
+        by_kind={k: dict(v) for k, v in sorted(by_kind.items())},
+        aborts=statuses.get("abort", 0),
+        good_sends=f"{good_ok}/{good_total}",
+        acknowledged=len(acked),
+        stored=acked_stored,
+        lost=len(acked) - acked_stored,
+        files_outside_spool=len(outside),
     )
 
     assert node.proc.poll() is None

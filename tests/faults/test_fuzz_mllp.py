@@ -39,12 +39,17 @@ VT, FS, CR = b"\x0b", b"\x1c", b"\r"
 
 
 def order(n: int, placer: str = "FZ") -> bytes:
-    return "\r".join([
-        f"MSH|^~\\&|RIS|HOSP|NNROUTER|HOSP|20260101080000||ORM^O01|{placer}{n:05d}|P|2.5",
-        "PID|1||FZ123456^^^HOSP^MR||FUZZ^PATIENT||19800101|F",
-        f"ORC|NW|{placer}PL{n:05d}|{placer}FL{n:05d}||SC",
-        f"OBR|1|{placer}PL{n:05d}|{placer}FL{n:05d}|36643-5^XR Chest 2 Views^LN||||||||||||||{placer}A{n:05d}",
-    ]).encode() + b"\r"
+    return (
+        "\r".join(
+            [
+                f"MSH|^~\\&|RIS|HOSP|NNROUTER|HOSP|20260101080000||ORM^O01|{placer}{n:05d}|P|2.5",
+                "PID|1||FZ123456^^^HOSP^MR||FUZZ^PATIENT||19800101|F",
+                f"ORC|NW|{placer}PL{n:05d}|{placer}FL{n:05d}||SC",
+                f"OBR|1|{placer}PL{n:05d}|{placer}FL{n:05d}|36643-5^XR Chest 2 Views^LN||||||||||||||{placer}A{n:05d}",
+            ]
+        ).encode()
+        + b"\r"
+    )
 
 
 def frame(payload: bytes) -> bytes:
@@ -77,11 +82,25 @@ def _flip(rng: random.Random, data: bytes, n: int) -> bytes:
 
 def make_case(rng: random.Random, n: int) -> Case:
     base = order(n, "FX")
-    kind = rng.choice([
-        "byte_flips", "truncated", "no_start_block", "no_end_block", "nested_start", "junk_between_frames",
-        "binary_noise", "oversized_segment", "huge_segment_within_limit", "odd_separators", "field_soup",
-        "wrong_type", "nul_and_control", "many_frames_one_write", "empty_frames",
-    ])
+    kind = rng.choice(
+        [
+            "byte_flips",
+            "truncated",
+            "no_start_block",
+            "no_end_block",
+            "nested_start",
+            "junk_between_frames",
+            "binary_noise",
+            "oversized_segment",
+            "huge_segment_within_limit",
+            "odd_separators",
+            "field_soup",
+            "wrong_type",
+            "nul_and_control",
+            "many_frames_one_write",
+            "empty_frames",
+        ]
+    )
     if kind == "byte_flips":
         return Case(kind, frame(_flip(rng, base, rng.randint(1, 20))), acks=1)
     if kind == "truncated":
@@ -107,12 +126,23 @@ def make_case(rng: random.Random, n: int) -> Case:
         seps = bytes(rng.choice(b"|^~\\&!@#$%*+-/ aZ9\x00\x7f") for _ in range(5))
         return Case(kind, frame(b"MSH" + seps + base[8:]), acks=1)
     if kind == "field_soup":
-        segs = [b"MSH|^~\\&|" + b"|".join(rng.randbytes(rng.randrange(0, 8)).replace(VT, b"").replace(FS, b"")
-                                         for _ in range(rng.randrange(0, 30)))]
+        segs = [
+            b"MSH|^~\\&|"
+            + b"|".join(
+                rng.randbytes(rng.randrange(0, 8)).replace(VT, b"").replace(FS, b"")
+                for _ in range(rng.randrange(0, 30))
+            )
+        ]
         for _ in range(rng.randrange(0, 30)):
             name = rng.choice([b"PID", b"ORC", b"OBR", b"ZDS", b"IPC", b"TQ1", b"NTE", b"XXX", b""])
-            segs.append(name + b"|" + b"|".join(b"^".join(b"&" * rng.randrange(3) for _ in range(rng.randrange(4)))
-                                               for _ in range(rng.randrange(60))))
+            segs.append(
+                name
+                + b"|"
+                + b"|".join(
+                    b"^".join(b"&" * rng.randrange(3) for _ in range(rng.randrange(4)))
+                    for _ in range(rng.randrange(60))
+                )
+            )
         return Case(kind, frame(b"\r".join(segs)), acks=1)
     if kind == "wrong_type":
         t = rng.choice([b"ORU^R01", b"ADT^A01", b"", b"^^^", b"ORM", b"OMI^O99", b"\\F\\^\\S\\", b"A" * 300])
@@ -232,14 +262,23 @@ def test_malformed_mllp(node_factory, figures):
     from nnrouter.core.store import OrderRequest, Store
 
     hl7_port = peers.free_port()
-    node = node_factory(settings={"orders": {"hl7": {
-        "bind": "127.0.0.1", "port": hl7_port,
-        # 127.0.0.2 may connect (and hogs the per-host cap); 127.0.0.3 may not.
-        "allowed_hosts": ["127.0.0.1", "127.0.0.2"],
-        "max_connections": 20, "max_connections_per_host": PER_HOST,
-        "message_timeout_s": MESSAGE_TIMEOUT_S, "idle_timeout_s": IDLE_TIMEOUT_S,
-        "max_message_bytes": MAX_MESSAGE,
-    }}}).start()
+    node = node_factory(
+        settings={
+            "orders": {
+                "hl7": {
+                    "bind": "127.0.0.1",
+                    "port": hl7_port,
+                    # 127.0.0.2 may connect (and hogs the per-host cap); 127.0.0.3 may not.
+                    "allowed_hosts": ["127.0.0.1", "127.0.0.2"],
+                    "max_connections": 20,
+                    "max_connections_per_host": PER_HOST,
+                    "message_timeout_s": MESSAGE_TIMEOUT_S,
+                    "idle_timeout_s": IDLE_TIMEOUT_S,
+                    "max_message_bytes": MAX_MESSAGE,
+                }
+            }
+        }
+    ).start()
     peers.wait_port(hl7_port, proc=node.proc)
     rng = random.Random(SEED)
     rss_start = rss_mb(node.proc.pid)["VmRSS"]
@@ -276,8 +315,10 @@ def test_malformed_mllp(node_factory, figures):
             if out.closed:
                 closed_clean += 1
             if not ok:
-                failures.append(f"case {n} {case.kind}: acks {out.acks} (expected {case.acks}), closed {out.closed}, "
-                                f"bad replies {out.bad_replies}")
+                failures.append(
+                    f"case {n} {case.kind}: acks {out.acks} (expected {case.acks}), closed {out.closed}, "
+                    f"bad replies {out.bad_replies}"
+                )
             if node.proc.poll() is not None:
                 failures.append(f"nnrouter exited with {node.proc.returncode} after case {n}")
                 break
@@ -291,16 +332,27 @@ def test_malformed_mllp(node_factory, figures):
     store = Store(node.db_url)
     try:
         with store.read() as s:
-            stored = s.execute(select(func.count()).select_from(OrderRequest)
-                               .where(OrderRequest.placer_order_number.like("FGPL%"))).scalar_one()
+            stored = s.execute(
+                select(func.count()).select_from(OrderRequest).where(OrderRequest.placer_order_number.like("FGPL%"))
+            ).scalar_one()
     finally:
         store.dispose()
     log = "\n".join(node.log_lines())
     figures.add(
-        "malformed MLLP frames and HL7 messages", cases=CASES, seed=SEED, kinds=len(kinds),
-        answered_with_ack=answered, closed_by_server=closed_clean, unanswered=len(failures),
-        good_orders_sent=good_sent, good_acked=good_acked, good_stored=stored, hog_connections=hogs.opened,
-        rss_start_mb=round(rss_start, 1), rss_end_mb=round(rss_end, 1), seconds=round(elapsed, 1),
+        "malformed MLLP frames and HL7 messages",
+        cases=CASES,
+        seed=SEED,
+        kinds=len(kinds),
+        answered_with_ack=answered,
+        closed_by_server=closed_clean,
+        unanswered=len(failures),
+        good_orders_sent=good_sent,
+        good_acked=good_acked,
+        good_stored=stored,
+        hog_connections=hogs.opened,
+        rss_start_mb=round(rss_start, 1),
+        rss_end_mb=round(rss_end, 1),
+        seconds=round(elapsed, 1),
     )
     assert not failures, "\n".join(failures[:20])
     assert node.proc.poll() is None

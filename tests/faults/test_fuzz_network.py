@@ -14,6 +14,7 @@ NNROUTER_FUZZ_LONG=1 runs ten times the cases and streams 600 MB.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -68,7 +69,9 @@ def associate_rq(called: str = "NNROUTER", calling: str = "FUZZ", max_pdu: int =
     app = item(0x10, b"1.2.840.10008.3.1.1.1")
     pc = item(0x20, bytes([1, 0, 0, 0]) + item(0x30, VERIFICATION.encode()) + item(0x40, IMPLICIT.encode()))
     user = item(0x50, item(0x51, struct.pack(">L", max_pdu)) + item(0x52, b"1.2.826.0.1.3680043.9.9999.1"))
-    body = struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode() + bytes(32) + app + pc + user
+    body = (
+        struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode() + bytes(32) + app + pc + user
+    )
     return struct.pack(">BBL", 1, 0, len(body)) + body
 
 
@@ -76,23 +79,25 @@ def broken_rq(rng: random.Random) -> tuple[str, bytes]:
     """A-ASSOCIATE-RQs whose items are wrong in one of several ways."""
     good = associate_rq()
     head, items = good[:74], bytearray(good[74:])  # header + fixed fields, then the variable items
-    kind = rng.choice(["item_length", "flip", "unknown_item", "no_app_context", "empty_context", "truncated_item", "short_fixed"])
+    kind = rng.choice(
+        ["item_length", "flip", "unknown_item", "no_app_context", "empty_context", "truncated_item", "short_fixed"]
+    )
     if kind == "item_length":  # an item claims more than the PDU holds
         starts = [0]
         while starts[-1] + 4 <= len(items):
-            nxt = starts[-1] + 4 + struct.unpack(">H", items[starts[-1] + 2:starts[-1] + 4])[0]
+            nxt = starts[-1] + 4 + struct.unpack(">H", items[starts[-1] + 2 : starts[-1] + 4])[0]
             if nxt >= len(items):
                 break
             starts.append(nxt)
         at = rng.choice(starts)
-        items[at + 2:at + 4] = struct.pack(">H", rng.choice([0xFFFF, len(items) + 1, 0x8000]))
+        items[at + 2 : at + 4] = struct.pack(">H", rng.choice([0xFFFF, len(items) + 1, 0x8000]))
     elif kind == "flip":
         for _ in range(rng.randint(1, 8)):
             items[rng.randrange(len(items))] ^= 1 << rng.randrange(8)
     elif kind == "unknown_item":
         items[0:0] = item(rng.choice([0x11, 0x33, 0x77, 0xFF]), rng.randbytes(rng.randint(0, 40)))
     elif kind == "no_app_context":
-        del items[:4 + struct.unpack(">H", items[2:4])[0]]
+        del items[: 4 + struct.unpack(">H", items[2:4])[0]]
     elif kind == "empty_context":
         items = bytearray(item(0x10, b"1.2.840.10008.3.1.1.1") + item(0x20, bytes([1, 0, 0, 0])) + items[-44:])
     elif kind == "truncated_item":
@@ -174,8 +179,25 @@ class GoodSender:
 
     def echo(self) -> None:
         res = subprocess.run(
-            ["echoscu", "-aet", "GOOD", "-aec", "NNROUTER", "-to", "5", "-ta", "5", "-td", "5", "127.0.0.1", str(self.port)],
-            check=False, capture_output=True, text=True, timeout=30,
+            [
+                "echoscu",
+                "-aet",
+                "GOOD",
+                "-aec",
+                "NNROUTER",
+                "-to",
+                "5",
+                "-ta",
+                "5",
+                "-td",
+                "5",
+                "127.0.0.1",
+                str(self.port),
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         self.echo_total += 1
         if res.returncode == 0:
@@ -185,8 +207,26 @@ class GoodSender:
 
     def store(self) -> None:
         res = subprocess.run(
-            ["storescu", "-aet", "GOOD", "-aec", "NNROUTER", "-to", "5", "-ta", "5", "-td", "10", "127.0.0.1", str(self.port),
-             str(self.file)], check=False, capture_output=True, text=True, timeout=60,
+            [
+                "storescu",
+                "-aet",
+                "GOOD",
+                "-aec",
+                "NNROUTER",
+                "-to",
+                "5",
+                "-ta",
+                "5",
+                "-td",
+                "10",
+                "127.0.0.1",
+                str(self.port),
+                str(self.file),
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         self.store_total += 1
         if res.returncode == 0:
@@ -218,17 +258,19 @@ def attack_garbage(port: int, rng: random.Random, cases: int) -> dict:
 
     def one(i: int) -> tuple[bool, bool]:
         s = connect_from(f"127.0.2.{10 + i % 200}", port, timeout=5)
-        try:
+        with contextlib.suppress(OSError):
             s.sendall(payloads[i][1])
-        except OSError:
-            pass
         aborted = (read_pdu(s, CLOSE_WITHIN_S) or b"")[:1] == b"\x07"
         return aborted, closed_by_server(s, CLOSE_WITHIN_S)
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, range(cases)))
-    return {"cases": cases, "aborted": sum(a for a, _ in results), "closed_by_server": sum(c for _, c in results),
-            "kinds": sorted({k for k, _ in payloads})}
+    return {
+        "cases": cases,
+        "aborted": sum(a for a, _ in results),
+        "closed_by_server": sum(c for _, c in results),
+        "kinds": sorted({k for k, _ in payloads}),
+    }
 
 
 def attack_broken_rq(port: int, rng: random.Random, cases: int) -> dict:
@@ -236,17 +278,15 @@ def attack_broken_rq(port: int, rng: random.Random, cases: int) -> dict:
 
     def one(i: int) -> tuple[str, bool]:
         s = connect_from(f"127.0.3.{10 + i % 200}", port, timeout=5)
-        try:
+        with contextlib.suppress(OSError):
             s.sendall(payloads[i][1])
-        except OSError:
-            pass
         rsp = read_pdu(s, CLOSE_WITHIN_S)
-        answer = {None: "closed", b"\x02": "accepted", b"\x03": "rejected", b"\x07": "aborted"}.get(rsp[:1] if rsp else None, "other")
+        answer = {None: "closed", b"\x02": "accepted", b"\x03": "rejected", b"\x07": "aborted"}.get(
+            rsp[:1] if rsp else None, "other"
+        )
         if answer == "accepted":  # a mutation pynetdicom could live with: release politely
-            try:
+            with contextlib.suppress(OSError):
                 s.sendall(bytes.fromhex("05000000000400000000"))
-            except OSError:
-                pass
             read_pdu(s, CLOSE_WITHIN_S)
         return answer, closed_by_server(s, CLOSE_WITHIN_S)
 
@@ -255,8 +295,12 @@ def attack_broken_rq(port: int, rng: random.Random, cases: int) -> dict:
     answers: dict[str, int] = {}
     for a, _ in results:
         answers[a] = answers.get(a, 0) + 1
-    return {"cases": cases, "answers": answers, "closed_by_server": sum(c for _, c in results),
-            "kinds": sorted({k for k, _ in payloads})}
+    return {
+        "cases": cases,
+        "answers": answers,
+        "closed_by_server": sum(c for _, c in results),
+        "kinds": sorted({k for k, _ in payloads}),
+    }
 
 
 def attack_oversized(port: int, pid: int, after_association: bool, stream_mb: int) -> dict:
@@ -286,8 +330,12 @@ def attack_oversized(port: int, pid: int, after_association: bool, stream_mb: in
         s.close()
     time.sleep(0.5)
     after = rss_mb(pid)
-    return {"cases": 1, "streamed_mb": sent, "closed_by_server": int(closed),
-            "rss_growth_mb": round(after["VmHWM"] - before["VmRSS"], 1)}
+    return {
+        "cases": 1,
+        "streamed_mb": sent,
+        "closed_by_server": int(closed),
+        "rss_growth_mb": round(after["VmHWM"] - before["VmRSS"], 1),
+    }
 
 
 def attack_idle(port: int, count: int, one_host: bool) -> dict:
@@ -401,8 +449,10 @@ def test_hostile_peers_do_not_lock_out_a_good_sender(node_factory, tmp_path, fig
         "hostile network peers (all)",
         cases=sum(r["cases"] for r in rows),
         closed_by_server=sum(r["closed_by_server"] for r in rows),
-        good_echo_ok=good.echo_ok, good_echo_total=good.echo_total,
-        good_store_ok=good.store_ok, good_store_total=good.store_total,
+        good_echo_ok=good.echo_ok,
+        good_echo_total=good.echo_total,
+        good_store_ok=good.store_ok,
+        good_store_total=good.store_total,
         max_rss_growth_mb=round(end["VmHWM"] - start_rss, 1),
     )
     assert node.proc.poll() is None, "the node died"
@@ -415,5 +465,10 @@ def test_hostile_peers_do_not_lock_out_a_good_sender(node_factory, tmp_path, fig
             assert r["streamed_mb"] < 64, r  # hung up on at the header, not after buffering
     assert end["VmHWM"] - start_rss < 100
     logged = "\n".join(node.log_lines())
-    for reason in ("not an A-ASSOCIATE-RQ", "announces 4294967280 bytes", "not complete within", "max_connections_per_host"):
+    for reason in (
+        "not an A-ASSOCIATE-RQ",
+        "announces 4294967280 bytes",
+        "not complete within",
+        "max_connections_per_host",
+    ):
         assert reason in logged, reason

@@ -133,7 +133,9 @@ def check_store(node, acked: list[Path]) -> tuple[dict[str, int], list[str]]:  #
         with store.read() as s:
             integrity = s.execute(text("PRAGMA integrity_check")).scalar()
             rows = list(s.execute(select(Instance)).scalars())
-            per_uid = dict(s.execute(select(Instance.sop_instance_uid, func.count()).group_by(Instance.sop_instance_uid)).all())
+            per_uid = dict(
+                s.execute(select(Instance.sop_instance_uid, func.count()).group_by(Instance.sop_instance_uid)).all()
+            )
     finally:
         store.dispose()
     by_uid = {r.sop_instance_uid: r for r in rows}
@@ -153,17 +155,24 @@ def check_store(node, acked: list[Path]) -> tuple[dict[str, int], list[str]]:  #
     half = [r.sop_instance_uid for r in rows if hashlib.sha256(dataset_bytes(Path(r.path))).hexdigest() != r.sha256]
     failed = [(r.sop_instance_uid, r.attempts, r.state_reason) for r in rows if r.state == InstanceState.FAILED]
     partial = list((node.spool / ".incoming").iterdir())
-    broken = [what for what, bad in (
-        (f"integrity_check: {integrity}", integrity != "ok"),
-        (f"acknowledged but not stored: {lost}", bool(lost)),
-        (f"stored bytes differ from those sent: {differ}", bool(differ)),
-        (f"rows whose file does not match: {half}", bool(half)),
-        (f"failed instances (uid, attempts, reason): {failed}", bool(failed)),
-        (f"partial files left: {partial}", bool(partial)),
-    ) if bad]
+    broken = [
+        what
+        for what, bad in (
+            (f"integrity_check: {integrity}", integrity != "ok"),
+            (f"acknowledged but not stored: {lost}", bool(lost)),
+            (f"stored bytes differ from those sent: {differ}", bool(differ)),
+            (f"rows whose file does not match: {half}", bool(half)),
+            (f"failed instances (uid, attempts, reason): {failed}", bool(failed)),
+            (f"partial files left: {partial}", bool(partial)),
+        )
+        if bad
+    ]
     return {
-        "acknowledged": len(acked), "stored": stored, "lost": len(lost),
-        "duplicated": sum(n - 1 for n in per_uid.values() if n > 1), "failed": len(failed),
+        "acknowledged": len(acked),
+        "stored": stored,
+        "lost": len(lost),
+        "duplicated": sum(n - 1 for n in per_uid.values() if n > 1),
+        "failed": len(failed),
         "max_attempts_seen": max((r.attempts for r in rows), default=0),
     }, broken
 
@@ -190,7 +199,9 @@ def test_kill_9_of_the_main_process_ten_times(node_factory, tmp_path, figures):
 
         files = write_series(tmp_path / "in" / str(cycle), FILES_PER_CYCLE, rows=64, columns=64)
         got = storescu_stream(node, files, KILL_AT_ACK, kill_main)
-        assert KILL_AT_ACK <= len(got) < FILES_PER_CYCLE, f"cycle {cycle}: the kill landed outside the stream ({len(got)})"
+        assert KILL_AT_ACK <= len(got) < FILES_PER_CYCLE, (
+            f"cycle {cycle}: the kill landed outside the stream ({len(got)})"
+        )
         acked += got
         assert len(kids) >= 2, f"cycle {cycle}: no stage processes to watch ({kids})"
         left, took = wait_gone(kids, 15)
@@ -210,8 +221,14 @@ def test_kill_9_of_the_main_process_ten_times(node_factory, tmp_path, figures):
     rc = node.stop()
     left, _ = wait_gone(kids, 5)
     orphans += len(left) + len(with_config(node.config_path))
-    figures.add("kill -9 main process", cases=CYCLES, **numbers, orphans=orphans,
-                children_exit_s=round(max(exit_s), 1), recovery_s=round(max(recovery_s), 1))
+    figures.add(
+        "kill -9 main process",
+        cases=CYCLES,
+        **numbers,
+        orphans=orphans,
+        children_exit_s=round(max(exit_s), 1),
+        recovery_s=round(max(recovery_s), 1),
+    )
     assert settled, "work left after the cycles"
     assert not broken, broken
     assert rc == 0
@@ -235,13 +252,21 @@ def test_kill_9_of_a_worker_ten_times(node_factory, tmp_path, figures):
                 os.kill(victim, signal.SIGKILL)
                 killed_at = time.monotonic()
                 with store.read() as s:  # what it held when it died, before the supervisor sees it: batch-mates
-                    held_at_kill += s.execute(select(func.count()).select_from(Instance).where(
-                        Instance.claimed_by.startswith(f"{socket.gethostname()}:{victim}:"))).scalar() or 0
+                    held_at_kill += (
+                        s.execute(
+                            select(func.count())
+                            .select_from(Instance)
+                            .where(Instance.claimed_by.startswith(f"{socket.gethostname()}:{victim}:"))
+                        ).scalar()
+                        or 0
+                    )
 
             files = write_series(tmp_path / "in" / str(cycle), FILES_PER_CYCLE, rows=64, columns=64)
             acked += storescu_stream(node, files, KILL_AT_ACK, kill_worker)
             assert killed_at, f"cycle {cycle}: the stream ended before the kill"
-            wait_for(lambda v=victim: worker_pids(node)[-1] != v, 60, f"cycle {cycle}: the killed worker was not replaced")
+            wait_for(
+                lambda v=victim: worker_pids(node)[-1] != v, 60, f"cycle {cycle}: the killed worker was not replaced"
+            )
             recovery_s.append(time.monotonic() - killed_at)
         t0 = time.monotonic()
         settled = settle(lambda: drained(store), 90)
@@ -254,8 +279,16 @@ def test_kill_9_of_a_worker_ten_times(node_factory, tmp_path, figures):
     rc = node.stop()
     left, _ = wait_gone(kids, 5)
     orphans = len(left) + len(with_config(node.config_path))
-    figures.add("kill -9 worker", cases=CYCLES, **numbers, orphans=orphans, worker_died_logged=died,
-                claims_held_at_kill=held_at_kill, recovery_s=round(max(recovery_s), 1), drain_s=round(drain_s, 1))
+    figures.add(
+        "kill -9 worker",
+        cases=CYCLES,
+        **numbers,
+        orphans=orphans,
+        worker_died_logged=died,
+        claims_held_at_kill=held_at_kill,
+        recovery_s=round(max(recovery_s), 1),
+        drain_s=round(drain_s, 1),
+    )
     assert settled, "work left after the cycles (a dead worker's claims must not wait for their lease)"
     assert not broken, broken
     assert died == CYCLES

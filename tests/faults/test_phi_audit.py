@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import needs
 from dicomfiles import dataset_bytes, raw_store, wait_for
+from pixels.test_runtime import make_model
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
@@ -27,7 +28,6 @@ from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
 )
-from pixels.test_runtime import make_model
 
 from nnrouter.orders import hl7
 from nnrouter.testing import peers
@@ -53,9 +53,19 @@ def leaks(text: str) -> list[str]:
 
 
 def spec(study_uid: str, series_uid: str, n: int, **over) -> DXSpec:  # type: ignore[no-untyped-def]
-    return DXSpec(rows=64, columns=64, patient_name=NAME, patient_id=PATIENT_ID, patient_birth_date=BIRTH,
-                  accession_number="ACCPHI1", study_uid=study_uid, series_uid=series_uid, instance_number=n,
-                  seed=n, **over)
+    return DXSpec(
+        rows=64,
+        columns=64,
+        patient_name=NAME,
+        patient_id=PATIENT_ID,
+        patient_birth_date=BIRTH,
+        accession_number="ACCPHI1",
+        study_uid=study_uid,
+        series_uid=series_uid,
+        instance_number=n,
+        seed=n,
+        **over,
+    )
 
 
 def encoded(ds: Dataset, path: Path, syntax: str = ExplicitVRLittleEndian) -> bytes:
@@ -89,7 +99,14 @@ def bad_data_sets(tmp: Path, study_uid: str, series_uid: str) -> list[tuple[str,
     out.append(("PatientBirthDate as SQ", uid, odd_vr, ExplicitVRLittleEndian))
 
     ds, uid = fresh(102)
-    out.append(("implicit VR sent as explicit", uid, encoded(ds, tmp / "i.dcm", ImplicitVRLittleEndian), ExplicitVRLittleEndian))
+    out.append(
+        (
+            "implicit VR sent as explicit",
+            uid,
+            encoded(ds, tmp / "i.dcm", ImplicitVRLittleEndian),
+            ExplicitVRLittleEndian,
+        )
+    )
     ds, uid = fresh(103)
     out.append(("explicit VR sent as implicit", uid, encoded(ds, tmp / "e.dcm"), ImplicitVRLittleEndian))
     ds, uid = fresh(104)
@@ -103,7 +120,9 @@ def bad_data_sets(tmp: Path, study_uid: str, series_uid: str) -> list[tuple[str,
     ds, uid = fresh(107)
     ds.PatientBirthDate = BIRTH + "XYZ"  # not a DA
     ds.PatientName = NAME + "\x00\x00"  # NUL in the name (PostgreSQL refuses NUL in text)
-    out.append(("PatientBirthDate not a date, NUL in PatientName", uid, encoded(ds, tmp / "d.dcm"), ExplicitVRLittleEndian))
+    out.append(
+        ("PatientBirthDate not a date, NUL in PatientName", uid, encoded(ds, tmp / "d.dcm"), ExplicitVRLittleEndian)
+    )
     ds, uid = fresh(108)
     ds.SpecificCharacterSet = "ISO_IR 192"
     raw = encoded(ds, tmp / "c.dcm").replace(GIVEN.encode(), GIVEN.encode()[:-2] + b"\xff\xfe", 1)
@@ -164,11 +183,14 @@ def identifier(level: str | None, **keys: str) -> Dataset:
 # --- HL7 ----------------------------------------------------------------------------------
 
 
-def orm(n: int, *, pid: str | None = None, obr: bool = True, control: str = "NW", kind: str = "ORM^O01",
-        study_uid: str = "") -> str:
-    segs = [f"MSH|^~\\&|RIS|HOSP|NNROUTER|HOSP|20260101080000||{kind}|PHIMSG{n:03d}|P|2.5",
-            pid if pid is not None else f"PID|1||{PATIENT_ID}^^^HOSP^MR||{FAMILY}^{GIVEN}||{BIRTH}|F",
-            f"ORC|{control}|PHIPL{n}|PHIFL{n}||SC"]
+def orm(
+    n: int, *, pid: str | None = None, obr: bool = True, control: str = "NW", kind: str = "ORM^O01", study_uid: str = ""
+) -> str:
+    segs = [
+        f"MSH|^~\\&|RIS|HOSP|NNROUTER|HOSP|20260101080000||{kind}|PHIMSG{n:03d}|P|2.5",
+        pid if pid is not None else f"PID|1||{PATIENT_ID}^^^HOSP^MR||{FAMILY}^{GIVEN}||{BIRTH}|F",
+        f"ORC|{control}|PHIPL{n}|PHIFL{n}||SC",
+    ]
     if obr:
         segs.append(f"OBR|1|PHIPL{n}|PHIFL{n}|36643-5^XR Chest 2 Views^LN||||||||||||||ACCPHI{n}")
     if study_uid:
@@ -198,7 +220,9 @@ def hl7_cases(port: int, study_uid: str) -> list[tuple[str, bytes]]:
         "empty ORC-1": orm(3, control=""),
         "not an order type": orm(4, kind="ADT^A08"),
         "no MSH": orm(5).split("\r", 1)[1],
-        "PID fields malformed": orm(6, pid=f"PID|1||{PATIENT_ID}\\X00\\^^^&&&~~~||{FAMILY}^^^^^^^^^^^{GIVEN}||{BIRTH}ZZZ"),
+        "PID fields malformed": orm(
+            6, pid=f"PID|1||{PATIENT_ID}\\X00\\^^^&&&~~~||{FAMILY}^^^^^^^^^^^{GIVEN}||{BIRTH}ZZZ"
+        ),
         "NUL in the name": orm(7, pid=f"PID|1||{PATIENT_ID}||{FAMILY}\x00^{GIVEN}||{BIRTH}"),
         "names too long for their columns": orm(8, pid=f"PID|1||{PATIENT_ID * 30}||{FAMILY * 40}^{GIVEN}||{BIRTH}"),
         "cancel": orm(1, control="CA"),
@@ -237,14 +261,17 @@ def test_no_patient_data_in_logs_comments_or_acks(node_factory, database_url, tm
         "rules:\n  - {name: everything, then: {forward: [dest, down]}}\n"
     )
     hl7_port = peers.free_port()
-    node = node_factory(database_url=database_url, settings={
-        "dicom": {"query_aes": [{"ae_title": QUERY_AE}]},
-        "workers": {"count": 1, "batch_size": 4, "max_wait_ms": 0, "poll_ms": 100},
-        "models": {"classifier": str(classifier)},
-        "routing": {"rules": str(rules), "tick_s": 0.3},
-        "orders": {"hl7": {"bind": "127.0.0.1", "port": hl7_port}},
-        "logging": {"level": "info", "format": "json"},
-    })
+    node = node_factory(
+        database_url=database_url,
+        settings={
+            "dicom": {"query_aes": [{"ae_title": QUERY_AE}]},
+            "workers": {"count": 1, "batch_size": 4, "max_wait_ms": 0, "poll_ms": 100},
+            "models": {"classifier": str(classifier)},
+            "routing": {"rules": str(rules), "tick_s": 0.3},
+            "orders": {"hl7": {"bind": "127.0.0.1", "port": hl7_port}},
+            "logging": {"level": "info", "format": "json"},
+        },
+    )
     comments: list[tuple[str, int, str]] = []  # (what, status, Error Comment)
     try:
         node.start()
@@ -271,17 +298,35 @@ def test_no_patient_data_in_logs_comments_or_acks(node_factory, database_url, tm
         assert len(refused) >= 8, comments  # most of the damage is refused, with a comment to grep
 
         # C-FIND by the patient's values, at both roots; broken identifiers; an AE not declared for queries.
-        study_root, patient_root = StudyRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelFind
+        study_root, patient_root = (
+            StudyRootQueryRetrieveInformationModelFind,
+            PatientRootQueryRetrieveInformationModelFind,
+        )
         answers: list[Dataset] = []
         for what, calling, model, ident in [
-            ("by name", QUERY_AE, study_root, identifier("STUDY", PatientName=FAMILY + "*", PatientID="", StudyInstanceUID="")),
-            ("by ID", QUERY_AE, study_root, identifier("STUDY", PatientID=PATIENT_ID, PatientName="", PatientBirthDate="")),
+            (
+                "by name",
+                QUERY_AE,
+                study_root,
+                identifier("STUDY", PatientName=FAMILY + "*", PatientID="", StudyInstanceUID=""),
+            ),
+            (
+                "by ID",
+                QUERY_AE,
+                study_root,
+                identifier("STUDY", PatientID=PATIENT_ID, PatientName="", PatientBirthDate=""),
+            ),
             ("by birth date", QUERY_AE, study_root, identifier("STUDY", PatientBirthDate=BIRTH, PatientID="")),
             ("patient root", QUERY_AE, patient_root, identifier("PATIENT", PatientID=PATIENT_ID, PatientName="")),
             ("series", QUERY_AE, study_root, identifier("SERIES", StudyInstanceUID=study_uid, PatientID=PATIENT_ID)),
             ("no level", QUERY_AE, study_root, identifier(None, PatientName=NAME, PatientID=PATIENT_ID)),
             ("bad level", QUERY_AE, study_root, identifier("XYZ", PatientName=NAME)),
-            ("bad date range", QUERY_AE, study_root, identifier("STUDY", PatientBirthDate=f"{BIRTH}-{BIRTH}-x", PatientID="")),
+            (
+                "bad date range",
+                QUERY_AE,
+                study_root,
+                identifier("STUDY", PatientBirthDate=f"{BIRTH}-{BIRTH}-x", PatientID=""),
+            ),
             ("patient level at study root", QUERY_AE, study_root, identifier("PATIENT", PatientID=PATIENT_ID)),
             ("undeclared AE", "NOTDECLARED", study_root, identifier("STUDY", PatientID=PATIENT_ID)),
         ]:
@@ -298,12 +343,16 @@ def test_no_patient_data_in_logs_comments_or_acks(node_factory, database_url, tm
 
             def classified() -> bool | list:
                 with store.read() as s:
-                    states = [r.state for r in s.execute(select(Instance).where(Instance.sop_instance_uid.in_(uids))).scalars()]
+                    states = [
+                        r.state
+                        for r in s.execute(select(Instance).where(Instance.sop_instance_uid.in_(uids))).scalars()
+                    ]
                 return (len(states) >= 4 and all(st == InstanceState.CLASSIFIED for st in states)) or states
 
             wait_for(classified, timeout=120)
         finally:
             store.dispose()
+
         def delivered() -> bool | int:
             n = sum(1 for f in dest.folder.rglob("*") if f.is_file())
             return n >= 4 or n
@@ -327,8 +376,12 @@ def test_no_patient_data_in_logs_comments_or_acks(node_factory, database_url, tm
         if leaks(ack.decode("latin-1")):
             found.append(f"HL7 ACK ({what}): {ack!r}")
     figures.add(
-        "PHI audit: log, Error Comments, HL7 ACKs", cases=len(bad) + 4 + 10 + len(acks),
-        log_lines=len(log_lines), error_comments=sum(1 for c in comments if c[2]), acks=len(acks),
-        refused_stores=len(refused), leaks=len(found),
+        "PHI audit: log, Error Comments, HL7 ACKs",
+        cases=len(bad) + 4 + 10 + len(acks),
+        log_lines=len(log_lines),
+        error_comments=sum(1 for c in comments if c[2]),
+        acks=len(acks),
+        refused_stores=len(refused),
+        leaks=len(found),
     )
     assert not found, "\n".join(found)

@@ -15,6 +15,7 @@ session-wide one that other tests share.
 from __future__ import annotations
 
 import collections
+import contextlib
 import re
 import shutil
 import subprocess
@@ -53,8 +54,12 @@ class Cluster:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}"
 
     def _ctl(self, *args: str) -> None:
-        subprocess.run(_as_postgres([str(self.bin / "pg_ctl"), "-D", str(self.base / "data"), *args]),
-                       check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            _as_postgres([str(self.bin / "pg_ctl"), "-D", str(self.base / "data"), *args]),
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
 
     def start(self) -> None:
         opts = f"-p {self.port} -k {self.base / 'sock'} -c listen_addresses=127.0.0.1"
@@ -72,10 +77,8 @@ def own_postgres():  # type: ignore[no-untyped-def]
     try:
         yield cluster
     finally:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
             cluster.stop()
-        except subprocess.CalledProcessError:
-            pass  # already stopped
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -86,8 +89,9 @@ def test_postgres_stopped_mid_stream(own_postgres, node_factory, tmp_path, figur
     with admin.connect() as conn:
         conn.execute(text('CREATE DATABASE "nnrouter"'))
     admin.dispose()
-    node = node_factory(database_url=own_postgres.url + "/nnrouter",
-                        settings={"storage": {"min_free_mb": 0}, **NO_ASSOCIATION_FLOOR})
+    node = node_factory(
+        database_url=own_postgres.url + "/nnrouter", settings={"storage": {"min_free_mb": 0}, **NO_ASSOCIATION_FLOOR}
+    )
     node.start()
     pid = node.proc.pid
     src = tmp_path / "src"
@@ -148,12 +152,21 @@ def test_postgres_stopped_mid_stream(own_postgres, node_factory, tmp_path, figur
     recovery_s = round(first_success_after_up - times["up"], 2) if first_success_after_up and "up" in times else None
     figures.add(
         f"PostgreSQL stopped {OUTAGE_S} s mid-stream",
-        cases=len(files), attempts=attempts, acknowledged=len(acked), stored=stored, lost=len(acked) - stored,
-        duplicated=sum(n - 1 for n in per_uid.values() if n > 1), statuses=dict(sorted(statuses.items())),
-        comments=dict(comments), refused_while_down=refused_while_down,
-        outage_s=round(times["up"] - times["down"], 1) if "up" in times else None, recovery_s=recovery_s,
-        temp_files=len(temp), rows_without_file=len({r.path for r in rows} - spool_files),
-        files_without_row=len(spool_files - {r.path for r in rows}), restarted=node.proc.pid != pid,
+        cases=len(files),
+        attempts=attempts,
+        acknowledged=len(acked),
+        stored=stored,
+        lost=len(acked) - stored,
+        duplicated=sum(n - 1 for n in per_uid.values() if n > 1),
+        statuses=dict(sorted(statuses.items())),
+        comments=dict(comments),
+        refused_while_down=refused_while_down,
+        outage_s=round(times["up"] - times["down"], 1) if "up" in times else None,
+        recovery_s=recovery_s,
+        temp_files=len(temp),
+        rows_without_file=len({r.path for r in rows} - spool_files),
+        files_without_row=len(spool_files - {r.path for r in rows}),
+        restarted=node.proc.pid != pid,
     )
 
     assert "down" in times and "up" in times, "the outage did not happen as planned"

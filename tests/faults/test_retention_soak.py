@@ -42,24 +42,40 @@ def test_retention_soak(node_factory, storescp, tmp_path, figures):
     from nnrouter.testing.synthetic import write_series
 
     rules_file = tmp_path / "routes.yaml"
-    rules_file.write_text(yaml.safe_dump({
-        "settings": {"quiet_s": 0.5},
-        "destinations": [
-            {"name": "archive", "ae_title": storescp.aet, "host": "127.0.0.1", "port": storescp.port},
-            {"name": "down", "ae_title": "DOWN", "host": "127.0.0.1", "port": peers.free_port(),
-             "retry": {"max_retries": 1000, "first_delay_s": 1, "multiplier": 1, "max_delay_s": 1}},
-        ],
-        "rules": [
-            {"name": "held_back", "priority": 1, "when": {"calling_ae": ["HELDBACK"]}, "then": {"forward": ["down"]}},
-            {"name": "everything", "priority": 10, "then": {"forward": ["archive"]}},
-        ],
-    }))
-    node = node_factory(settings={
-        "models": {"classifier": str(REPO / "models" / "nnrouter-view")},
-        "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 100},
-        "routing": {"rules": str(rules_file), "tick_s": 0.3},
-        "retention": {"keep_days": 1},  # nothing goes while the node runs; the admin's pass below uses 0
-    }).start()
+    rules_file.write_text(
+        yaml.safe_dump(
+            {
+                "settings": {"quiet_s": 0.5},
+                "destinations": [
+                    {"name": "archive", "ae_title": storescp.aet, "host": "127.0.0.1", "port": storescp.port},
+                    {
+                        "name": "down",
+                        "ae_title": "DOWN",
+                        "host": "127.0.0.1",
+                        "port": peers.free_port(),
+                        "retry": {"max_retries": 1000, "first_delay_s": 1, "multiplier": 1, "max_delay_s": 1},
+                    },
+                ],
+                "rules": [
+                    {
+                        "name": "held_back",
+                        "priority": 1,
+                        "when": {"calling_ae": ["HELDBACK"]},
+                        "then": {"forward": ["down"]},
+                    },
+                    {"name": "everything", "priority": 10, "then": {"forward": ["archive"]}},
+                ],
+            }
+        )
+    )
+    node = node_factory(
+        settings={
+            "models": {"classifier": str(REPO / "models" / "nnrouter-view")},
+            "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 100},
+            "routing": {"rules": str(rules_file), "tick_s": 0.3},
+            "retention": {"keep_days": 1},  # nothing goes while the node runs; the admin's pass below uses 0
+        }
+    ).start()
     sent = 0
     acked = 0
     for i in range(STUDIES):
@@ -75,7 +91,9 @@ def test_retention_soak(node_factory, storescp, tmp_path, figures):
         rows = node_rows(node, Outbox)
         done = [o for o in rows if o.destination == "archive" and o.state == OutboxState.SENT]
         waiting = [o for o in rows if o.destination == "down"]
-        return (len(done) == delivered and len(waiting) == IMAGES) or f"{len(done)} sent, {len(waiting)} to the dead peer"
+        return (
+            len(done) == delivered and len(waiting) == IMAGES
+        ) or f"{len(done)} sent, {len(waiting)} to the dead peer"
 
     wait_for(settled, timeout=240)
     spool_before, overlays_before = _mb(node.spool, "*.dcm"), _mb(node.home / "derived", "*.png")
@@ -90,8 +108,13 @@ def test_retention_soak(node_factory, storescp, tmp_path, figures):
     started = time.monotonic()
 
     def clean(*args: str) -> dict:
-        res = subprocess.run([sys.executable, "-m", "nnrouter", "clean", "--json", *args, "--config", str(node.config_path)],
-                             capture_output=True, text=True, timeout=300, env=env)
+        res = subprocess.run(
+            [sys.executable, "-m", "nnrouter", "clean", "--json", *args, "--config", str(node.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
         assert res.returncode == 0, res.stderr[-2000:]
         return json.loads(res.stdout)
 
@@ -108,14 +131,27 @@ def test_retention_soak(node_factory, storescp, tmp_path, figures):
     assert len(kept) == IMAGES and all(Path(i.path).exists() for i in kept)  # the undelivered study, untouched
     assert len(node_rows(node, Study)) == 1
     assert sum(1 for _ in (node.home / "derived").rglob("*.png")) == IMAGES
-    at_archive = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in storescp.folder.iterdir() if f.is_file()}
+    at_archive = {
+        str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in storescp.folder.iterdir() if f.is_file()
+    }
     lost = delivered - len(at_archive)
-    figures.add("retention soak (keep_days 0, one destination down)", cases=total, acknowledged=acked,
-                stored=len(at_archive) + len(kept), lost=lost, duplicated=0,
-                studies_cleaned=len(done["studies"]), studies_kept=1, kept_because=done["kept"],
-                spool_mb_before=round(spool_before, 2), spool_mb_after=round(spool_after, 2),
-                overlays_mb_before=round(overlays_before, 2), overlays_mb_after=round(overlays_after, 2),
-                overlay_to_spool=round(overlays_before / spool_before, 2), orphans_swept=done["sweep"]["orphan_files"],
-                clean_s=round(clean_s, 2))
+    figures.add(
+        "retention soak (keep_days 0, one destination down)",
+        cases=total,
+        acknowledged=acked,
+        stored=len(at_archive) + len(kept),
+        lost=lost,
+        duplicated=0,
+        studies_cleaned=len(done["studies"]),
+        studies_kept=1,
+        kept_because=done["kept"],
+        spool_mb_before=round(spool_before, 2),
+        spool_mb_after=round(spool_after, 2),
+        overlays_mb_before=round(overlays_before, 2),
+        overlays_mb_after=round(overlays_after, 2),
+        overlay_to_spool=round(overlays_before / spool_before, 2),
+        orphans_swept=done["sweep"]["orphan_files"],
+        clean_s=round(clean_s, 2),
+    )
     assert lost == 0
     assert spool_after == pytest.approx(spool_before / STUDIES, rel=0.05)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -19,24 +20,34 @@ from nnrouter.orders.order import Order, OrderSource
 KNEE_LATERAL = codes.classes()["knee_lateral"].order_codes[0].value
 CHEST_PA = codes.classes()["chest_pa_ap"].order_codes[0].value
 
-ORM_KNEE = "\r".join([
-    "MSH|^~\\&|RIS|GENHOSP|NNROUTER|RADIOLOGY|20240501083000||ORM^O01|MSG00001|P|2.3.1",
-    "PID|1||123456^^^GENHOSP^MR~987654321^^^SSA^SS||TESTPATIENT^ANNA^M^^DR||19700101|F",
-    "PV1|1|O|XRAY^^^GENHOSP",
-    "ORC|NW|PL1001^RIS|FL2002^PACS||SC||^^^20240502090000",
-    "OBR|1|PL1001^RIS|FL2002^PACS|" + KNEE_LATERAL + "^XR Knee Lateral LEFT^LN^KNEELAT^Knee lateral^99LOCAL"
-    "||||||||||||||ACC0001|RP0001|SPS0001||||CR|||1^once^^20240502091500^^R",
-    "ZDS|1.2.826.0.1.3680043.8.498.100^RIS^Application^DICOM",
-]) + "\r"
+ORM_KNEE = (
+    "\r".join(
+        [
+            "MSH|^~\\&|RIS|GENHOSP|NNROUTER|RADIOLOGY|20240501083000||ORM^O01|MSG00001|P|2.3.1",
+            "PID|1||123456^^^GENHOSP^MR~987654321^^^SSA^SS||TESTPATIENT^ANNA^M^^DR||19700101|F",
+            "PV1|1|O|XRAY^^^GENHOSP",
+            "ORC|NW|PL1001^RIS|FL2002^PACS||SC||^^^20240502090000",
+            "OBR|1|PL1001^RIS|FL2002^PACS|" + KNEE_LATERAL + "^XR Knee Lateral LEFT^LN^KNEELAT^Knee lateral^99LOCAL"
+            "||||||||||||||ACC0001|RP0001|SPS0001||||CR|||1^once^^20240502091500^^R",
+            "ZDS|1.2.826.0.1.3680043.8.498.100^RIS^Application^DICOM",
+        ]
+    )
+    + "\r"
+)
 
-OMI_CHEST = "\r".join([
-    "MSH|^~\\&|RIS|GENHOSP|NNROUTER|RADIOLOGY|20240501083000||OMI^O23^OMI_O23|MSG00002|P|2.5.1|||AL|NE||UNICODE UTF-8",
-    "PID|1||778899^^^GENHOSP^MR||MÜLLER^JÜRGEN||19650315|M",
-    "ORC|NW|PL3003|FL4004||SC",
-    "TQ1|1||||||20240503101500|",
-    "OBR|1|PL3003|FL4004|" + CHEST_PA + "^XR Chest PA^LN||||||||||||||ACC-IGNORED||||||RAD|||^^^20240509000000",
-    "IPC|ACC0002|RP0002|1.2.826.0.1.3680043.8.498.200|SPS0002|DX",
-]) + "\r"
+OMI_CHEST = (
+    "\r".join(
+        [
+            "MSH|^~\\&|RIS|GENHOSP|NNROUTER|RADIOLOGY|20240501083000||OMI^O23^OMI_O23|MSG00002|P|2.5.1|||AL|NE||UNICODE UTF-8",
+            "PID|1||778899^^^GENHOSP^MR||MÜLLER^JÜRGEN||19650315|M",
+            "ORC|NW|PL3003|FL4004||SC",
+            "TQ1|1||||||20240503101500|",
+            "OBR|1|PL3003|FL4004|" + CHEST_PA + "^XR Chest PA^LN||||||||||||||ACC-IGNORED||||||RAD|||^^^20240509000000",
+            "IPC|ACC0002|RP0002|1.2.826.0.1.3680043.8.498.200|SPS0002|DX",
+        ]
+    )
+    + "\r"
+)
 
 
 def _set(message: str, segment: str, n: int, value: str) -> str:
@@ -122,12 +133,14 @@ def test_escape_sequences():
 
 def test_custom_separators():
     # Field !, component @, repetition *, escape $, subcomponent %.
-    message = "\r".join([
-        "MSH!@*$%!RIS!GENHOSP!NNROUTER!RADIOLOGY!20240501083000!!ORM@O01!MSG00003!P!2.3",
-        "PID!1!!555@@@GENHOSP@MR!!DOE@JOHN",
-        "ORC!XO!PL5@RIS!FL6",
-        "OBR!1!PL5!FL6!" + KNEE_LATERAL + "@XR Knee $F$ lateral RT@LN!!!!!!!!!!!!!!ACC0003",
-    ])
+    message = "\r".join(
+        [
+            "MSH!@*$%!RIS!GENHOSP!NNROUTER!RADIOLOGY!20240501083000!!ORM@O01!MSG00003!P!2.3",
+            "PID!1!!555@@@GENHOSP@MR!!DOE@JOHN",
+            "ORC!XO!PL5@RIS!FL6",
+            "OBR!1!PL5!FL6!" + KNEE_LATERAL + "@XR Knee $F$ lateral RT@LN!!!!!!!!!!!!!!ACC0003",
+        ]
+    )
     order = hl7.parse(message)
     assert (order.control, order.accession_number, order.placer_order_number) == ("XO", "ACC0003", "PL5")
     assert order.description == "XR Knee ! lateral RT"
@@ -189,7 +202,9 @@ def test_laterality_words(text, side):
 
 
 def test_several_orders_in_one_message():
-    message = ORM_KNEE + "ORC|NW|PL1002|FL2003\rOBR|2|PL1002|FL2003|" + CHEST_PA + "^XR Chest PA^LN" + "|" * 14 + "ACC0004\r"
+    message = (
+        ORM_KNEE + "ORC|NW|PL1002|FL2003\rOBR|2|PL1002|FL2003|" + CHEST_PA + "^XR Chest PA^LN" + "|" * 14 + "ACC0004\r"
+    )
     orders = hl7.parse_all(message)
     assert [o.accession_number for o in orders] == ["ACC0001", "ACC0004"]
     assert orders[1].patient_id == "123456"  # the PID applies to every order after it
@@ -327,7 +342,11 @@ def test_several_messages_on_one_connection(server, received):
         sock.sendall(_frame(_set(ORM_KNEE, "MSH", 10, "MSGLAST")))
         acks += _read_acks(sock, 1)
     assert [_msa(a)[1:3] for a in acks] == [
-        ["AA", "MSG10000"], ["AA", "MSG10001"], ["AA", "MSG10002"], ["AA", "MSG00002"], ["AA", "MSGLAST"]
+        ["AA", "MSG10000"],
+        ["AA", "MSG10001"],
+        ["AA", "MSG10002"],
+        ["AA", "MSG00002"],
+        ["AA", "MSGLAST"],
     ]
     assert [o.accession_number for o in received] == ["ACC0001"] * 3 + ["ACC0002", "ACC0001"]
 
@@ -354,7 +373,7 @@ def test_concurrent_connections(received):
     def one(i: int) -> None:
         try:
             replies.append(hl7.send("127.0.0.1", server.port, _set(ORM_KNEE, "OBR", 18, f"ACC9{i:03d}"), timeout=10))
-        except BaseException as exc:  # noqa: BLE001 - reported below, with the others
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
@@ -376,7 +395,8 @@ def test_log_lines_carry_no_patient_data(server):
         hl7.send("127.0.0.1", server.port, _drop(ORM_KNEE, "OBR"), timeout=10)
     lines = [e for e in events if e["event"] == "hl7_message"]
     assert [(e["message_type"], e["control_id"], e["ack"]) for e in lines] == [
-        ("ORM^O01", "MSG00001", "AA"), ("ORM^O01", "MSG00001", "AE")
+        ("ORM^O01", "MSG00001", "AA"),
+        ("ORM^O01", "MSG00001", "AE"),
     ]
     assert all(e["log_level"] == "info" for e in lines)
     text = repr(events)
@@ -454,10 +474,8 @@ def test_peer_not_allowed_is_closed_with_a_warning(received):
         srv = _limited(received, allowed_hosts=("192.0.2.1",))
         try:
             with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
-                try:
+                with contextlib.suppress(OSError):
                     sock.sendall(_frame(ORM_KNEE))
-                except OSError:
-                    pass
                 assert _closed(sock)
             with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
                 assert _closed(sock)

@@ -19,8 +19,14 @@ BOOK = load_procedures(REPO / "rules" / "procedures.yaml")
 
 
 def order(description: str = "", *codes: Code, laterality: str | None = None, control: str = "NW") -> Order:
-    return Order(source="hl7", accession_number="A1", description=description, codes=codes, laterality=laterality,
-                 control=control)
+    return Order(
+        source="hl7",
+        accession_number="A1",
+        description=description,
+        codes=codes,
+        laterality=laterality,
+        control=control,
+    )
 
 
 def seen(uid: str, label: str | None, score: float = 0.97, **header) -> Seen:  # type: ignore[no-untyped-def]
@@ -52,12 +58,30 @@ def test_unmapped_is_reported_not_guessed():
     assert kinds(f) == [FlagKind.UNMAPPED_PROCEDURE]
 
 
-@pytest.mark.parametrize("text, line, field, reason", [
-    ("procedures:\n  - name: x\n    patterns: ['knee']\n    expect: {knee_front: 1}\n", 4, "procedures[0].expect", "unknown view class 'knee_front'"),
-    ("procedures:\n  - name: x\n    patterns: ['knee(']\n    expect: {knee_ap: 1}\n", 3, "procedures[0].patterns", "not a valid regular expression"),
-    ("procedures:\n  - name: x\n    expect: {knee_ap: 1}\n", 2, "procedures[0]", "give codes or patterns"),
-    ("procedures:\n  - name: x\n    patterns: [knee]\n    expekt: {knee_ap: 1}\n", 4, "procedures[0].expekt", "unknown field"),
-])
+@pytest.mark.parametrize(
+    "text, line, field, reason",
+    [
+        (
+            "procedures:\n  - name: x\n    patterns: ['knee']\n    expect: {knee_front: 1}\n",
+            4,
+            "procedures[0].expect",
+            "unknown view class 'knee_front'",
+        ),
+        (
+            "procedures:\n  - name: x\n    patterns: ['knee(']\n    expect: {knee_ap: 1}\n",
+            3,
+            "procedures[0].patterns",
+            "not a valid regular expression",
+        ),
+        ("procedures:\n  - name: x\n    expect: {knee_ap: 1}\n", 2, "procedures[0]", "give codes or patterns"),
+        (
+            "procedures:\n  - name: x\n    patterns: [knee]\n    expekt: {knee_ap: 1}\n",
+            4,
+            "procedures[0].expekt",
+            "unknown field",
+        ),
+    ],
+)
 def test_bad_procedures_file_says_where(tmp_path: Path, text: str, line: int, field: str, reason: str):
     f = tmp_path / "procedures.yaml"
     f.write_text(text)
@@ -82,7 +106,9 @@ def test_chest_two_views_with_only_pa_misses_the_lateral():
 
 
 def test_knee_ordered_ankle_imaged_is_the_wrong_body_part():
-    f = orders.check([order("XR Knee AP and Lateral")], [seen("1", "ankle_ap", 0.95), seen("2", "ankle_lateral", 0.93)], BOOK)
+    f = orders.check(
+        [order("XR Knee AP and Lateral")], [seen("1", "ankle_ap", 0.95), seen("2", "ankle_lateral", 0.93)], BOOK
+    )
     wrong = [x for x in f if x.kind == FlagKind.WRONG_BODY_PART]
     assert len(wrong) == 2 and wrong[0].severity == "error"
     assert wrong[0].evidence["predicted"] == "ankle_ap" and wrong[0].sop_instance_uid == "1"
@@ -104,7 +130,9 @@ def test_low_confidence_raises_uncertain_not_a_mismatch():
     assert kinds(f) == [FlagKind.UNCERTAIN]
     assert f[0].sop_instance_uid == "2" and f[0].severity == "info"
     # A class the model cannot recognise is never called missing.
-    f = orders.check([order("XR Knee AP and Lateral")], [seen("1", "knee_ap")], BOOK, covered={"knee_ap", "chest_pa_ap"})
+    f = orders.check(
+        [order("XR Knee AP and Lateral")], [seen("1", "knee_ap")], BOOK, covered={"knee_ap", "chest_pa_ap"}
+    )
     assert kinds(f) == [FlagKind.UNCERTAIN] and "knee_lateral" in f[0].reason
 
 
@@ -119,7 +147,11 @@ def test_header_says_one_thing_pixels_another():
 
 def test_laterality_conflict():
     o = order("XR Knee AP and Lateral", laterality="L")
-    f = orders.check([o], [Seen("1", "knee_ap", 0.9, True, laterality="R"), Seen("2", "knee_lateral", 0.9, True, laterality="L")], BOOK)
+    f = orders.check(
+        [o],
+        [Seen("1", "knee_ap", 0.9, True, laterality="R"), Seen("2", "knee_lateral", 0.9, True, laterality="L")],
+        BOOK,
+    )
     assert kinds(f) == [FlagKind.LATERALITY_CONFLICT]
     assert f[0].sop_instance_uid == "1" and f[0].evidence == {"ordered": "L", "image": "R"}
 
@@ -207,44 +239,79 @@ def test_orders_flags_route_to_qa_with_an_sr(tmp_path: Path):
     wl = peers.Wlmscpfs(tmp_path / "worklists")
     study_c = generate_uid()
     wl.folder.mkdir(parents=True)
-    worklist_entry(wl.folder / "c.wl", accession="ACC_C", study_uid=study_c, code=code_item("36643-5", "LN", "XR Chest 2 Views"),
-                   description="XR Chest 2 Views", modality="DX", sps_description="Chest PA and lateral",
-                   patient_name="WL^TEST", patient_id="WL1", station=["SLOW"])
+    worklist_entry(
+        wl.folder / "c.wl",
+        accession="ACC_C",
+        study_uid=study_c,
+        code=code_item("36643-5", "LN", "XR Chest 2 Views"),
+        description="XR Chest 2 Views",
+        modality="DX",
+        sps_description="Chest PA and lateral",
+        patient_name="WL^TEST",
+        patient_id="WL1",
+        station=["SLOW"],
+    )
     rules_file = tmp_path / "rules.yaml"
     rules_file.write_text(E2E_RULES.format(qa=qa.port, pacs=pacs.port))
     hl7_port = peers.free_port()
-    node = peers.Node(tmp_path / "node", settings={
-        "workers": {"count": 1},
-        "models": {"classifier": str(REPO / "models" / "nnrouter-view")},
-        "routing": {"rules": str(rules_file), "tick_s": 0.3},
-        "orders": {"worklist": {"host": "127.0.0.1", "port": wl.port, "ae_title": wl.aet},
-                   "hl7": {"bind": "127.0.0.1", "port": hl7_port}},
-    })
+    node = peers.Node(
+        tmp_path / "node",
+        settings={
+            "workers": {"count": 1},
+            "models": {"classifier": str(REPO / "models" / "nnrouter-view")},
+            "routing": {"rules": str(rules_file), "tick_s": 0.3},
+            "orders": {
+                "worklist": {"host": "127.0.0.1", "port": wl.port, "ae_title": wl.aet},
+                "hl7": {"bind": "127.0.0.1", "port": hl7_port},
+            },
+        },
+    )
     try:
         for peer in (qa, pacs, wl, node):
             peer.start()
         peers.wait_port(hl7_port)
         # B: the RIS orders a knee over HL7 before the images come.
-        ack = hl7.send("127.0.0.1", hl7_port, (
-            "MSH|^~\\&|RIS|HOSP|NNROUTER|HOSP|20261127080000||ORM^O01|MSG0001|P|2.3\r"
-            "PID|1||PIDB77^^^HOSP||TEST^KNEE\r"
-            "ORC|NW|PLB|FLB\r"
-            "OBR|1|PLB|FLB|K2V^XR Knee AP and Lateral left^L||||||||||||||ACC_B\r"
-        ), timeout=10)
+        ack = hl7.send(
+            "127.0.0.1",
+            hl7_port,
+            (
+                "MSH|^~\\&|RIS|HOSP|NNROUTER|HOSP|20261127080000||ORM^O01|MSG0001|P|2.3\r"
+                "PID|1||PIDB77^^^HOSP||TEST^KNEE\r"
+                "ORC|NW|PLB|FLB\r"
+                "OBR|1|PLB|FLB|K2V^XR Knee AP and Lateral left^L||||||||||||||ACC_B\r"
+            ),
+            timeout=10,
+        )
         assert b"MSA|AA|MSG0001" in ack
 
         files = tmp_path / "in"
         files.mkdir()
         study_a, study_b = generate_uid(), generate_uid()
         # A: the order written into the image asks for two chest views; only the PA comes.
-        a = png_study(first_png("chest_pa_ap"), files / "a.dcm", modality="DX", study_uid=study_a, AccessionNumber="ACC_A",
-                      RequestAttributesSequence=[_request("XR Chest 2 Views", "ACC_A")])
+        a = png_study(
+            first_png("chest_pa_ap"),
+            files / "a.dcm",
+            modality="DX",
+            study_uid=study_a,
+            AccessionNumber="ACC_A",
+            RequestAttributesSequence=[_request("XR Chest 2 Views", "ACC_A")],
+        )
         # B: a chest film on the knee order.
-        b = png_study(first_png("chest_pa_ap", 1), files / "b.dcm", modality="DX", study_uid=study_b, AccessionNumber="ACC_B")
+        b = png_study(
+            first_png("chest_pa_ap", 1), files / "b.dcm", modality="DX", study_uid=study_b, AccessionNumber="ACC_B"
+        )
         # C: both ordered chest views, from a sender whose quiet period is two minutes.
-        c1 = png_study(first_png("chest_pa_ap", 2), files / "c1.dcm", modality="DX", study_uid=study_c, AccessionNumber="ACC_C")
-        c2 = png_study(first_png("chest_lateral"), files / "c2.dcm", modality="DX", study_uid=study_c, AccessionNumber="ACC_C",
-                       series_uid=dcmread(c1).SeriesInstanceUID)
+        c1 = png_study(
+            first_png("chest_pa_ap", 2), files / "c1.dcm", modality="DX", study_uid=study_c, AccessionNumber="ACC_C"
+        )
+        c2 = png_study(
+            first_png("chest_lateral"),
+            files / "c2.dcm",
+            modality="DX",
+            study_uid=study_c,
+            AccessionNumber="ACC_C",
+            series_uid=dcmread(c1).SeriesInstanceUID,
+        )
         for f, aet in ((a, "DX1"), (b, "DX1"), (c1, "SLOW"), (c2, "SLOW")):
             res = peers.storescu(node.port, [f], aec=node.ae_title, aet=aet)
             assert res.returncode == 0, res.stderr
@@ -267,6 +334,7 @@ def test_orders_flags_route_to_qa_with_an_sr(tmp_path: Path):
         # C went before its two-minute quiet period was over: every ordered view had arrived.
         last = max(i["received_at"] for se in sc["series"] for i in se["instances"])
         from datetime import datetime
+
         waited = (datetime.fromisoformat(sc["routing"]["decided_at"]) - datetime.fromisoformat(last)).total_seconds()
         assert waited < 60, waited
 
@@ -280,6 +348,7 @@ def test_orders_flags_route_to_qa_with_an_sr(tmp_path: Path):
         def delivered() -> bool | tuple:
             got = (len(list(qa.folder.iterdir())), len(list(pacs.folder.iterdir())))
             return got == (4, 4) or got  # QA: A and B and their SRs; PACS: the four images
+
         wait_for(delivered, timeout=60)
         srs = [dcmread(p) for p in qa.folder.iterdir() if dcmread(p, stop_before_pixels=True).Modality == "SR"]
         assert sorted(str(sr.StudyInstanceUID) for sr in srs) == sorted([study_a, study_b])
@@ -287,11 +356,22 @@ def test_orders_flags_route_to_qa_with_an_sr(tmp_path: Path):
             if dcmread(p, stop_before_pixels=True).Modality == "SR":
                 assert peers.dciodvfy(p) == [], p
         # A's lateral comes late: it follows A's decision (QA and PACS), and A's flags are redone.
-        late = png_study(first_png("chest_lateral", 1), files / "a2.dcm", modality="DX", study_uid=study_a,
-                         AccessionNumber="ACC_A", RequestAttributesSequence=[_request("XR Chest 2 Views", "ACC_A")])
+        late = png_study(
+            first_png("chest_lateral", 1),
+            files / "a2.dcm",
+            modality="DX",
+            study_uid=study_a,
+            AccessionNumber="ACC_A",
+            RequestAttributesSequence=[_request("XR Chest 2 Views", "ACC_A")],
+        )
         assert peers.storescu(node.port, [late], aec=node.ae_title, aet="DX1").returncode == 0
-        wait_for(lambda: (len(list(qa.folder.iterdir())), len(list(pacs.folder.iterdir()))) == (5, 5)
-                 or (len(list(qa.folder.iterdir())), len(list(pacs.folder.iterdir()))), timeout=60)
+        wait_for(
+            lambda: (
+                (len(list(qa.folder.iterdir())), len(list(pacs.folder.iterdir()))) == (5, 5)
+                or (len(list(qa.folder.iterdir())), len(list(pacs.folder.iterdir())))
+            ),
+            timeout=60,
+        )
         wait_for(lambda: show(study_a)["flags"] == [] or show(study_a)["flags"], timeout=30)
         assert show(study_a)["routing"]["decided_at"] == sa["routing"]["decided_at"]  # decided once
         # No patient name or ID in the log at info level.
@@ -316,12 +396,21 @@ def test_a_broken_procedures_file_shows_in_status(node_factory, tmp_path: Path):
     def rejected() -> bool | dict:
         status = json.loads(node.cli("status", "--json").stdout)
         return bool(status["procedures"].get("rejected")) or status["procedures"]
+
     wait_for(rejected, timeout=30)
     errors = json.loads(node.cli("status", "--json").stdout)["procedures"]["rejected"]["errors"]
     assert "procedures.yaml:4:" in errors and "knee_front" in errors
     bad.write_text(bad.read_text().replace("knee_front", "knee_ap"))
-    wait_for(lambda: json.loads(node.cli("status", "--json").stdout)["procedures"].get("running") is not None
-             and not json.loads(node.cli("status", "--json").stdout)["procedures"].get("rejected") or "not yet", timeout=30)
+    wait_for(
+        lambda: (
+            (
+                json.loads(node.cli("status", "--json").stdout)["procedures"].get("running") is not None
+                and not json.loads(node.cli("status", "--json").stdout)["procedures"].get("rejected")
+            )
+            or "not yet"
+        ),
+        timeout=30,
+    )
     assert node.proc.poll() is None
 
 
@@ -333,8 +422,14 @@ def test_order_updates_keep_cancels_and_replace_the_procedure(tmp_path: Path):
 
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     store.upgrade()
-    first = Order(source="hl7", accession_number="ACC7", placer_order_number="PL7", description="XR HAND LEFT",
-                  laterality="L", codes=(Code("H2", "99LOCAL", "Hand 2V"),))
+    first = Order(
+        source="hl7",
+        accession_number="ACC7",
+        placer_order_number="PL7",
+        description="XR HAND LEFT",
+        laterality="L",
+        codes=(Code("H2", "99LOCAL", "Hand 2V"),),
+    )
     with store.write() as s:
         orders.save(s, first)
         # The change drops the side: the old "L" must not linger and raise a laterality conflict.
@@ -351,10 +446,16 @@ def test_order_updates_keep_cancels_and_replace_the_procedure(tmp_path: Path):
 
 
 def test_header_naming_a_containing_part_is_no_conflict():
-    for header, label in (("HAND", "finger_ap"), ("PELVIS", "oblique_view_of_Lauenstein"), ("SKULL", "panoramic_radiograph"),
-                          ("SPINE", "lumbar_spine_ap")):
+    for header, label in (
+        ("HAND", "finger_ap"),
+        ("PELVIS", "oblique_view_of_Lauenstein"),
+        ("SKULL", "panoramic_radiograph"),
+        ("SPINE", "lumbar_spine_ap"),
+    ):
         assert orders.check([], [Seen("1", label, 0.99, True, body_part_examined=header)], BOOK) == [], (header, label)
-    assert kinds(orders.check([], [Seen("1", "finger_ap", 0.99, True, body_part_examined="FOOT")], BOOK)) == ["header_conflict"]
+    assert kinds(orders.check([], [Seen("1", "finger_ap", 0.99, True, body_part_examined="FOOT")], BOOK)) == [
+        "header_conflict"
+    ]
 
 
 def test_a_dry_run_order_check_loads_procedures_without_a_trace(tmp_path: Path):

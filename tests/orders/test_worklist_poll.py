@@ -47,9 +47,18 @@ def wl(tmp_path):  # type: ignore[no-untyped-def]
     """wlmscpfs with the order for a two-view chest study, accession ACC_C."""
     scp = peers.Wlmscpfs(tmp_path / "worklists")
     scp.folder.mkdir(parents=True)
-    worklist_entry(scp.folder / "c.wl", accession="ACC_C", study_uid=generate_uid(),
-                   code=code_item("36643-5", "LN", "XR Chest 2 Views"), description="XR Chest 2 Views", modality="DX",
-                   sps_description="Chest PA and lateral", patient_name="WL^TEST", patient_id="WL1", station=["DX1"])
+    worklist_entry(
+        scp.folder / "c.wl",
+        accession="ACC_C",
+        study_uid=generate_uid(),
+        code=code_item("36643-5", "LN", "XR Chest 2 Views"),
+        description="XR Chest 2 Views",
+        modality="DX",
+        sps_description="Chest PA and lateral",
+        patient_name="WL^TEST",
+        patient_id="WL1",
+        station=["DX1"],
+    )
     scp.start()
     yield scp
     scp.stop()
@@ -60,8 +69,10 @@ def _settings(tmp_path: Path, database_url: str, port: int) -> Settings:
         database={"url": database_url},
         storage={"path": str(tmp_path / "spool")},
         models={"classifier": str(REPO / "models" / "nnrouter-view"), "detector": None},
-        orders={"procedures": str(REPO / "rules" / "procedures.yaml"),
-                "worklist": {"host": "127.0.0.1", "port": port, "ae_title": "RISWL", "timeout_s": 5}},
+        orders={
+            "procedures": str(REPO / "rules" / "procedures.yaml"),
+            "worklist": {"host": "127.0.0.1", "port": port, "ae_title": "RISWL", "timeout_s": 5},
+        },
     )
 
 
@@ -82,13 +93,35 @@ def add_study(store: Store, accession: str, labels: list[str], received: dt.date
         s.add_all([study, series])
         for label in labels:
             n = next(_uids)
-            inst = Instance(series=series, sop_instance_uid=generate_uid(), sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-                            transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"/nonexistent/{n}.dcm", size_bytes=1,
-                            sha256=f"{n:064x}", state=InstanceState.CLASSIFIED, rows=64, columns=64, calling_ae="DX1",
-                            received_at=received)
+            inst = Instance(
+                series=series,
+                sop_instance_uid=generate_uid(),
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path=f"/nonexistent/{n}.dcm",
+                size_bytes=1,
+                sha256=f"{n:064x}",
+                state=InstanceState.CLASSIFIED,
+                rows=64,
+                columns=64,
+                calling_ae="DX1",
+                received_at=received,
+            )
             s.add(inst)
-            s.add(Prediction(instance=inst, model_name="nnrouter-view", model_version="test", provider="cpu", label=label,
-                             score=0.99, top5=[[label, 0.99]], decode_ms=0, preprocess_ms=0, infer_ms=0))
+            s.add(
+                Prediction(
+                    instance=inst,
+                    model_name="nnrouter-view",
+                    model_version="test",
+                    provider="cpu",
+                    label=label,
+                    score=0.99,
+                    top5=[[label, 0.99]],
+                    decode_ms=0,
+                    preprocess_ms=0,
+                    infer_ms=0,
+                )
+            )
         s.flush()
         return study.id
 
@@ -126,7 +159,9 @@ def test_an_empty_answer_is_asked_again_later_and_an_hl7_order_is_never_asked(tm
     unknown = add_study(store, "ACC_NONE", ["chest_pa_ap"])
     hl7 = add_study(store, "ACC_HL7", ["chest_pa_ap"])
     with store.write() as s:
-        orders.save(s, orders.Order(source=orders.OrderSource.HL7, accession_number="ACC_HL7", description="XR Chest 2 Views"))
+        orders.save(
+            s, orders.Order(source=orders.OrderSource.HL7, accession_number="ACC_HL7", description="XR Chest 2 Views")
+        )
     poll = WorklistPoll(settings, store)
 
     assert poll.tick() == {"asked": 1, "orders": 0, "failed": 0, "skipped": 0}

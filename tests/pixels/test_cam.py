@@ -145,14 +145,14 @@ def test_input_model_is_left_alone() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(features="nope"), "features tensor 'nope'"),
-        (dict(weight="nope"), "weight tensor 'nope'"),
-        (dict(scores="nope"), "scores tensor 'nope'"),
-        (dict(output_name="logits"), "already used"),
-        (dict(layout="HWC"), "layout"),
+        ({"features": "nope"}, "features tensor 'nope'"),
+        ({"weight": "nope"}, "weight tensor 'nope'"),
+        ({"scores": "nope"}, "scores tensor 'nope'"),
+        ({"output_name": "logits"}, "already used"),
+        ({"layout": "HWC"}, "layout"),
     ],
 )
 def test_refuses_what_it_cannot_wire(kwargs: dict, message: str) -> None:
-    args = dict(features="features", weight="fc_w", scores="scores", layout="NHWC") | kwargs
+    args = {"features": "features", "weight": "fc_w", "scores": "scores", "layout": "NHWC"} | kwargs
     with pytest.raises(ValueError, match=message):
         add_cam_output(classifier("NHWC"), **args)

@@ -13,10 +13,10 @@ import cv2
 import pytest
 from conftest import needs, pydicom_data, shared_files
 from dicomfiles import send_as_is
-from pydicom import dcmread
-from sqlalchemy import select
 from pixels.test_detect import detector
 from pixels.test_runtime import make_model
+from pydicom import dcmread
+from sqlalchemy import select
 
 from nnrouter.core.config import load
 from nnrouter.core.store import Instance, InstanceState, Store
@@ -57,7 +57,10 @@ def test_worker_classifies_and_detects_real_radiographs(node_factory, database_u
     regions = detector(models, "ultralytics")
     node = node_factory(
         database_url=database_url,
-        settings={"models": {"classifier": str(classifier), "detector": str(regions)}, "workers": {"batch_size": 4, "max_wait_ms": 0}},
+        settings={
+            "models": {"classifier": str(classifier), "detector": str(regions)},
+            "workers": {"batch_size": 4, "max_wait_ms": 0},
+        },
     ).start()
     good = [pydicom_data("RG1_UNCI.dcm"), pydicom_data("RG3_J2KR.dcm")] + shared_files("good")
     bad = shared_files("bad")
@@ -67,12 +70,15 @@ def test_worker_classifies_and_detects_real_radiographs(node_factory, database_u
     res = node.cli("worker", "--until-empty")
     totals = json.loads(res.stdout.strip().splitlines()[-1])
     rows = _rows(node.db_url)
+
     def rows_of(f: Path) -> list[Instance]:
         uid = str(dcmread(f, stop_before_pixels=True, force=True).SOPInstanceUID).strip()
         return [r for r in rows if r.sop_instance_uid == uid]
 
     for f in good:
-        assert all(r.state == InstanceState.CLASSIFIED for r in rows_of(f)), [(f.name, r.state, r.state_reason) for r in rows_of(f)]
+        assert all(r.state == InstanceState.CLASSIFIED for r in rows_of(f)), [
+            (f.name, r.state, r.state_reason) for r in rows_of(f)
+        ]
     for r in rows:
         if r.state != InstanceState.CLASSIFIED:
             continue
@@ -89,8 +95,15 @@ def test_worker_classifies_and_detects_real_radiographs(node_factory, database_u
         usable = spacing is not None and all(float(v) > 0 for v in spacing)  # some CRs say 0.000
         for d in r.detections:
             if usable:
-                assert d.box_mm == pytest.approx([d.box_px[0] * float(spacing[1]), d.box_px[1] * float(spacing[0]),
-                                                  d.box_px[2] * float(spacing[1]), d.box_px[3] * float(spacing[0])], abs=0.05)
+                assert d.box_mm == pytest.approx(
+                    [
+                        d.box_px[0] * float(spacing[1]),
+                        d.box_px[1] * float(spacing[0]),
+                        d.box_px[2] * float(spacing[1]),
+                        d.box_px[3] * float(spacing[0]),
+                    ],
+                    abs=0.05,
+                )
             else:
                 assert d.box_mm is None
     for f in bad:
@@ -138,8 +151,11 @@ def test_worker_killed_mid_batch_loses_nothing(node_factory, tmp_path):
         }
     ).start()
     _send(node, write_series(tmp_path / "in", 12, rows=64, columns=64), tmp_path)
-    worker = subprocess.Popen([sys.executable, "-m", "nnrouter", "worker", "--config", str(node.config_path)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "nnrouter", "worker", "--config", str(node.config_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if [r.state for r in _rows(node.db_url)] == [InstanceState.CLASSIFYING] * 12:
@@ -178,7 +194,8 @@ def test_claims_are_exclusive_and_failures_give_up(database_url, tmp_path):
         ds = dcmread(f)
         receiver.keep(
             Header(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID, {}, {}, {}),
-            b"\0" * 128 + b"DICM", memoryview(f.read_bytes()[132:]),
+            b"\0" * 128 + b"DICM",
+            memoryview(f.read_bytes()[132:]),
             {"transfer_syntax_uid": "1.2.840.10008.1.2.1"},
         )
     a = Queue(store, "a", lease_s=60, max_attempts=2)
@@ -197,8 +214,13 @@ def test_claims_are_exclusive_and_failures_give_up(database_url, tmp_path):
         def classify(self, images):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    worker = Worker(settings.model_copy(update={"workers": settings.workers.model_copy(update={"max_attempts": 2, "max_wait_ms": 0})}),
-                    store, classifier=Exploding())
+    worker = Worker(
+        settings.model_copy(
+            update={"workers": settings.workers.model_copy(update={"max_attempts": 2, "max_wait_ms": 0})}
+        ),
+        store,
+        classifier=Exploding(),
+    )
     for _ in range(30):  # a batch, then each instance alone, twice
         batch = worker.next_batch()
         if not batch:
@@ -241,10 +263,13 @@ def test_serve_runs_workers_and_replaces_a_dead_one(node_factory, tmp_path):
     models = tmp_path / "models"
     models.mkdir()
     node = node_factory(
-        settings={"models": {"classifier": str(make_model(models))},
-                  "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 50, "lease_s": 2},
-                  # No router or cleaner process: the only children are workers.
-                  "orders": {"procedures": None}, "retention": {"enabled": False}}
+        settings={
+            "models": {"classifier": str(make_model(models))},
+            "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 50, "lease_s": 2},
+            # No router or cleaner process: the only children are workers.
+            "orders": {"procedures": None},
+            "retention": {"enabled": False},
+        }
     ).start()
     _send(node, write_series(tmp_path / "a", 3, rows=64, columns=64), tmp_path)
     _wait_states(node, InstanceState.CLASSIFIED, 3)
@@ -331,7 +356,9 @@ print(Crashing(settings, store).run(until_empty=True))
 
 
 def test_a_crash_counts_only_against_the_instance_in_hand(node_factory, tmp_path):
-    node = node_factory(settings={"workers": {"batch_size": 16, "max_wait_ms": 0, "lease_s": 1, "max_attempts": 3}}).start()
+    node = node_factory(
+        settings={"workers": {"batch_size": 16, "max_wait_ms": 0, "lease_s": 1, "max_attempts": 3}}
+    ).start()
     files = write_series(tmp_path / "in", 6, rows=64, columns=64)
     _send(node, files, tmp_path)
     culprit = str(dcmread(files[2], stop_before_pixels=True).SOPInstanceUID)
@@ -340,8 +367,9 @@ def test_a_crash_counts_only_against_the_instance_in_hand(node_factory, tmp_path
     script.write_text(_CRASHING_WORKER)
     exits = []
     for _ in range(8):  # bounded: a batch try, three alone, then the give-up
-        res = subprocess.run([sys.executable, str(script), str(node.config_path), culprit],
-                             capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [sys.executable, str(script), str(node.config_path), culprit], capture_output=True, text=True, timeout=120
+        )
         exits.append(res.returncode)
         if res.returncode == 0 and res.stdout.strip() == "{}":
             break

@@ -85,10 +85,7 @@ def dcmtk_render(path: Path, decoded: Decoded, tmp: Path, extra: tuple[str, ...]
     def run(tool: str, src: Path) -> subprocess.CompletedProcess:
         return subprocess.run([tool, *args, str(src), str(out)], capture_output=True, text=True, timeout=60)
 
-    if ts in _J2K:
-        result = None
-    else:
-        result = run("dcml2pnm" if ts in _JPEG_LS else "dcmj2pnm", path)
+    result = None if ts in _J2K else run("dcml2pnm" if ts in _JPEG_LS else "dcmj2pnm", path)
     if result is None or result.returncode != 0:
         raw = tmp / "raw.dcm"
         subprocess.run(["gdcmconv", "--raw", str(path), str(raw)], check=True, capture_output=True, timeout=60)
@@ -222,9 +219,7 @@ def test_shared_bad_file_has_a_clear_outcome(path: Path) -> None:
 
 @needs_dcmtk
 @pytest.mark.parametrize("name, dcmtk_options", [("implicit_file_meta", ()), ("jpeg_lossless_bad", ("+w6",))])
-def test_shared_bad_but_decodable_files_match_dcmtk(
-    name: str, dcmtk_options: tuple[str, ...], tmp_path: Path
-) -> None:
+def test_shared_bad_but_decodable_files_match_dcmtk(name: str, dcmtk_options: tuple[str, ...], tmp_path: Path) -> None:
     path = SHARED_DICOM / "bad" / f"{name}.dcm"
     if not path.exists():
         pytest.skip(NO_SHARED)
@@ -262,8 +257,13 @@ def pdd(name: str) -> Path:
 # Each group: one picture in several transfer syntaxes; lossless => identical output.
 # (pydicom-data's *_UNCR is the J2KR stream decompressed, *_UNCI the J2KI one.)
 SAME_PICTURE = [
-    ["emri_small.dcm", "emri_small_big_endian.dcm", "emri_small_RLE.dcm",
-     "emri_small_jpeg_2k_lossless.dcm", "emri_small_jpeg_ls_lossless.dcm"],
+    [
+        "emri_small.dcm",
+        "emri_small_big_endian.dcm",
+        "emri_small_RLE.dcm",
+        "emri_small_jpeg_2k_lossless.dcm",
+        "emri_small_jpeg_ls_lossless.dcm",
+    ],
     ["RG1_UNCR.dcm", "RG1_J2KR.dcm"],
     ["RG1_UNCI.dcm", "RG1_J2KI.dcm"],
     ["RG3_UNCR.dcm", "RG3_J2KR.dcm"],
@@ -285,16 +285,28 @@ def test_every_lossless_encoding_gives_the_same_picture(group: list[str]) -> Non
 
 
 def test_lossy_encodings_are_close() -> None:
-    for lossless, lossy in [("RG1_UNCR.dcm", "RG1_J2KI.dcm"), ("MR2_UNCR.dcm", "MR2_J2KI.dcm"),
-                            ("SC_rgb.dcm", "SC_rgb_dcmtk_ebcr_dcmd.dcm")]:
+    for lossless, lossy in [
+        ("RG1_UNCR.dcm", "RG1_J2KI.dcm"),
+        ("MR2_UNCR.dcm", "MR2_J2KI.dcm"),
+        ("SC_rgb.dcm", "SC_rgb_dcmtk_ebcr_dcmd.dcm"),
+    ]:
         a, b = decode_file(pdd(lossless)).image, decode_file(pdd(lossy)).image
         assert np.abs(a.astype(int) - b.astype(int)).mean() < 2
 
 
 @needs_dcmtk
 @pytest.mark.parametrize(
-    "name", ["mlut_18.dcm", "vlut_04.dcm", "OBXXXX1A_expb.dcm", "US1_J2KI.dcm", "SC_ybr_full_uncompressed.dcm",
-             "emri_small_big_endian.dcm", "eCT_Supplemental.dcm", "color3d_jpeg_baseline.dcm"],
+    "name",
+    [
+        "mlut_18.dcm",
+        "vlut_04.dcm",
+        "OBXXXX1A_expb.dcm",
+        "US1_J2KI.dcm",
+        "SC_ybr_full_uncompressed.dcm",
+        "emri_small_big_endian.dcm",
+        "eCT_Supplemental.dcm",
+        "color3d_jpeg_baseline.dcm",
+    ],
 )
 def test_pydicom_data_agrees_with_dcmtk(name: str, tmp_path: Path) -> None:
     decoded = decode_file(pdd(name))
@@ -309,8 +321,16 @@ def test_enhanced_multiframe_takes_window_and_rescale_from_functional_groups() -
 
 
 @pytest.mark.parametrize(
-    "name", ["RG1_J2KR.dcm", "JPEG-LL.dcm", "emri_small_RLE.dcm", "emri_small_jpeg_ls_lossless.dcm", "US1_J2KR.dcm",
-             "color3d_jpeg_baseline.dcm", "OBXXXX1A_rle.dcm"],
+    "name",
+    [
+        "RG1_J2KR.dcm",
+        "JPEG-LL.dcm",
+        "emri_small_RLE.dcm",
+        "emri_small_jpeg_ls_lossless.dcm",
+        "US1_J2KR.dcm",
+        "color3d_jpeg_baseline.dcm",
+        "OBXXXX1A_rle.dcm",
+    ],
 )
 def test_gdcm_fallback_gives_the_same_picture(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     expected = decode_file(pdd(name))
@@ -462,7 +482,7 @@ def test_pixel_padding_value_read_as_unsigned_or_beyond_bits_stored() -> None:
 def test_bits_stored_masks_garbage_high_bits() -> None:
     clean = np.array([[0, 1000, 2048, 4095]], dtype=np.uint16)
     dirty = clean | np.uint16(0xA000)
-    window = dict(WindowCenter=2048, WindowWidth=4096)
+    window = {"WindowCenter": 2048, "WindowWidth": 4096}
     expected = decode_dataset(make(clean, bits_stored=12, **window)).image
     got = decode_dataset(make(dirty, bits_stored=12, **window)).image
     np.testing.assert_array_equal(got, expected)
@@ -519,9 +539,7 @@ def test_bits_stored_masking_through_gdcm(signed: bool, tmp_path: Path, monkeypa
 
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("via", ["pydicom", "gdcm"])
-def test_bits_stored_masks_what_jpeg2000_codecs_leave(
-    signed: bool, via: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_bits_stored_masks_what_jpeg2000_codecs_leave(signed: bool, via: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Neither openjpeg (pylibjpeg) nor GDCM drops bits above Bits Stored when the
     # code stream carries 16 bits: only the decode stage does.
     values = ((np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 13) % 4096 | 0xA000).astype(np.uint16)
@@ -660,9 +678,7 @@ def test_transfer_syntax_that_contradicts_the_bytes() -> None:
     native = make(np.zeros((8, 8), dtype=np.uint16), ts=JPEG2000Lossless)
     with pytest.raises(DecodeError) as info:
         decode_dataset(native)
-    assert info.value.reason.startswith(
-        "transfer syntax 1.2.840.10008.1.2.4.90 does not match the encoded pixel data"
-    )
+    assert info.value.reason.startswith("transfer syntax 1.2.840.10008.1.2.4.90 does not match the encoded pixel data")
 
     # A JPEG lossless stream labelled JPEG-LS.
     jpeg = pydicom.dcmread(pdd("JPEG-LL.dcm"))

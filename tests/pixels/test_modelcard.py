@@ -145,7 +145,7 @@ def test_detect_outputs_are_one_of_two_layouts(tmp_path, outputs, ok):
 
 
 def test_missing_and_unparsable_cards(tmp_path):
-    with pytest.raises(ModelCardError, match="model.yaml: model card not found"):
+    with pytest.raises(ModelCardError, match=r"model\.yaml: model card not found"):
         load_card(tmp_path)
     write(tmp_path, "name: [unclosed\n")
     with pytest.raises(ModelCardError, match=r"model.yaml:\d+:\d+: \(top level\): not valid YAML"):
@@ -177,7 +177,7 @@ def test_verify_refuses_other_weights(tmp_path):
 def test_verify_missing_weights(tmp_path):
     write(tmp_path, card_dict())
     (tmp_path / "model.onnx").unlink()
-    with pytest.raises(ModelCardError, match="model.onnx: model file not found"):
+    with pytest.raises(ModelCardError, match=r"model\.onnx: model file not found"):
         verify(tmp_path)
 
 

@@ -49,10 +49,13 @@ def softmax(z: np.ndarray) -> np.ndarray:
 def classifier_graph(*, layout: str, channels: int, size, softmax_out: bool, cam: bool, batch) -> onnx.ModelProto:
     h, w = size
     shape = [batch, channels, h, w] if layout == "NCHW" else [batch, h, w, channels]
-    nodes, inits = [], [
-        numpy_helper.from_array(W[:channels], "W"),
-        numpy_helper.from_array(B, "B"),
-    ]
+    nodes, inits = (
+        [],
+        [
+            numpy_helper.from_array(W[:channels], "W"),
+            numpy_helper.from_array(B, "B"),
+        ],
+    )
     x = "input"
     if layout == "NHWC":
         nodes.append(helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2]))
@@ -99,8 +102,12 @@ def make_model(
     d = root / f"m{len(list(root.iterdir()))}"
     d.mkdir()
     graph = classifier_graph(
-        layout=layout, channels=channels, size=graph_size or size,
-        softmax_out=scores_are == "probabilities", cam=cam, batch=batch,
+        layout=layout,
+        channels=channels,
+        size=graph_size or size,
+        softmax_out=scores_are == "probabilities",
+        cam=cam,
+        batch=batch,
     )
     blob = graph.SerializeToString()
     (d / "model.onnx").write_bytes(blob)
@@ -299,7 +306,7 @@ def test_cam_stretch_keeps_full_map(tmp_path):
     m = Model.load(make_model(tmp_path, cam=True), providers=CPU)
     (r,) = m.classify([RNG.integers(0, 256, size=(50, 70), dtype=np.uint8)])
     assert r.cam.shape == SIZE
-    assert 0.0 <= r.cam.min() and r.cam.max() <= 1.0
+    assert r.cam.min() >= 0.0 and r.cam.max() <= 1.0
 
 
 def test_empty_batch(tmp_path):
@@ -319,7 +326,9 @@ def test_sha256_mismatch_is_refused(tmp_path):
     d = make_model(tmp_path)
     blob = classifier_graph(layout="NHWC", channels=3, size=SIZE, softmax_out=False, cam=False, batch="N")
     (d / "model.onnx").write_bytes(blob.SerializeToString())
-    with pytest.raises(ModelCardError, match=r"model\.onnx sha256 is [0-9a-f]{64}, card says [0-9a-f]{64}: refusing to load"):
+    with pytest.raises(
+        ModelCardError, match=r"model\.onnx sha256 is [0-9a-f]{64}, card says [0-9a-f]{64}: refusing to load"
+    ):
         Model.load(d, providers=CPU)
 
 

@@ -31,8 +31,12 @@ from nnrouter.testing import peers
 CREATED = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=dt.UTC)
 
 
-def img(uid: str, label: str | None, side: str | None = None, n: int | None = None, score: float | None = None) -> ImageView:
-    return ImageView(sop_instance_uid=uid, series_uid="1.2.3", label=label, score=score, laterality=side, instance_number=n)
+def img(
+    uid: str, label: str | None, side: str | None = None, n: int | None = None, score: float | None = None
+) -> ImageView:
+    return ImageView(
+        sop_instance_uid=uid, series_uid="1.2.3", label=label, score=score, laterality=side, instance_number=n
+    )
 
 
 def study(uid: str, date: str, parts: set[str], *images: ImageView) -> StudyViews:
@@ -72,7 +76,9 @@ def test_wings_import_one_way():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
     assert ast.literal_eval(out) == ["nnrouter.results", "nnrouter.results.hanging"]
-    code = "import sys, nnrouter.orders.order; print(sorted(m for m in sys.modules if m.startswith('nnrouter.results')))"
+    code = (
+        "import sys, nnrouter.orders.order; print(sorted(m for m in sys.modules if m.startswith('nnrouter.results')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
     assert ast.literal_eval(out) == []
 
@@ -89,8 +95,14 @@ def test_chest_two_view_pa_left_lateral_right():
     assert d["grid"] == {"rows": 1, "columns": 2}
     assert d["prior"] is None and d["current"]["screen"] == "full"
     assert d["display_sets"][0] == {
-        "position": 0, "viewport": {"row": 0, "column": 0}, "study": "current", "study_uid": "1",
-        "label": "chest_pa_ap", "family": "frontal", "laterality": None, "images": ["pa"],
+        "position": 0,
+        "viewport": {"row": 0, "column": 0},
+        "study": "current",
+        "study_uid": "1",
+        "label": "chest_pa_ap",
+        "family": "frontal",
+        "laterality": None,
+        "images": ["pa"],
         "reason": d["display_sets"][0]["reason"],
     }
     assert "frontal" in d["display_sets"][0]["reason"] and "lateral" in d["display_sets"][1]["reason"]
@@ -99,7 +111,9 @@ def test_chest_two_view_pa_left_lateral_right():
 def test_knee_with_prior_beside():
     cur = study("cur", "20240501", {"KNEE"}, img("c-lat", "knee_lateral", "R", 2), img("c-ap", "knee_ap", "R", 1))
     older = study("old", "20230101", {"KNEE"}, img("o-ap", "knee_ap", "R"))
-    newest_earlier = study("prev", "20230601", {"KNEE"}, img("p-lat", "knee_lateral", "R", 1), img("p-ap", "knee_ap", "R", 2))
+    newest_earlier = study(
+        "prev", "20230601", {"KNEE"}, img("p-lat", "knee_lateral", "R", 1), img("p-ap", "knee_ap", "R", 2)
+    )
     chest_between = study("chest", "20240101", {"CHEST"}, img("x", "chest_pa_ap"))
     later = study("later", "20240801", {"KNEE"}, img("l-ap", "knee_ap", "R"))
     # Body part known only from the classified images (no header value) still counts.
@@ -135,9 +149,13 @@ def test_prior_is_aligned_like_with_like():
 
 def test_bilateral_hands_right_on_viewers_left():
     s = study(
-        "h", "20240501", {"HAND"},
-        img("l-pa", "hand_ap", "L", 1), img("r-obl", "hand_oblique", "R", 4),
-        img("r-pa", "hand_ap", "R", 3), img("l-obl", "hand_oblique", "L", 2),
+        "h",
+        "20240501",
+        {"HAND"},
+        img("l-pa", "hand_ap", "L", 1),
+        img("r-obl", "hand_oblique", "R", 4),
+        img("r-pa", "hand_ap", "R", 3),
+        img("l-obl", "hand_oblique", "L", 2),
     )
     lay = layout(s)
     assert lay.protocol == "XR HAND R+L"
@@ -152,24 +170,38 @@ def test_bilateral_hands_right_on_viewers_left():
 
 def test_unknown_images_last_in_their_own_set():
     s = study(
-        "u", "20240501", {"ANKLE"},
-        img("u1", None, n=1), img("lat", "ankle_lateral", n=2), img("u2", UNKNOWN, n=3),
-        img("doubt", "ankle_ap", score=0.2, n=4), img("ap", "ankle_ap", score=0.9, n=5),
+        "u",
+        "20240501",
+        {"ANKLE"},
+        img("u1", None, n=1),
+        img("lat", "ankle_lateral", n=2),
+        img("u2", UNKNOWN, n=3),
+        img("doubt", "ankle_ap", score=0.2, n=4),
+        img("ap", "ankle_ap", score=0.9, n=5),
     )
     lay = layout(s, min_score=0.5)
     assert [(d.label, d.images) for d in lay.display_sets] == [
-        ("ankle_ap", ("ap",)), ("ankle_lateral", ("lat",)), (UNKNOWN, ("u1", "u2", "doubt")),
+        ("ankle_ap", ("ap",)),
+        ("ankle_lateral", ("lat",)),
+        (UNKNOWN, ("u1", "u2", "doubt")),
     ]
     assert lay.display_sets[-1].family == UNKNOWN
     assert layout(study("e", "20240501", set(), img("z", None))).protocol == "XR UNCLASSIFIED"
 
 
 def test_spine_order_and_images_stacked_by_instance_number():
-    s = study("s", "20240501", {"LSPINE"}, img("l2", "lumbar_spine_lateral", n=2), img("l1", "lumbar_spine_lateral", n=1),
-              img("ap", "lumbar_spine_ap", n=3))
+    s = study(
+        "s",
+        "20240501",
+        {"LSPINE"},
+        img("l2", "lumbar_spine_lateral", n=2),
+        img("l1", "lumbar_spine_lateral", n=1),
+        img("ap", "lumbar_spine_ap", n=3),
+    )
     lay = layout(s)
     assert [(d.label, d.images) for d in lay.display_sets] == [
-        ("lumbar_spine_ap", ("ap",)), ("lumbar_spine_lateral", ("l1", "l2")),
+        ("lumbar_spine_ap", ("ap",)),
+        ("lumbar_spine_lateral", ("l1", "l2")),
     ]
 
 
@@ -214,7 +246,10 @@ def test_chest_protocol_structure():
     sel = {int(s.SelectorAttribute): s for s in lateral.ImageSetSelectorSequence}
     assert list(sel[0x00185101].SelectorCSValue) == ["LL", "RL"]
     # Current on the left screen (PA then lateral), prior on the right, like with like.
-    boxes = [(d.DisplaySetLabel, list(d.ImageBoxesSequence[0].DisplayEnvironmentSpatialPosition)) for d in p.DisplaySetsSequence]
+    boxes = [
+        (d.DisplaySetLabel, list(d.ImageBoxesSequence[0].DisplayEnvironmentSpatialPosition))
+        for d in p.DisplaySetsSequence
+    ]
     assert boxes == [
         ("current chest_pa_ap", [0.0, 1.0, 0.25, 0.0]),
         ("current chest_lateral", [0.25, 1.0, 0.5, 0.0]),
@@ -250,9 +285,15 @@ def test_bilateral_protocol_selects_laterality():
     p = protocol_for("PELVIS", bilateral=True, created=CREATED)
     labels = [d.DisplaySetLabel for d in p.DisplaySetsSequence if d.DisplaySetLabel.startswith("current")]
     # The pelvis AP shows both hips and is not split; the Lauenstein is, right first.
-    assert labels == ["current pelvis_ap", "current oblique_view_of_Lauenstein R", "current oblique_view_of_Lauenstein L"]
+    assert labels == [
+        "current pelvis_ap",
+        "current oblique_view_of_Lauenstein R",
+        "current oblique_view_of_Lauenstein L",
+    ]
     side = [
-        s.SelectorCSValue for item in p.ImageSetsSequence for s in item.ImageSetSelectorSequence
+        s.SelectorCSValue
+        for item in p.ImageSetsSequence
+        for s in item.ImageSetSelectorSequence
         if int(s.SelectorAttribute) == 0x00200062
     ]
     assert side == ["R", "L"]
@@ -283,12 +324,33 @@ def _stored_study(s, uid: str, date: str, patient: str, views: list[tuple[str, s
     series = Series(study=study, series_uid=generate_uid(), modality="DX")
     s.add_all([study, series])
     for n, (label, side) in enumerate(views, 1):
-        inst = Instance(series=series, sop_instance_uid=generate_uid(), sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-                        transfer_syntax_uid="1.2.840.10008.1.2.1", path="/nonexistent", size_bytes=1, sha256=f"{n}",
-                        state=InstanceState.CLASSIFIED, instance_number=str(n), image_laterality=side)
+        inst = Instance(
+            series=series,
+            sop_instance_uid=generate_uid(),
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            path="/nonexistent",
+            size_bytes=1,
+            sha256=f"{n}",
+            state=InstanceState.CLASSIFIED,
+            instance_number=str(n),
+            image_laterality=side,
+        )
         s.add(inst)
-        s.add(Prediction(instance=inst, model_name="test", model_version="1", provider="CPU", label=label, score=0.97,
-                         top5=[[label, 0.97]], decode_ms=1, preprocess_ms=1, infer_ms=1))
+        s.add(
+            Prediction(
+                instance=inst,
+                model_name="test",
+                model_version="1",
+                provider="CPU",
+                label=label,
+                score=0.97,
+                top5=[[label, 0.97]],
+                decode_ms=1,
+                preprocess_ms=1,
+                infer_ms=1,
+            )
+        )
 
 
 def test_hang_cli_picks_the_patients_own_prior(node_factory):
@@ -328,12 +390,32 @@ def test_hang_protocols_are_written_and_stored_at_a_pacs(tmp_path, node_factory)
     pacs.aet = pacs.ae_title
     try:
         rules_file = tmp_path / "rules.yaml"
-        rules_file.write_text(yaml.safe_dump({
-            "destinations": [{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.port}],
-            "rules": [{"name": "all", "then": {"forward": ["pacs"]}}],
-        }))
-        res = subprocess.run([sys.executable, "-m", "nnrouter", "hang-protocols", "--out", str(tmp_path / "hp"),
-                              "--send", "pacs", "--rules", str(rules_file)], capture_output=True, text=True, timeout=120, check=False)
+        rules_file.write_text(
+            yaml.safe_dump(
+                {
+                    "destinations": [{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.port}],
+                    "rules": [{"name": "all", "then": {"forward": ["pacs"]}}],
+                }
+            )
+        )
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "nnrouter",
+                "hang-protocols",
+                "--out",
+                str(tmp_path / "hp"),
+                "--send",
+                "pacs",
+                "--rules",
+                str(rules_file),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert res.returncode == 0, res.stderr
         written = sorted((tmp_path / "hp").glob("*.dcm"))
         assert len(written) == len(hanging.generic_protocols())

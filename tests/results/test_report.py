@@ -40,17 +40,25 @@ def _headers(folder: Path, specs: list[DXSpec]) -> list[Dataset]:
 
 def _chest(folder: Path) -> StudyFindings:
     study = generate_uid()
-    pa, ll = _headers(folder, [
-        DXSpec(study_uid=study, view_position="PA"),
-        DXSpec(study_uid=study, view_position="LL", instance_number=2, seed=1, rows=600, columns=500),
-    ])
+    pa, ll = _headers(
+        folder,
+        [
+            DXSpec(study_uid=study, view_position="PA"),
+            DXSpec(study_uid=study, view_position="LL", instance_number=2, seed=1, rows=600, columns=500),
+        ],
+    )
     return StudyFindings(
         instances=[pa, ll],
         images=[
-            ImageFinding(pa.SOPInstanceUID, "chest_pa_ap", 0.97, [
-                Region("chest", 0.93, (10.5, 20.25, 400.0, 500.0)),
-                Region("marker", 0.61, (0.0, 0.0, 32.0, 16.5)),
-            ]),
+            ImageFinding(
+                pa.SOPInstanceUID,
+                "chest_pa_ap",
+                0.97,
+                [
+                    Region("chest", 0.93, (10.5, 20.25, 400.0, 500.0)),
+                    Region("marker", 0.61, (0.0, 0.0, 32.0, 16.5)),
+                ],
+            ),
             ImageFinding(ll.SOPInstanceUID, "chest_lateral", 0.91, [Region("chest", 0.88, (50.0, 60.0, 500.0, 600.0))]),
         ],
         algorithm_name=ALGO,
@@ -60,11 +68,14 @@ def _chest(folder: Path) -> StudyFindings:
 
 def _unknown_and_flags(folder: Path) -> StudyFindings:
     study = generate_uid()
-    knee, jaw, broken = _headers(folder, [
-        DXSpec(study_uid=study, body_part="KNEE", view_position="AP"),
-        DXSpec(study_uid=study, body_part="KNEE", view_position="AP", instance_number=2, seed=1),
-        DXSpec(study_uid=study, body_part="KNEE", view_position="AP", instance_number=3, seed=2),
-    ])
+    knee, jaw, broken = _headers(
+        folder,
+        [
+            DXSpec(study_uid=study, body_part="KNEE", view_position="AP"),
+            DXSpec(study_uid=study, body_part="KNEE", view_position="AP", instance_number=2, seed=1),
+            DXSpec(study_uid=study, body_part="KNEE", view_position="AP", instance_number=3, seed=2),
+        ],
+    )
     return StudyFindings(
         instances=[knee, jaw, broken],  # the third could not be decoded: no finding
         images=[
@@ -73,7 +84,9 @@ def _unknown_and_flags(folder: Path) -> StudyFindings:
         ],
         flags=[
             MismatchFlag("laterality", "warning", "order says left knee; image says right", knee.SOPInstanceUID),
-            MismatchFlag("procedure", "error", "ordered XR KNEE 2 VIEWS; found a panoramic radiograph", jaw.SOPInstanceUID),
+            MismatchFlag(
+                "procedure", "error", "ordered XR KNEE 2 VIEWS; found a panoramic radiograph", jaw.SOPInstanceUID
+            ),
             MismatchFlag("undecodable", "info", "1 of 3 images could not be decoded"),
         ],
         algorithm_name=ALGO,
@@ -83,10 +96,13 @@ def _unknown_and_flags(folder: Path) -> StudyFindings:
 
 def _flags_only(folder: Path) -> StudyFindings:
     study = generate_uid()
-    a, b = _headers(folder, [
-        DXSpec(study_uid=study, body_part="HAND", view_position="PA"),
-        DXSpec(study_uid=study, body_part="HAND", view_position="PA", instance_number=2, seed=1),
-    ])
+    a, b = _headers(
+        folder,
+        [
+            DXSpec(study_uid=study, body_part="HAND", view_position="PA"),
+            DXSpec(study_uid=study, body_part="HAND", view_position="PA", instance_number=2, seed=1),
+        ],
+    )
     return StudyFindings(
         instances=[a, b],
         flags=[MismatchFlag("undecodable", "error", "no image of the study could be decoded")],
@@ -134,7 +150,15 @@ def test_sr_joins_the_study_in_a_series_of_its_own(case):  # type: ignore[no-unt
     assert sr.Modality == "SR"
     assert sr.StudyInstanceUID == first.StudyInstanceUID
     assert sr.SeriesInstanceUID not in {ds.SeriesInstanceUID for ds in findings.instances}
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyDate", "StudyTime", "StudyID"):
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "AccessionNumber",
+        "StudyDate",
+        "StudyTime",
+        "StudyID",
+    ):
         assert sr[keyword].value == first[keyword].value, keyword
     assert sr.ContentDate == "20240506" and sr.ContentTime.startswith("070809")
     # Every evaluated instance is evidence, the undecodable one included.
@@ -150,7 +174,7 @@ def test_sr_joins_the_study_in_a_series_of_its_own(case):  # type: ignore[no-unt
 
 
 def test_views_scores_and_algorithm_are_in_the_content_tree(case):  # type: ignore[no-untyped-def]
-    name, findings, path = case
+    name, _findings, path = case
     sr = dcmread(path)
     views = [_code_value(i.ConceptCodeSequence[0]) for i in _named(sr, "Image View")]
     scores = [float(i.MeasuredValueSequence[0].NumericValue) for i in _named(sr, "Probability")]
@@ -163,7 +187,9 @@ def test_views_scores_and_algorithm_are_in_the_content_tree(case):  # type: igno
         assert len(groups) == 2 + 3
     elif name == "unknown_and_flags":
         assert views == ["261665006", "panoramic_radiograph"]  # SCT Unknown; no CID 4010 code -> private
-        (pano,) = [i for i in _named(sr, "Image View") if i.ConceptCodeSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME]
+        (pano,) = [
+            i for i in _named(sr, "Image View") if i.ConceptCodeSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME
+        ]
         assert pano.ConceptCodeSequence[0].LongCodeValue == "panoramic_radiograph"
         assert scores == pytest.approx([0.31, 0.88])
     else:
@@ -171,7 +197,11 @@ def test_views_scores_and_algorithm_are_in_the_content_tree(case):  # type: igno
     assert algo_names == {ALGO} and algo_versions == {VERSION}
     # Each group, and the flags' container, names the algorithm.
     for container in groups + _named(sr, "Qualitative Evaluations"):
-        names = [i.TextValue for i in container.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Name"]
+        names = [
+            i.TextValue
+            for i in container.ContentSequence
+            if i.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Name"
+        ]
         assert names == [ALGO]
 
 
@@ -193,31 +223,43 @@ def test_boxes_round_trip_as_closed_polylines_on_their_image(case):  # type: ign
 
 
 def test_flags_are_text_evaluations_at_study_level(case):  # type: ignore[no-untyped-def]
-    name, findings, path = case
+    _name, findings, path = case
     sr = dcmread(path)
     containers = _named(sr, "Qualitative Evaluations")
     if not findings.flags:
         assert containers == []
         return
     (container,) = containers
-    texts = [i for i in container.ContentSequence if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME]
+    texts = [
+        i
+        for i in container.ContentSequence
+        if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME
+    ]
     got = []
     for t in texts:
         severity = [_code_value(c.ConceptCodeSequence[0]) for c in t.ContentSequence if c.ValueType == "CODE"]
-        image = [c.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for c in t.ContentSequence if c.ValueType == "IMAGE"]
-        got.append(MismatchFlag(_code_value(t.ConceptNameCodeSequence[0]), severity[0], t.TextValue, image[0] if image else None))
+        image = [
+            c.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for c in t.ContentSequence if c.ValueType == "IMAGE"
+        ]
+        got.append(
+            MismatchFlag(
+                _code_value(t.ConceptNameCodeSequence[0]), severity[0], t.TextValue, image[0] if image else None
+            )
+        )
     assert got == list(findings.flags)
 
 
 def test_highdicom_reads_it_back(case):  # type: ignore[no-untyped-def]
-    name, findings, path = case
+    _name, findings, path = case
     sr = hd.sr.srread(path)
     assert isinstance(sr, hd.sr.ComprehensiveSR)
     report = sr.content
     assert isinstance(report, hd.sr.MeasurementReport)
-    (observer,) = report.get_observer_contexts(observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"))
+    (_observer,) = report.get_observer_contexts(observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"))
     image_groups = report.get_image_measurement_groups()
-    assert [g.source_images[0].referenced_sop_instance_uid for g in image_groups] == [f.sop_instance_uid for f in findings.images]
+    assert [g.source_images[0].referenced_sop_instance_uid for g in image_groups] == [
+        f.sop_instance_uid for f in findings.images
+    ]
     for group, finding in zip(image_groups, findings.images):
         assert group.finding_type.value == finding.label and group.finding_type.scheme_designator == PRIVATE_SCHEME
         (evaluation,) = group.get_qualitative_evaluations(name=hd.sr.CodedConcept("111031", "DCM", "Image View"))
@@ -235,16 +277,20 @@ def test_highdicom_reads_it_back(case):  # type: ignore[no-untyped-def]
             data = roi.roi.value
             assert (data[:, 0].min(), data[:, 1].min(), data[:, 0].max(), data[:, 1].max()) == region.box_px
             assert [m.value for m in roi.get_measurements()] == pytest.approx([region.score])
-    flag_containers = hd.sr.utils.find_content_items(report[0], name=hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations"))
+    flag_containers = hd.sr.utils.find_content_items(
+        report[0], name=hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+    )
     assert len(flag_containers) == (1 if findings.flags else 0)
     if findings.flags:
         texts = hd.sr.utils.find_content_items(flag_containers[0], value_type=hd.sr.ValueTypeValues.TEXT)
-        assert [t.value for t in texts if t.name.scheme_designator == PRIVATE_SCHEME] == [f.reason for f in findings.flags]
+        assert [t.value for t in texts if t.name.scheme_designator == PRIVATE_SCHEME] == [
+            f.reason for f in findings.flags
+        ]
 
 
 def test_same_inputs_same_document(tmp_path):
     findings = _chest(tmp_path)
-    kw = dict(series_uid=generate_uid(), instance_uid=generate_uid(), now=NOW)
+    kw = {"series_uid": generate_uid(), "instance_uid": generate_uid(), "now": NOW}
     one = write_sr(build_sr(findings, **kw), tmp_path / "one.dcm").read_bytes()
     two = write_sr(build_sr(findings, **kw), tmp_path / "two.dcm").read_bytes()
     assert one == two
@@ -267,7 +313,9 @@ def test_missing_type2_patient_attributes_still_give_a_valid_header(tmp_path):
     assert sr.PatientBirthDate == "" and sr.ReferringPhysicianName == ""
 
 
-@pytest.mark.parametrize("sex, birth, want", [("MALE", "1980", ("M", "")), ("f", "00000000", ("F", "")), ("X", "19700101", ("", "19700101"))])
+@pytest.mark.parametrize(
+    "sex, birth, want", [("MALE", "1980", ("M", "")), ("f", "00000000", ("F", "")), ("X", "19700101", ("", "19700101"))]
+)
 def test_modality_spellings_of_sex_and_birth_date_do_not_stop_the_sr(tmp_path, sex, birth, want):
     """Real modalities write these; the SR carries the standard value or leaves the Type 2 attribute empty."""
     findings = _flags_only(tmp_path)
@@ -295,6 +343,9 @@ def test_invalid_inputs_are_refused_on_creation(tmp_path):
         StudyFindings(instances=[pa, other])
     with pytest.raises(ValueError, match="at least one"):
         StudyFindings(instances=[])
-    outside = StudyFindings(instances=[pa], images=[ImageFinding(pa.SOPInstanceUID, "chest_pa_ap", 0.9, [Region("chest", 0.5, (0, 0, 513, 10))])])
+    outside = StudyFindings(
+        instances=[pa],
+        images=[ImageFinding(pa.SOPInstanceUID, "chest_pa_ap", 0.9, [Region("chest", 0.5, (0, 0, 513, 10))])],
+    )
     with pytest.raises(ValueError, match="outside"):
         build_sr(outside)

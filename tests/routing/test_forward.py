@@ -24,13 +24,35 @@ from nnrouter.routing.forward import Forwarder, ok_status, permanent_status
 from nnrouter.testing.synthetic import write_series
 
 
-@pytest.mark.parametrize("status, kind", [
-    (0x0000, "sent"), (0x0001, "sent"), (0xB000, "sent"), (0xB007, "sent"), (0x0107, "sent"), (0x0116, "sent"),
-    (0xA700, "transient"), (0xA701, "transient"), (0xA7FF, "transient"), (0x0110, "transient"), (0x0213, "transient"),
-    (0x0210, "transient"), (0xA801, "transient"), (0xFFFF, "transient"),
-    (0xC000, "permanent"), (0xC001, "permanent"), (0xCFFF, "permanent"), (0xA900, "permanent"), (0xA9FF, "permanent"),
-    (0x0117, "permanent"), (0x0122, "permanent"), (0x0124, "permanent"), (0x0211, "permanent"), (0x0212, "permanent"),
-])
+@pytest.mark.parametrize(
+    "status, kind",
+    [
+        (0x0000, "sent"),
+        (0x0001, "sent"),
+        (0xB000, "sent"),
+        (0xB007, "sent"),
+        (0x0107, "sent"),
+        (0x0116, "sent"),
+        (0xA700, "transient"),
+        (0xA701, "transient"),
+        (0xA7FF, "transient"),
+        (0x0110, "transient"),
+        (0x0213, "transient"),
+        (0x0210, "transient"),
+        (0xA801, "transient"),
+        (0xFFFF, "transient"),
+        (0xC000, "permanent"),
+        (0xC001, "permanent"),
+        (0xCFFF, "permanent"),
+        (0xA900, "permanent"),
+        (0xA9FF, "permanent"),
+        (0x0117, "permanent"),
+        (0x0122, "permanent"),
+        (0x0124, "permanent"),
+        (0x0211, "permanent"),
+        (0x0212, "permanent"),
+    ],
+)
 def test_status_classes(status, kind):
     got = "sent" if ok_status(status) else "permanent" if permanent_status(status) else "transient"
     assert got == kind, f"0x{status:04X}"
@@ -82,9 +104,16 @@ def queue(store: Store, files: list[Path], destinations: list[str]) -> Store:
         s.add_all([study, series])
         for f in files:
             ds = dcmread(f, stop_before_pixels=True)
-            inst = Instance(series=series, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-                            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=str(f),
-                            size_bytes=f.stat().st_size, sha256=hashlib.sha256(f.read_bytes()).hexdigest(), state="decoded")
+            inst = Instance(
+                series=series,
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                path=str(f),
+                size_bytes=f.stat().st_size,
+                sha256=hashlib.sha256(f.read_bytes()).hexdigest(),
+                state="decoded",
+            )
             s.add(inst)
             for d in destinations:
                 s.add(Outbox(instance=inst, destination=d, rule="all"))
@@ -92,10 +121,12 @@ def queue(store: Store, files: list[Path], destinations: list[str]) -> Store:
 
 
 def ruleset(dests: dict[str, dict]) -> rules.RuleSet:
-    return rules.RuleSet.model_validate({
-        "destinations": [{"name": n, "ae_title": "PEER", "host": "127.0.0.1", **d} for n, d in dests.items()],
-        "rules": [{"name": "all", "then": {"forward": list(dests)}}],
-    })
+    return rules.RuleSet.model_validate(
+        {
+            "destinations": [{"name": n, "ae_title": "PEER", "host": "127.0.0.1", **d} for n, d in dests.items()],
+            "rules": [{"name": "all", "then": {"forward": list(dests)}}],
+        }
+    )
 
 
 def rows(store: Store, destination: str) -> list[Outbox]:
@@ -128,21 +159,28 @@ def test_a_hung_destination_delays_no_other_and_permanent_failures_end_at_once(t
     picky = StatusSCP(contexts=[c for c in StoragePresentationContexts if c.abstract_syntax == CTImageStorage])
     mute = Mute()
     retry = {"max_retries": 2, "first_delay_s": 0.3, "multiplier": 2, "max_delay_s": 5}
-    rs = ruleset({
-        "hung": {"port": mute.port, "timeout_s": 20, "retry": retry},
-        "healthy": {"port": healthy.port, "retry": retry},
-        "full": {"port": full.port, "retry": retry},
-        "cannot": {"port": cannot.port, "retry": retry},
-        "picky": {"port": picky.port, "retry": retry},
-    })
+    rs = ruleset(
+        {
+            "hung": {"port": mute.port, "timeout_s": 20, "retry": retry},
+            "healthy": {"port": healthy.port, "retry": retry},
+            "full": {"port": full.port, "retry": retry},
+            "cannot": {"port": cannot.port, "retry": retry},
+            "picky": {"port": picky.port, "retry": retry},
+        }
+    )
     store = queued_store(tmp_path, files, [d.name for d in rs.destinations])
     fwd = Forwarder(Settings(routing={"tick_s": 0.1}), store)
     ticking = Ticking(fwd, rs)
     try:
         done = {OutboxState.SENT, OutboxState.DEAD}
-        wait_for(lambda: all(r.state in done for d in ("healthy", "full", "cannot", "picky") for r in rows(store, d))
-                 or {d: [(r.state, r.attempts) for r in rows(store, d)] for d in ("healthy", "full", "cannot", "picky")},
-                 timeout=60, every=0.1)
+        wait_for(
+            lambda: (
+                all(r.state in done for d in ("healthy", "full", "cannot", "picky") for r in rows(store, d))
+                or {d: [(r.state, r.attempts) for r in rows(store, d)] for d in ("healthy", "full", "cannot", "picky")}
+            ),
+            timeout=60,
+            every=0.1,
+        )
         # All of that happened inside the hung peer's first attempt: nobody waited for it.
         assert [(r.state, r.attempts) for r in rows(store, "hung")] == [(OutboxState.SENDING, 1)] * 2
         assert mute.accepted == 1

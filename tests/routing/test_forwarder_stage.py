@@ -41,9 +41,16 @@ def queue(store: Store, files: list[Path], destination: str) -> None:
         series = study.series[0]
         for f in files:
             ds = dcmread(f, stop_before_pixels=True)
-            inst = Instance(series=series, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-                            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=str(f),
-                            size_bytes=f.stat().st_size, sha256=hashlib.sha256(f.read_bytes()).hexdigest(), state="decoded")
+            inst = Instance(
+                series=series,
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                path=str(f),
+                size_bytes=f.stat().st_size,
+                sha256=hashlib.sha256(f.read_bytes()).hexdigest(),
+                state="decoded",
+            )
             s.add(inst)
             s.add(Outbox(instance=inst, destination=destination, rule="all"))
 
@@ -61,9 +68,12 @@ def test_the_forwarder_stage_delivers_the_outbox_and_keeps_its_destinations_thro
     }
     rules_file.write_text(yaml.safe_dump(good))
     db = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    settings = Settings(database={"url": db}, storage={"path": str(tmp_path / "spool")},
-                        models={"classifier": None, "detector": None},
-                        routing={"rules": str(rules_file), "tick_s": 0.1})
+    settings = Settings(
+        database={"url": db},
+        storage={"path": str(tmp_path / "spool")},
+        models={"classifier": None, "detector": None},
+        routing={"rules": str(rules_file), "tick_s": 0.1},
+    )
     store = Store(db)
     store.upgrade()
     files = write_series(tmp_path / "in", 3, rows=32, columns=32)

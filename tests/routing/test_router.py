@@ -45,8 +45,10 @@ def outbox(node: peers.Node) -> list[Outbox]:
 @pytest.fixture
 def peers_up(tmp_path):
     orthanc = peers.Orthanc(tmp_path / "orthanc").start()
-    scps = {name: peers.StoreSCP(tmp_path / name, aet=aet).start()
-            for name, aet in (("lines_tubes_ai", "LINES_AI"), ("bone_health_ai", "BONE_AI"), ("qa", "QA_WS"))}
+    scps = {
+        name: peers.StoreSCP(tmp_path / name, aet=aet).start()
+        for name, aet in (("lines_tubes_ai", "LINES_AI"), ("bone_health_ai", "BONE_AI"), ("qa", "QA_WS"))
+    }
     yield orthanc, scps
     orthanc.stop()
     for s in scps.values():
@@ -63,11 +65,13 @@ def test_seed_rules_route_a_mixed_day(node_factory, peers_up, tmp_path):
     orthanc, scps = peers_up
     ports = {"pacs": orthanc.port, **{n: s.port for n, s in scps.items()}}
     rules_file = seed_rules(tmp_path / "routes.yaml", ports)
-    node = node_factory(settings={
-        "models": {"classifier": str(SHIPPED)},
-        "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 100},
-        "routing": {"rules": str(rules_file), "tick_s": 0.3},
-    }).start()
+    node = node_factory(
+        settings={
+            "models": {"classifier": str(SHIPPED)},
+            "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 100},
+            "routing": {"rules": str(rules_file), "tick_s": 0.3},
+        }
+    ).start()
     studies = {
         "chest": [pydicom_data("RG1_UNCI.dcm")],
         "panoramic": [png_study(first_png("panoramic_radiograph"), tmp_path / "pano.dcm", modality="PX")],
@@ -78,11 +82,18 @@ def test_seed_rules_route_a_mixed_day(node_factory, peers_up, tmp_path):
     res = peers.storescu(node.port, files, config=peers.storescu_config(files, tmp_path / "scu.cfg"))
     assert res.stderr.count("Received Store Response (Success)") == len(files), res.stderr[-2000:]
 
-    wait_for(lambda: (len(outbox(node)) > 0 and all(o.state == OutboxState.SENT for o in outbox(node))) or
-             [(o.destination, o.state, o.last_error) for o in outbox(node)])
+    wait_for(
+        lambda: (
+            (len(outbox(node)) > 0 and all(o.state == OutboxState.SENT for o in outbox(node)))
+            or [(o.destination, o.state, o.last_error) for o in outbox(node)]
+        )
+    )
     time.sleep(1.5)  # anything still to come would be queued by now
     uid = {name: str(dcmread(fs[0], stop_before_pixels=True).SOPInstanceUID) for name, fs in studies.items()}
-    got = {name: {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in _files(scp.folder)} for name, scp in scps.items()}
+    got = {
+        name: {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in _files(scp.folder)}
+        for name, scp in scps.items()
+    }
     assert got["lines_tubes_ai"] == {uid["chest"]}
     assert got["bone_health_ai"] == {uid["panoramic"]}
     assert got["qa"] == {uid["hip"]}
@@ -99,14 +110,22 @@ def test_seed_rules_route_a_mixed_day(node_factory, peers_up, tmp_path):
     orth_id = orthanc.get("/instances")
     copies = [dcmread(io.BytesIO(orthanc.get(f"/instances/{i}/file"))) for i in orth_id]
     pacs_chest = next(c for c in copies if c.SOPInstanceUID == uid["chest"])
-    differ = {e.keyword for e in pacs_chest if e.keyword and e.keyword != "PixelData" and (e.keyword not in chest_orig or chest_orig[e.keyword].value != e.value)}
+    differ = {
+        e.keyword
+        for e in pacs_chest
+        if e.keyword
+        and e.keyword != "PixelData"
+        and (e.keyword not in chest_orig or chest_orig[e.keyword].value != e.value)
+    }
     differ |= {e.keyword for e in chest_orig if e.keyword and e.keyword not in pacs_chest}
     assert differ <= {"BodyPartExamined", "ViewPosition", "ViewCodeSequence"}, differ
     assert pacs_chest.PixelData == chest_orig.PixelData
     # Coercion adds no dciodvfy error to what the modality sent.
     if not peers.have("dciodvfy"):
         coerced = tmp_path / "pacs_chest.dcm"
-        coerced.write_bytes(orthanc.get(f"/instances/{next(i for i, c in zip(orth_id, copies) if c is pacs_chest)}/file"))
+        coerced.write_bytes(
+            orthanc.get(f"/instances/{next(i for i, c in zip(orth_id, copies) if c is pacs_chest)}/file")
+        )
         assert set(peers.dciodvfy(coerced)) <= set(peers.dciodvfy(pydicom_data("RG1_UNCI.dcm")))
 
     show = json.loads(node.cli("study", "show", chest_orig.StudyInstanceUID, "--json").stdout)
@@ -118,34 +137,62 @@ def test_down_destination_gets_everything_exactly_once_and_explicit_only_gets_tr
     """A peer that is down, then up, accepting only Explicit VR Little Endian: J2K input arrives decoded, once."""
     port = peers.free_port()
     rules_file = tmp_path / "routes.yaml"
-    rules_file.write_text(yaml.safe_dump({
-        "settings": {"quiet_s": 0.5},
-        "destinations": [{"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": port,
-                          "retry": {"max_retries": 50, "first_delay_s": 0.5, "multiplier": 1.0, "max_delay_s": 0.5}}],
-        "rules": [{"name": "everything", "then": {"forward": ["archive"]}}],
-    }))
-    node = node_factory(settings={
-        "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 100},
-        "routing": {"rules": str(rules_file), "tick_s": 0.3},
-    }).start()
+    rules_file.write_text(
+        yaml.safe_dump(
+            {
+                "settings": {"quiet_s": 0.5},
+                "destinations": [
+                    {
+                        "name": "archive",
+                        "ae_title": "ARCHIVE",
+                        "host": "127.0.0.1",
+                        "port": port,
+                        "retry": {"max_retries": 50, "first_delay_s": 0.5, "multiplier": 1.0, "max_delay_s": 0.5},
+                    }
+                ],
+                "rules": [{"name": "everything", "then": {"forward": ["archive"]}}],
+            }
+        )
+    )
+    node = node_factory(
+        settings={
+            "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 100},
+            "routing": {"rules": str(rules_file), "tick_s": 0.3},
+        }
+    ).start()
     from nnrouter.testing.synthetic import write_series
 
     # Two lossless JPEG 2000 radiographs and one uncompressed file, all with their own UIDs.
-    files = [pydicom_data("RG1_J2KR.dcm"), pydicom_data("RG3_J2KR.dcm")] + write_series(tmp_path / "u", 1, rows=64, columns=64)
+    files = [pydicom_data("RG1_J2KR.dcm"), pydicom_data("RG3_J2KR.dcm")] + write_series(
+        tmp_path / "u", 1, rows=64, columns=64
+    )
     res = peers.storescu(node.port, files, config=peers.storescu_config(files, tmp_path / "scu.cfg"))
     assert res.stderr.count("Received Store Response (Success)") == 3
-    wait_for(lambda: any(o.attempts >= 2 and o.state in (OutboxState.FAILED, OutboxState.SENDING) for o in outbox(node))
-             or [(o.state, o.attempts) for o in outbox(node)])
+    wait_for(
+        lambda: (
+            any(o.attempts >= 2 and o.state in (OutboxState.FAILED, OutboxState.SENDING) for o in outbox(node))
+            or [(o.state, o.attempts) for o in outbox(node)]
+        )
+    )
     # Up now, and picky: storescp's default accepts uncompressed syntaxes only.
     scp = peers.StoreSCP(tmp_path / "archive", aet="ARCHIVE", port=port, accept_all=False).start()
     try:
-        wait_for(lambda: all(o.state == OutboxState.SENT for o in outbox(node)) or [(o.state, o.last_error) for o in outbox(node)])
+        wait_for(
+            lambda: (
+                all(o.state == OutboxState.SENT for o in outbox(node))
+                or [(o.state, o.last_error) for o in outbox(node)]
+            )
+        )
         time.sleep(1.5)
         received = _files(scp.folder)
         assert len(received) == 3  # exactly once
         for f in files:
             orig = dcmread(f)
-            (copy,) = [dcmread(r) for r in received if str(dcmread(r, stop_before_pixels=True).SOPInstanceUID).strip() == str(orig.SOPInstanceUID).strip()]
+            (copy,) = [
+                dcmread(r)
+                for r in received
+                if str(dcmread(r, stop_before_pixels=True).SOPInstanceUID).strip() == str(orig.SOPInstanceUID).strip()
+            ]
             assert copy.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
             assert np.array_equal(copy.pixel_array, orig.pixel_array), f.name  # lossless: same pixels
         assert {o.transfer_syntax_uid for o in outbox(node)} == {"1.2.840.10008.1.2.1"}
@@ -155,15 +202,23 @@ def test_down_destination_gets_everything_exactly_once_and_explicit_only_gets_tr
 
 def test_kill_9_mid_forward_loses_nothing(node_factory, storescp, tmp_path):
     rules_file = tmp_path / "routes.yaml"
-    rules_file.write_text(yaml.safe_dump({
-        "settings": {"quiet_s": 0.5},
-        "destinations": [{"name": "archive", "ae_title": storescp.aet, "host": "127.0.0.1", "port": storescp.port}],
-        "rules": [{"name": "everything", "then": {"forward": ["archive"]}}],
-    }))
-    node = node_factory(settings={
-        "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 100},
-        "routing": {"rules": str(rules_file), "tick_s": 0.2, "lease_s": 2},
-    }).start()
+    rules_file.write_text(
+        yaml.safe_dump(
+            {
+                "settings": {"quiet_s": 0.5},
+                "destinations": [
+                    {"name": "archive", "ae_title": storescp.aet, "host": "127.0.0.1", "port": storescp.port}
+                ],
+                "rules": [{"name": "everything", "then": {"forward": ["archive"]}}],
+            }
+        )
+    )
+    node = node_factory(
+        settings={
+            "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 100},
+            "routing": {"rules": str(rules_file), "tick_s": 0.2, "lease_s": 2},
+        }
+    ).start()
     from nnrouter.testing.synthetic import write_series
 
     files = write_series(tmp_path / "in", 60, rows=512, columns=512)
@@ -174,8 +229,12 @@ def test_kill_9_mid_forward_loses_nothing(node_factory, storescp, tmp_path):
     for p in subprocess.run(["pgrep", "-f", str(node.config_path)], capture_output=True, text=True).stdout.split():
         subprocess.run(["kill", "-9", p])  # the router and worker children too
     node.start()
-    wait_for(lambda: all(o.state == OutboxState.SENT for o in outbox(node)) and len(outbox(node)) == 60
-             or [o.state for o in outbox(node)])
+    wait_for(
+        lambda: (
+            (all(o.state == OutboxState.SENT for o in outbox(node)) and len(outbox(node)) == 60)
+            or [o.state for o in outbox(node)]
+        )
+    )
     got = [str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in _files(storescp.folder)]
     sent = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
     assert set(got) == sent  # nothing lost
@@ -190,10 +249,12 @@ def test_rule_file_with_a_typo_keeps_the_old_rules_routing(node_factory, storesc
         "rules": [{"name": "everything", "then": {"forward": ["archive"]}}],
     }
     rules_file.write_text(yaml.safe_dump(good))
-    node = node_factory(settings={
-        "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 100},
-        "routing": {"rules": str(rules_file), "tick_s": 0.3},
-    }).start()
+    node = node_factory(
+        settings={
+            "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 100},
+            "routing": {"rules": str(rules_file), "tick_s": 0.3},
+        }
+    ).start()
     wait_for(lambda: any('"rules_loaded"' in line for line in node.log_lines()) or "not loaded")
     bad = yaml.safe_dump(good).replace("forward:", "foward:")
     rules_file.write_text(bad)
@@ -207,26 +268,70 @@ def test_rule_file_with_a_typo_keeps_the_old_rules_routing(node_factory, storesc
     files = write_series(tmp_path / "in", 2, rows=64, columns=64)
     assert peers.storescu(node.port, files).stderr.count("Received Store Response (Success)") == 2
     wait_for(lambda: len(_files(storescp.folder)) == 2 or len(_files(storescp.folder)))
-    check = subprocess.run([sys.executable, "-m", "nnrouter", "rules", "check", str(rules_file)], capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, "-m", "nnrouter", "rules", "check", str(rules_file)], capture_output=True, text=True
+    )
     assert check.returncode == 1 and "foward" in check.stderr
 
 
 def _tls_files(folder: Path) -> dict[str, Path]:
     """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
     folder.mkdir(parents=True, exist_ok=True)
-    f = {n: folder / n for n in ("ca.key", "ca.pem", "server.key", "server.pem", "client.key", "client.pem", "other-ca.key", "other-ca.pem")}
+    f = {
+        n: folder / n
+        for n in (
+            "ca.key",
+            "ca.pem",
+            "server.key",
+            "server.pem",
+            "client.key",
+            "client.pem",
+            "other-ca.key",
+            "other-ca.pem",
+        )
+    }
 
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
 
     for ca in ("ca", "other-ca"):
-        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=nnrouter test {ca}",
-            "-keyout", f"{ca}.key", "-out", f"{ca}.pem")
+        run(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN=nnrouter test {ca}",
+            "-keyout",
+            f"{ca}.key",
+            "-out",
+            f"{ca}.pem",
+        )
     for who, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout", f"{who}.key", "-out", f"{who}.csr")
+        run(
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout", f"{who}.key", "-out", f"{who}.csr"
+        )
         (folder / f"{who}.ext").write_text(ext + "\n")
-        run("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
-            "-extfile", f"{who}.ext", "-out", f"{who}.pem")
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{who}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            f"{who}.ext",
+            "-out",
+            f"{who}.pem",
+        )
     return f
 
 
@@ -235,29 +340,53 @@ def test_tls_destination_with_client_certificate(node_factory, tmp_path):
     """DICOM over TLS to a storescp that demands our certificate; a wrong CA fails clearly and loses nothing."""
     tls = _tls_files(tmp_path / "tls")
     scp = peers.StoreSCP(tmp_path / "tls-out", aet="TLSSCP").start(
-        ["+tls", str(tls["server.key"]), str(tls["server.pem"]), "+cf", str(tls["ca.pem"]), "-rc"])
+        ["+tls", str(tls["server.key"]), str(tls["server.pem"]), "+cf", str(tls["ca.pem"]), "-rc"]
+    )
     rules_file = tmp_path / "routes.yaml"
-    dest = {"name": "secure", "ae_title": "TLSSCP", "host": "127.0.0.1", "port": scp.port,
-            "retry": {"max_retries": 1000, "first_delay_s": 0.5, "multiplier": 1, "max_delay_s": 0.5},
-            "tls": {"enabled": True, "ca": str(tls["other-ca.pem"]), "cert": str(tls["client.pem"]), "key": str(tls["client.key"])}}
-    rules = {"settings": {"quiet_s": 0.5}, "destinations": [dest], "rules": [{"name": "all", "then": {"forward": ["secure"]}}]}
+    dest = {
+        "name": "secure",
+        "ae_title": "TLSSCP",
+        "host": "127.0.0.1",
+        "port": scp.port,
+        "retry": {"max_retries": 1000, "first_delay_s": 0.5, "multiplier": 1, "max_delay_s": 0.5},
+        "tls": {
+            "enabled": True,
+            "ca": str(tls["other-ca.pem"]),
+            "cert": str(tls["client.pem"]),
+            "key": str(tls["client.key"]),
+        },
+    }
+    rules = {
+        "settings": {"quiet_s": 0.5},
+        "destinations": [dest],
+        "rules": [{"name": "all", "then": {"forward": ["secure"]}}],
+    }
     rules_file.write_text(yaml.safe_dump(rules))
-    node = node_factory(settings={
-        "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 100},
-        "routing": {"rules": str(rules_file), "tick_s": 0.3},
-    }).start()
+    node = node_factory(
+        settings={
+            "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 100},
+            "routing": {"rules": str(rules_file), "tick_s": 0.3},
+        }
+    ).start()
     try:
         from nnrouter.testing.synthetic import write_series
 
         files = write_series(tmp_path / "in", 3, rows=64, columns=64)
         assert peers.storescu(node.port, files).stderr.count("Received Store Response (Success)") == 3
         # We do not trust the server's CA: no delivery, a reason, and the rows wait.
-        wait_for(lambda: any(o.last_error and "CERTIFICATE_VERIFY_FAILED" in o.last_error for o in outbox(node))
-                 or [(o.state, o.last_error) for o in outbox(node)])
+        wait_for(
+            lambda: (
+                any(o.last_error and "CERTIFICATE_VERIFY_FAILED" in o.last_error for o in outbox(node))
+                or [(o.state, o.last_error) for o in outbox(node)]
+            )
+        )
         assert _files(scp.folder) == []
         dest["tls"]["ca"] = str(tls["ca.pem"])
         rules_file.write_text(yaml.safe_dump(rules))
-        wait_for(lambda: all(o.state == OutboxState.SENT for o in outbox(node)) or [o.state for o in outbox(node)], timeout=60)
+        wait_for(
+            lambda: all(o.state == OutboxState.SENT for o in outbox(node)) or [o.state for o in outbox(node)],
+            timeout=60,
+        )
         got = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in _files(scp.folder)}
         assert got == {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
     finally:
@@ -267,15 +396,24 @@ def test_tls_destination_with_client_certificate(node_factory, tmp_path):
 def test_late_instances_follow_the_decision_on_each_database(node_factory, storescp, database_url, tmp_path):
     """Decide, then a late image of the same study: it follows, on SQLite and on PostgreSQL alike."""
     rules_file = tmp_path / "routes.yaml"
-    rules_file.write_text(yaml.safe_dump({
-        "settings": {"quiet_s": 0.5},
-        "destinations": [{"name": "archive", "ae_title": storescp.aet, "host": "127.0.0.1", "port": storescp.port}],
-        "rules": [{"name": "everything", "then": {"forward": ["archive"]}}],
-    }))
-    node = node_factory(database_url=database_url, settings={
-        "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 100},
-        "routing": {"rules": str(rules_file), "tick_s": 0.2},
-    }).start()
+    rules_file.write_text(
+        yaml.safe_dump(
+            {
+                "settings": {"quiet_s": 0.5},
+                "destinations": [
+                    {"name": "archive", "ae_title": storescp.aet, "host": "127.0.0.1", "port": storescp.port}
+                ],
+                "rules": [{"name": "everything", "then": {"forward": ["archive"]}}],
+            }
+        )
+    )
+    node = node_factory(
+        database_url=database_url,
+        settings={
+            "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 100},
+            "routing": {"rules": str(rules_file), "tick_s": 0.2},
+        },
+    ).start()
     from nnrouter.testing.synthetic import write_series
 
     files = write_series(tmp_path / "in", 3, rows=64, columns=64)

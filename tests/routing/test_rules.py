@@ -31,22 +31,41 @@ WED_10 = datetime(2024, 5, 15, 10, 0)  # a Wednesday morning, naive = local time
 _uids = itertools.count(1)
 
 
-def inst(label: str | None = None, score: float | None = None, modality: str | None = "CR",
-         regions: tuple[tuple[str, float], ...] = (), **header) -> InstanceFacts:  # type: ignore[no-untyped-def]
-    return InstanceFacts(sop_instance_uid=f"1.2.3.{next(_uids)}", header=header, modality=modality,
-                         label=label, score=score, regions=regions)
+def inst(
+    label: str | None = None,
+    score: float | None = None,
+    modality: str | None = "CR",
+    regions: tuple[tuple[str, float], ...] = (),
+    **header,
+) -> InstanceFacts:  # type: ignore[no-untyped-def]
+    return InstanceFacts(
+        sop_instance_uid=f"1.2.3.{next(_uids)}",
+        header=header,
+        modality=modality,
+        label=label,
+        score=score,
+        regions=regions,
+    )
 
 
 def study(*instances: InstanceFacts, calling=(), called=(), mismatches=(), now=WED_10) -> StudyFacts:  # type: ignore[no-untyped-def]
-    return StudyFacts(study_uid="1.2.3", instances=instances, calling_aes=frozenset(calling), called_aes=frozenset(called),
-                      mismatches=frozenset(mismatches), now=now)
+    return StudyFacts(
+        study_uid="1.2.3",
+        instances=instances,
+        calling_aes=frozenset(calling),
+        called_aes=frozenset(called),
+        mismatches=frozenset(mismatches),
+        now=now,
+    )
 
 
 def ruleset(*rule_list: dict, dests=("a", "b", "c")) -> RuleSet:  # type: ignore[no-untyped-def]
-    return RuleSet.model_validate({
-        "destinations": [{"name": d, "ae_title": d.upper(), "host": "127.0.0.1", "port": 104} for d in dests],
-        "rules": list(rule_list),
-    })
+    return RuleSet.model_validate(
+        {
+            "destinations": [{"name": d, "ae_title": d.upper(), "host": "127.0.0.1", "port": 104} for d in dests],
+            "rules": list(rule_list),
+        }
+    )
 
 
 def sent(decision: rules.Decision) -> list[str]:
@@ -63,7 +82,11 @@ def matched(decision: rules.Decision) -> list[str]:
 def test_seed_example_loads():
     rs = rules.load_rules(SEED)
     assert {d.name: d.ae_title for d in rs.destinations} == {
-        "pacs": "ORTHANC", "lines_tubes_ai": "LINES_AI", "bone_health_ai": "BONE_AI", "qa": "QA_WS"}
+        "pacs": "ORTHANC",
+        "lines_tubes_ai": "LINES_AI",
+        "bone_health_ai": "BONE_AI",
+        "qa": "QA_WS",
+    }
     assert (rs.destination("pacs").host, rs.destination("pacs").port) == ("127.0.0.1", 4242)
     assert sum(r.fallback for r in rs.rules) == 1
     with pytest.raises(KeyError):
@@ -144,45 +167,54 @@ def test_yaml_syntax_error_is_located(tmp_path):
     assert p.line == 5 and "not valid YAML" in p.reason
 
 
-@pytest.mark.parametrize("snippet, field, reason", [
-    ("when: {tag: {keyword: Rows, equals: 1, gt: 2}}", "rules[0].when.tag", "give one test"),
-    ("when: {tag: {keyword: PixelData, exists: true}}", "rules[0].when.tag.keyword", "OB or OW attribute"),
-    ("when: {tag: {keyword: PatientSex, equals: NO}}", "rules[0].when.tag.equals", "quotes"),
-    ("when: {predicted: {class: unknown}}", "rules[0].when.predicted.class", "use the `unknown` condition"),
-    ("when: {all: []}", "rules[0].when.all", "at least 1"),
-    ("when: {mismatch: []}", "rules[0].when.mismatch", '"any" or a list'),
-    ("when: {time: {start: '8:00'}}", "rules[0].when.time.start", "pattern"),
-    ("when: {time: {start: '08:00', end: '08:00'}}", "rules[0].when.time", "equal"),
-    ("then: {forward: [a], discard: true}", "rules[0].then", "discard cannot go with"),
-    ("then: {coerce: {fill_from_prediction: true}, hold: true}", "rules[0].then", "give forward too"),
-    ("then: {}", "rules[0].then", "does nothing"),
-    ("then: {forward: [a], coerce: {set: {Rows: abc}}}", "rules[0].then.coerce.set", "not one"),
-    ("fallback: true\n    when: {modality: CR}", "rules[0].when", "no `when`"),
-])
+@pytest.mark.parametrize(
+    "snippet, field, reason",
+    [
+        ("when: {tag: {keyword: Rows, equals: 1, gt: 2}}", "rules[0].when.tag", "give one test"),
+        ("when: {tag: {keyword: PixelData, exists: true}}", "rules[0].when.tag.keyword", "OB or OW attribute"),
+        ("when: {tag: {keyword: PatientSex, equals: NO}}", "rules[0].when.tag.equals", "quotes"),
+        ("when: {predicted: {class: unknown}}", "rules[0].when.predicted.class", "use the `unknown` condition"),
+        ("when: {all: []}", "rules[0].when.all", "at least 1"),
+        ("when: {mismatch: []}", "rules[0].when.mismatch", '"any" or a list'),
+        ("when: {time: {start: '8:00'}}", "rules[0].when.time.start", "pattern"),
+        ("when: {time: {start: '08:00', end: '08:00'}}", "rules[0].when.time", "equal"),
+        ("then: {forward: [a], discard: true}", "rules[0].then", "discard cannot go with"),
+        ("then: {coerce: {fill_from_prediction: true}, hold: true}", "rules[0].then", "give forward too"),
+        ("then: {}", "rules[0].then", "does nothing"),
+        ("then: {forward: [a], coerce: {set: {Rows: abc}}}", "rules[0].then.coerce.set", "not one"),
+        ("fallback: true\n    when: {modality: CR}", "rules[0].when", "no `when`"),
+    ],
+)
 def test_rule_problems(tmp_path, snippet, field, reason):
     then = "" if "then:" in snippet else "\n    then: {forward: [a]}"
     path = tmp_path / "r.yaml"
-    path.write_text("destinations:\n  - {name: a, ae_title: A, host: h, port: 104}\n"
-                    f"rules:\n  - name: r\n    {snippet}{then}\n")
+    path.write_text(
+        f"destinations:\n  - {{name: a, ae_title: A, host: h, port: 104}}\nrules:\n  - name: r\n    {snippet}{then}\n"
+    )
     with pytest.raises(FileProblems) as info:
         rules.load_rules(path)
     assert [(p.field, reason in p.reason) for p in info.value.problems] == [(field, True)], str(info.value)
     assert all(p.line is not None for p in info.value.problems)
 
 
-@pytest.mark.parametrize("dest, field, reason", [
-    ({"tls": {"enabled": True}}, "destinations[0].tls", "needs `ca`"),
-    ({"tls": {"enabled": True, "ca": "/ca.pem", "cert": "/c.pem"}}, "destinations[0].tls", "together"),
-    ({"ae_title": "A_TITLE_THAT_IS_TOO_LONG"}, "destinations[0].ae_title", "1 to 16"),
-    ({"name": "has space"}, "destinations[0].name", "pattern"),
-    ({"transfer_syntaxes": ["1.2.840.10008.1.2.1", "explicit"]}, "destinations[0].transfer_syntaxes", "not a UID"),
-    ({"max_associations": 0}, "destinations[0].max_associations", "greater than or equal to 1"),
-    ({"windows": [{"days": ["mon", "fry"]}]}, "destinations[0].windows[0].days[1]", "'mon'"),
-])
+@pytest.mark.parametrize(
+    "dest, field, reason",
+    [
+        ({"tls": {"enabled": True}}, "destinations[0].tls", "needs `ca`"),
+        ({"tls": {"enabled": True, "ca": "/ca.pem", "cert": "/c.pem"}}, "destinations[0].tls", "together"),
+        ({"ae_title": "A_TITLE_THAT_IS_TOO_LONG"}, "destinations[0].ae_title", "1 to 16"),
+        ({"name": "has space"}, "destinations[0].name", "pattern"),
+        ({"transfer_syntaxes": ["1.2.840.10008.1.2.1", "explicit"]}, "destinations[0].transfer_syntaxes", "not a UID"),
+        ({"max_associations": 0}, "destinations[0].max_associations", "greater than or equal to 1"),
+        ({"windows": [{"days": ["mon", "fry"]}]}, "destinations[0].windows[0].days[1]", "'mon'"),
+    ],
+)
 def test_destination_problems(tmp_path, dest, field, reason):
     path = tmp_path / "r.yaml"
-    data = {"destinations": [{"name": "a", "ae_title": "A", "host": "h", "port": 104, **dest}],
-            "rules": [{"name": "r", "then": {"forward": [dest.get("name", "a")]}}]}
+    data = {
+        "destinations": [{"name": "a", "ae_title": "A", "host": "h", "port": 104, **dest}],
+        "rules": [{"name": "r", "then": {"forward": [dest.get("name", "a")]}}],
+    }
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(FileProblems) as info:
         rules.load_rules(path)
@@ -199,8 +231,10 @@ def test_cross_checks_also_hold_without_a_file():
 def test_unquoted_times_and_capital_days_are_read_as_meant(tmp_path):
     # YAML 1.1 reads an unquoted 22:00 as the number 1320.
     path = tmp_path / "r.yaml"
-    path.write_text("destinations:\n  - name: a\n    ae_title: A\n    host: h\n    port: 104\n"
-                    "    windows: [{days: [Fri], start: 22:00, end: 06:00}]\nrules: []\n")
+    path.write_text(
+        "destinations:\n  - name: a\n    ae_title: A\n    host: h\n    port: 104\n"
+        "    windows: [{days: [Fri], start: 22:00, end: 06:00}]\nrules: []\n"
+    )
     (w,) = rules.load_rules(path).destinations[0].windows
     assert (w.days, w.start, w.end) == (["fri"], "22:00", "06:00")
 
@@ -239,7 +273,10 @@ def test_seed_chest_goes_to_lines_tubes_ai_and_pacs(seed):
 
 
 def test_seed_panoramic_by_prediction_or_modality(seed):
-    assert sent(rules.decide(seed, study(inst("panoramic_radiograph", 0.95, modality="PX")))) == ["bone_health_ai", "pacs"]
+    assert sent(rules.decide(seed, study(inst("panoramic_radiograph", 0.95, modality="PX")))) == [
+        "bone_health_ai",
+        "pacs",
+    ]
     # A dental unit's PX image reaches the bone-health AI even if the classifier is unsure.
     assert sent(rules.decide(seed, study(inst("other", 0.4, modality="PX")))) == ["bone_health_ai", "pacs"]
 
@@ -315,8 +352,12 @@ def test_first_rule_wins_a_destination():
 def test_hold_and_discard():
     rs = ruleset(
         {"name": "qa_hold", "when": {"modality": "CT"}, "then": {"forward": ["a"], "hold": True}, "continue": True},
-        {"name": "drop_tests", "when": {"tag": {"keyword": "PatientID", "regex": "^TEST"}}, "then": {"discard": True},
-         "continue": True},
+        {
+            "name": "drop_tests",
+            "when": {"tag": {"keyword": "PatientID", "regex": "^TEST"}},
+            "then": {"discard": True},
+            "continue": True,
+        },
         {"name": "all", "then": {"forward": ["b"]}},
     )
     held = rules.decide(rs, study(inst(modality="CT", PatientID="123")))
@@ -329,8 +370,13 @@ def test_hold_and_discard():
 
 def test_predicted_of_all_and_none():
     def run(of: str, *labels: str) -> bool:
-        rs = ruleset({"name": "r", "when": {"predicted": {"class": "chest_pa_ap", "of": of, "min_score": 0.5}},
-                      "then": {"forward": ["a"]}})
+        rs = ruleset(
+            {
+                "name": "r",
+                "when": {"predicted": {"class": "chest_pa_ap", "of": of, "min_score": 0.5}},
+                "then": {"forward": ["a"]},
+            }
+        )
         return bool(rules.decide(rs, study(*[inst(lab, 0.9) for lab in labels])).deliveries)
 
     assert run("all", "chest_pa_ap", "chest_pa_ap") and not run("all", "chest_pa_ap", "knee_ap")
@@ -342,8 +388,12 @@ def test_predicted_of_all_and_none():
 def test_unknown_region_and_not():
     rs = ruleset(
         {"name": "all_unknown", "when": {"unknown": {"of": "all"}}, "then": {"forward": ["a"]}, "continue": True},
-        {"name": "no_chest_region", "when": {"region": {"label": "chest", "min_score": 0.5, "present": False}},
-         "then": {"forward": ["b"]}, "continue": True},
+        {
+            "name": "no_chest_region",
+            "when": {"region": {"label": "chest", "min_score": 0.5, "present": False}},
+            "then": {"forward": ["b"]},
+            "continue": True,
+        },
         {"name": "not_cr", "when": {"not": {"modality": ["CR", "DX"]}}, "then": {"forward": ["c"]}},
     )
     d = rules.decide(rs, study(inst("unknown", 0.1, regions=(("CHEST", 0.4),)), inst("unknown", 0.2, modality="MG")))
@@ -378,20 +428,35 @@ def test_tag_conditions():
 
 
 def test_all_any_and_ae_titles():
-    rs = ruleset({"name": "r", "when": {"all": [
-        {"calling_ae": ["CR_ROOM1", "DX_ED"]},
-        {"any": [{"called_ae": "NNROUTER"}, {"mismatch": ["laterality_conflict"]}]},
-    ]}, "then": {"forward": ["a"]}})
+    rs = ruleset(
+        {
+            "name": "r",
+            "when": {
+                "all": [
+                    {"calling_ae": ["CR_ROOM1", "DX_ED"]},
+                    {"any": [{"called_ae": "NNROUTER"}, {"mismatch": ["laterality_conflict"]}]},
+                ]
+            },
+            "then": {"forward": ["a"]},
+        }
+    )
     assert rules.decide(rs, study(inst(), calling={"DX_ED"}, called={"NNROUTER"})).deliveries
-    assert rules.decide(rs, study(inst(), calling={"DX_ED"}, called={"OTHER"}, mismatches={"laterality_conflict"})).deliveries
+    assert rules.decide(
+        rs, study(inst(), calling={"DX_ED"}, called={"OTHER"}, mismatches={"laterality_conflict"})
+    ).deliveries
     d = rules.decide(rs, study(inst(), calling={"CT_1"}, called={"NNROUTER"}))
     assert not d.deliveries
     assert "calling AE in CR_ROOM1, DX_ED (study: CT_1): no" in d.outcomes[0].why
 
 
 def test_time_condition_wrapping_midnight():
-    rs = ruleset({"name": "fri_night", "when": {"time": {"days": ["fri"], "start": "22:00", "end": "06:00"}},
-                  "then": {"forward": ["a"]}})
+    rs = ruleset(
+        {
+            "name": "fri_night",
+            "when": {"time": {"days": ["fri"], "start": "22:00", "end": "06:00"}},
+            "then": {"forward": ["a"]},
+        }
+    )
 
     def at(*when: int) -> bool:
         return bool(rules.decide(rs, study(inst(), now=datetime(*when))).deliveries)
@@ -409,8 +474,13 @@ def test_time_window_and_destination_open_at():
     assert day.contains(WED_10) and not day.contains(datetime(2024, 5, 15, 18, 0))
     assert not day.contains(datetime(2024, 5, 18, 10, 0))  # Saturday
     assert TimeWindow(start="20:00").contains(datetime(2024, 5, 15, 23, 59))  # end defaults to 24:00
-    dest = Destination(name="ai", ae_title="AI", host="h", port=104, windows=[
-        TimeWindow(days=["sat", "sun"]), TimeWindow(start="20:00", end="07:00")])
+    dest = Destination(
+        name="ai",
+        ae_title="AI",
+        host="h",
+        port=104,
+        windows=[TimeWindow(days=["sat", "sun"]), TimeWindow(start="20:00", end="07:00")],
+    )
     assert not dest.open_at(WED_10)
     assert dest.open_at(datetime(2024, 5, 15, 21, 0)) and dest.open_at(datetime(2024, 5, 16, 6, 30))
     assert dest.open_at(datetime(2024, 5, 19, 12, 0))  # Sunday
@@ -437,8 +507,11 @@ def _header(**kw) -> Dataset:  # type: ignore[no-untyped-def]
 
 def test_fill_from_prediction_fills_only_empty_attributes():
     ds = _header(BodyPartExamined="")
-    assert rules.coerce(ds, Coerce(fill_from_prediction=True), "chest_pa_ap") == \
-        ["BodyPartExamined", "ViewPosition", "ViewCodeSequence"]
+    assert rules.coerce(ds, Coerce(fill_from_prediction=True), "chest_pa_ap") == [
+        "BodyPartExamined",
+        "ViewPosition",
+        "ViewCodeSequence",
+    ]
     assert (ds.BodyPartExamined, ds.ViewPosition) == ("CHEST", "PA")
     (code,) = ds.ViewCodeSequence
     assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == ("272479007", "SCT", "postero-anterior")
@@ -462,10 +535,20 @@ def test_fill_skips_what_a_class_lacks_and_what_is_not_a_class():
 
 def test_set_converts_for_the_vr():
     ds = _header(InstitutionName="Old")
-    spec = Coerce.model_validate({"set": {"InstitutionName": "General Hospital", "Rows": 512, "ImageType": "DERIVED\\SECONDARY",
-                                          "SOPInstanceUID": "1.2.3.4"}})
+    spec = Coerce.model_validate(
+        {
+            "set": {
+                "InstitutionName": "General Hospital",
+                "Rows": 512,
+                "ImageType": "DERIVED\\SECONDARY",
+                "SOPInstanceUID": "1.2.3.4",
+            }
+        }
+    )
     assert rules.coerce(ds, spec, None) == ["InstitutionName", "Rows", "ImageType"]
-    assert ds.InstitutionName == "General Hospital" and ds.Rows == 512 and list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+    assert (
+        ds.InstitutionName == "General Hospital" and ds.Rows == 512 and list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+    )
     assert ds["Rows"].VR == "US"
     # The owner round-trips the spec through the outbox as JSON.
     assert Coerce(**json.loads(json.dumps(spec.model_dump()))) == spec
@@ -497,8 +580,12 @@ def test_rules_test_cli_on_files_sends_nothing(tmp_path):
     from nnrouter.testing.synthetic import write_series
 
     write_series(tmp_path / "in", 2, rows=32, columns=32)
-    res = subprocess.run([sys.executable, "-m", "nnrouter", "rules", "test", "--rules", str(SEED),
-                          str(tmp_path / "in")], capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "nnrouter", "rules", "test", "--rules", str(SEED), str(tmp_path / "in")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("study ") == 1 and "(2 instances)" in res.stdout
     # Not classified: no chest prediction, so the chest rule does not match; the PACS still gets it.

@@ -42,18 +42,26 @@ from nnrouter.core.store import (
 from nnrouter.service.clean import DAY_S, Cleaner, Policy, StudyView, judge
 from nnrouter.testing import peers
 
-NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.timezone.utc)
-POLICY = Policy(keep_s=7 * DAY_S, keep_s_by_destination={}, keep_s_by_calling_ae={}, not_forwarded_keep_s=None,
-                routing=True)
+NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
+POLICY = Policy(
+    keep_s=7 * DAY_S, keep_s_by_destination={}, keep_s_by_calling_ae={}, not_forwarded_keep_s=None, routing=True
+)
 
 
-def view(days_ago: float = 10, states=(InstanceState.DECODED,), outbox=((("pacs", OutboxState.SENT, 10),)),
-         **kw) -> StudyView:  # type: ignore[no-untyped-def]
+def view(
+    days_ago: float = 10, states=(InstanceState.DECODED,), outbox=((("pacs", OutboxState.SENT, 10),)), **kw
+) -> StudyView:  # type: ignore[no-untyped-def]
     """A study received ``days_ago`` days ago, decided to go to the outbox rows' destinations."""
     rows = tuple((d, st, None if sent is None else NOW - dt.timedelta(days=sent)) for d, st, sent in outbox)
-    base = dict(study_id=1, study_uid="1.2.3", last_received_at=NOW - dt.timedelta(days=days_ago),
-                instance_states=tuple(states), calling_aes=frozenset({"MOD1"}), decided=True,
-                destinations=frozenset(d for d, _, _ in outbox))
+    base = {
+        "study_id": 1,
+        "study_uid": "1.2.3",
+        "last_received_at": NOW - dt.timedelta(days=days_ago),
+        "instance_states": tuple(states),
+        "calling_aes": frozenset({"MOD1"}),
+        "decided": True,
+        "destinations": frozenset(d for d, _, _ in outbox),
+    }
     base.update(kw)
     return StudyView(outbox=rows, **base)  # type: ignore[arg-type]
 
@@ -61,8 +69,9 @@ def view(days_ago: float = 10, states=(InstanceState.DECODED,), outbox=((("pacs"
 # --- the policy: every "never" ---------------------------------------------------
 
 
-@pytest.mark.parametrize("state", [OutboxState.PENDING, OutboxState.SENDING, OutboxState.FAILED, OutboxState.DEAD,
-                                   OutboxState.HELD])
+@pytest.mark.parametrize(
+    "state", [OutboxState.PENDING, OutboxState.SENDING, OutboxState.FAILED, OutboxState.DEAD, OutboxState.HELD]
+)
 def test_a_study_with_a_delivery_not_sent_is_never_deleted(state):
     v = view(outbox=(("pacs", OutboxState.SENT, 30), ("ai", state, None)))
     verdict = judge(v, POLICY, NOW)
@@ -105,9 +114,16 @@ def test_a_late_image_restarts_the_wait():
 
 
 def test_the_longest_override_that_applies_wins():
-    policy = Policy(keep_s=7 * DAY_S, keep_s_by_destination={"research": 30 * DAY_S}, keep_s_by_calling_ae={"ED": 1 * DAY_S},
-                    not_forwarded_keep_s=None, routing=True)
-    both = view(outbox=(("pacs", OutboxState.SENT, 10), ("research", OutboxState.SENT, 10)), calling_aes=frozenset({"ED"}))
+    policy = Policy(
+        keep_s=7 * DAY_S,
+        keep_s_by_destination={"research": 30 * DAY_S},
+        keep_s_by_calling_ae={"ED": 1 * DAY_S},
+        not_forwarded_keep_s=None,
+        routing=True,
+    )
+    both = view(
+        outbox=(("pacs", OutboxState.SENT, 10), ("research", OutboxState.SENT, 10)), calling_aes=frozenset({"ED"})
+    )
     assert not judge(both, policy, NOW).go  # research: 30 days
     short = view(days_ago=2, outbox=(("pacs", OutboxState.SENT, 2),), calling_aes=frozenset({"ED"}))
     assert judge(short, policy, NOW).go  # ED: 1 day, shorter than keep_days
@@ -116,26 +132,37 @@ def test_the_longest_override_that_applies_wins():
 
 
 def test_a_study_forwarded_nowhere_is_the_only_copy_and_is_kept_by_default():
-    no_rules = Policy(keep_s=7 * DAY_S, keep_s_by_destination={}, keep_s_by_calling_ae={}, not_forwarded_keep_s=None,
-                      routing=False)
+    no_rules = Policy(
+        keep_s=7 * DAY_S, keep_s_by_destination={}, keep_s_by_calling_ae={}, not_forwarded_keep_s=None, routing=False
+    )
     undecided = view(days_ago=400, outbox=(), decided=False, destinations=frozenset())
     verdict = judge(undecided, no_rules, NOW)
     assert (verdict.go, verdict.early, verdict.code) == (False, False, "not_forwarded")
-    for decided in (view(days_ago=400, outbox=(), destinations=frozenset()),  # no rule matched
-                    view(days_ago=400, outbox=(), destinations=frozenset(), discard=True)):
+    for decided in (
+        view(days_ago=400, outbox=(), destinations=frozenset()),  # no rule matched
+        view(days_ago=400, outbox=(), destinations=frozenset(), discard=True),
+    ):
         verdict = judge(decided, POLICY, NOW)
         assert (verdict.go, verdict.early, verdict.code) == (False, False, "not_forwarded"), verdict
 
 
 def test_a_study_forwarded_nowhere_goes_after_not_forwarded_keep_days_when_set():
-    policy = Policy(keep_s=7 * DAY_S, keep_s_by_destination={}, keep_s_by_calling_ae={}, not_forwarded_keep_s=30 * DAY_S,
-                    routing=False)
+    policy = Policy(
+        keep_s=7 * DAY_S,
+        keep_s_by_destination={},
+        keep_s_by_calling_ae={},
+        not_forwarded_keep_s=30 * DAY_S,
+        routing=False,
+    )
     assert not judge(view(days_ago=29, outbox=(), decided=False, destinations=frozenset()), policy, NOW).go
     old = judge(view(days_ago=31, outbox=(), decided=False, destinations=frozenset()), policy, NOW)
     assert old.go and not old.early  # never early: nothing else has it
     # Still never while an image waits for the classifier.
-    assert not judge(view(days_ago=31, outbox=(), decided=False, destinations=frozenset(),
-                          states=(InstanceState.RECEIVED,)), policy, NOW).go
+    assert not judge(
+        view(days_ago=31, outbox=(), decided=False, destinations=frozenset(), states=(InstanceState.RECEIVED,)),
+        policy,
+        NOW,
+    ).go
 
 
 # --- the store: real files, real rows ----------------------------------------------
@@ -147,15 +174,26 @@ class Site:
     def __init__(self, tmp: Path, url: str, **retention):  # type: ignore[no-untyped-def]
         self.settings = config.Settings(
             storage={"path": tmp / "spool", "derived_path": tmp / "derived", "min_free_mb": 0},
-            routing={"rules": tmp / "rules.yaml"}, database={"url": url}, retention=retention)
+            routing={"rules": tmp / "rules.yaml"},
+            database={"url": url},
+            retention=retention,
+        )
         self.store = Store(url)
         self.store.upgrade()
         self.spool = Spool(self.settings.storage.path)
         self.cam = Path(self.settings.storage.derived_path) / "cam"
         self.cam.mkdir(parents=True, exist_ok=True)
 
-    def study(self, *, n: int = 2, days_ago: float = 10, state: str = InstanceState.DECODED,
-              deliveries: dict[str, str] | None = None, sent_days_ago: float = 9, decided: bool = True) -> str:
+    def study(
+        self,
+        *,
+        n: int = 2,
+        days_ago: float = 10,
+        state: str = InstanceState.DECODED,
+        deliveries: dict[str, str] | None = None,
+        sent_days_ago: float = 9,
+        decided: bool = True,
+    ) -> str:
         """A study of ``n`` images, each with an overlay and one delivery per destination in the given state."""
         deliveries = {"pacs": OutboxState.SENT} if deliveries is None else deliveries
         then = utcnow() - dt.timedelta(days=days_ago)
@@ -173,33 +211,81 @@ class Site:
                 data = os.urandom(2000)
                 dest = self.spool.path_for(study_uid, series_uid, sop, 1)
                 size = self.spool.keep([data], dest)
-                inst = Instance(series_id=se.id, sop_instance_uid=sop, version=1, sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-                                transfer_syntax_uid="1.2.840.10008.1.2.1", path=str(dest), size_bytes=size,
-                                sha256=hashlib.sha256(data).hexdigest(), state=state, calling_ae="MOD1",
-                                received_at=then, updated_at=then)
+                inst = Instance(
+                    series_id=se.id,
+                    sop_instance_uid=sop,
+                    version=1,
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    path=str(dest),
+                    size_bytes=size,
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    state=state,
+                    calling_ae="MOD1",
+                    received_at=then,
+                    updated_at=then,
+                )
                 s.add(inst)
                 s.flush()
                 overlay = self.cam / f"{inst.id}.png"
                 overlay.write_bytes(os.urandom(500))
-                s.add(Prediction(instance_id=inst.id, model_name="m", model_version="1", provider="cpu", label="chest_pa_ap",
-                                 score=0.9, top5=[], decode_ms=1, preprocess_ms=1, infer_ms=1, cam_path=str(overlay)))
+                s.add(
+                    Prediction(
+                        instance_id=inst.id,
+                        model_name="m",
+                        model_version="1",
+                        provider="cpu",
+                        label="chest_pa_ap",
+                        score=0.9,
+                        top5=[],
+                        decode_ms=1,
+                        preprocess_ms=1,
+                        infer_ms=1,
+                        cam_path=str(overlay),
+                    )
+                )
                 for dest_name, ostate in deliveries.items():
-                    s.add(Outbox(instance_id=inst.id, destination=dest_name, rule="all", state=ostate,
-                                 sent_at=sent if ostate == OutboxState.SENT else None, created_at=then))
+                    s.add(
+                        Outbox(
+                            instance_id=inst.id,
+                            destination=dest_name,
+                            rule="all",
+                            state=ostate,
+                            sent_at=sent if ostate == OutboxState.SENT else None,
+                            created_at=then,
+                        )
+                    )
             if decided:
-                s.add(RoutingDecision(study_id=st.id, rules_digest="x", outcomes=[], hold=False, discard=False,
-                                      deliveries=[{"destination": d, "rule": "all", "coerce": None} for d in deliveries]))
+                s.add(
+                    RoutingDecision(
+                        study_id=st.id,
+                        rules_digest="x",
+                        outcomes=[],
+                        hold=False,
+                        discard=False,
+                        deliveries=[{"destination": d, "rule": "all", "coerce": None} for d in deliveries],
+                    )
+                )
             s.add(OrderRequest(key=f"image:{study_uid}", source="image", study_uid=study_uid, codes=[]))
         return study_uid
 
     def files(self, study_uid: str) -> list[str]:
         with self.store.read() as s:
-            return list(s.execute(select(Instance.path).join(Series).join(Study).where(Study.study_uid == study_uid)).scalars())
+            return list(
+                s.execute(select(Instance.path).join(Series).join(Study).where(Study.study_uid == study_uid)).scalars()
+            )
 
     def overlays(self, study_uid: str) -> list[str]:
         with self.store.read() as s:
-            return list(s.execute(select(Prediction.cam_path).join(Instance).join(Series).join(Study)
-                                  .where(Study.study_uid == study_uid)).scalars())
+            return list(
+                s.execute(
+                    select(Prediction.cam_path)
+                    .join(Instance)
+                    .join(Series)
+                    .join(Study)
+                    .where(Study.study_uid == study_uid)
+                ).scalars()
+            )
 
     def count(self, model) -> int:  # type: ignore[no-untyped-def]
         with self.store.read() as s:
@@ -235,19 +321,31 @@ def test_an_expired_delivered_study_goes_with_its_overlays_and_rows_and_nothing_
     with site.store.read() as s:
         assert s.execute(select(Study).where(Study.study_uid == gone)).first() is None
         assert s.execute(select(OrderRequest).where(OrderRequest.study_uid == gone)).first() is None
-    assert site.count(Study) == 2 and site.count(Instance) == 4 and site.count(Outbox) == 6 and site.count(Prediction) == 4
+    assert (
+        site.count(Study) == 2 and site.count(Instance) == 4 and site.count(Outbox) == 6 and site.count(Prediction) == 4
+    )
 
 
 def test_a_study_that_gets_a_new_image_after_the_judgment_is_left_alone(site):
     uid = site.study()
     cleaner = Cleaner(site.settings, site.store)
-    (v, _, verdict), = list(cleaner.judge_all(utcnow()))
+    ((v, _, verdict),) = list(cleaner.judge_all(utcnow()))
     assert verdict.go
     with site.store.write() as s:  # a late image arrives between the plan and the delete
         series_id = s.execute(select(Series.id).join(Study).where(Study.study_uid == uid)).scalar_one()
-        s.add(Instance(series_id=series_id, sop_instance_uid=generate_uid(), version=1, sop_class_uid="1.2",
-                       transfer_syntax_uid="1.2.840.10008.1.2.1", path="/nowhere.dcm", size_bytes=1, sha256="0" * 64,
-                       state=InstanceState.RECEIVED))
+        s.add(
+            Instance(
+                series_id=series_id,
+                sop_instance_uid=generate_uid(),
+                version=1,
+                sop_class_uid="1.2",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path="/nowhere.dcm",
+                size_bytes=1,
+                sha256="0" * 64,
+                state=InstanceState.RECEIVED,
+            )
+        )
     assert cleaner.delete_study(v.study_id, utcnow()) is None
     assert len(site.files(uid)) == 3 and all(os.path.exists(f) for f in site.files(uid)[:2])
 
@@ -256,7 +354,7 @@ def test_a_crash_between_the_rows_and_the_files_leaves_orphans_that_the_sweep_re
     uid = site.study()
     files, overlays = site.files(uid), site.overlays(uid)
     cleaner = Cleaner(site.settings, site.store)
-    (v, _, _), = list(cleaner.judge_all(utcnow()))
+    ((v, _, _),) = list(cleaner.judge_all(utcnow()))
     assert cleaner.delete_rows(v.study_id, utcnow()) is not None  # rows committed; the process "dies" here
     assert all(os.path.exists(f) for f in files + overlays)  # orphans, no row points to nothing
     assert cleaner.sweep().files == []  # younger than retention.orphan_grace_s: could be a receive in progress
@@ -312,7 +410,9 @@ def test_a_row_under_another_spelling_of_the_spool_path_keeps_its_file(site, tmp
     assert Cleaner(site.settings, site.store).sweep().files == [] and os.path.exists(path)
 
 
-def test_a_spool_short_of_space_cleans_delivered_studies_early_oldest_first_and_never_undelivered(tmp_path, database_url):
+def test_a_spool_short_of_space_cleans_delivered_studies_early_oldest_first_and_never_undelivered(
+    tmp_path, database_url
+):
     site = Site(tmp_path, database_url, clean_below_free_mb=10**9)  # always short
     older = site.study(days_ago=3, sent_days_ago=3)
     newer = site.study(days_ago=1, sent_days_ago=1)
@@ -348,8 +448,12 @@ def test_clean_dry_run_json_shows_what_would_go_and_why(tmp_path):
     cfg.write_text(yaml.safe_dump(json.loads(site.settings.model_dump_json())))
 
     def clean(*args: str) -> dict:
-        res = subprocess.run([sys.executable, "-m", "nnrouter", "clean", *args, "--json", "--config", str(cfg)],
-                             capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [sys.executable, "-m", "nnrouter", "clean", *args, "--json", "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert res.returncode == 0, res.stderr
         return json.loads(res.stdout)
 
@@ -369,8 +473,9 @@ def test_clean_dry_run_json_shows_what_would_go_and_why(tmp_path):
 
 @needs("storescu", "storescp")
 @pytest.mark.slow
-@pytest.mark.parametrize("retention", [{"keep_days": 0}, {"keep_days": 7, "clean_below_free_mb": 10**9}],
-                         ids=["expired", "short_of_space"])
+@pytest.mark.parametrize(
+    "retention", [{"keep_days": 0}, {"keep_days": 7, "clean_below_free_mb": 10**9}], ids=["expired", "short_of_space"]
+)
 def test_serve_cleans_a_delivered_study_and_it_no_longer_answers_c_find(node_factory, storescp, tmp_path, retention):
     from pydicom import Dataset
     from pynetdicom import AE
@@ -379,24 +484,39 @@ def test_serve_cleans_a_delivered_study_and_it_no_longer_answers_c_find(node_fac
     from nnrouter.testing.synthetic import write_series
 
     rules_file = tmp_path / "routes.yaml"
-    rules_file.write_text(yaml.safe_dump({
-        "settings": {"quiet_s": 0.5},
-        "destinations": [{"name": "archive", "ae_title": storescp.aet, "host": "127.0.0.1", "port": storescp.port}],
-        "rules": [{"name": "everything", "then": {"forward": ["archive"]}}],
-    }))
-    node = node_factory(settings={
-        "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 100},
-        "routing": {"rules": str(rules_file), "tick_s": 0.2},
-        "retention": {**retention, "interval_s": 1},
-        "dicom": {"query_aes": [{"ae_title": "FINDSCU"}]},
-    }).start()
+    rules_file.write_text(
+        yaml.safe_dump(
+            {
+                "settings": {"quiet_s": 0.5},
+                "destinations": [
+                    {"name": "archive", "ae_title": storescp.aet, "host": "127.0.0.1", "port": storescp.port}
+                ],
+                "rules": [{"name": "everything", "then": {"forward": ["archive"]}}],
+            }
+        )
+    )
+    node = node_factory(
+        settings={
+            "workers": {"count": 1, "max_wait_ms": 0, "poll_ms": 100},
+            "routing": {"rules": str(rules_file), "tick_s": 0.2},
+            "retention": {**retention, "interval_s": 1},
+            "dicom": {"query_aes": [{"ae_title": "FINDSCU"}]},
+        }
+    ).start()
     files = write_series(tmp_path / "in", 4, rows=64, columns=64)
     res = peers.storescu(node.port, files)
     assert res.stderr.count("Received Store Response (Success)") == 4, res.stderr[-2000:]
     assert len(node_rows(node, Instance)) == 4
-    wait_for(lambda: not node_rows(node, Instance) or
-             [(i.state, [(o.destination, o.state) for o in node_rows(node, Outbox) if o.instance_id == i.id])
-              for i in node_rows(node, Instance)], timeout=90)
+    wait_for(
+        lambda: (
+            not node_rows(node, Instance)
+            or [
+                (i.state, [(o.destination, o.state) for o in node_rows(node, Outbox) if o.instance_id == i.id])
+                for i in node_rows(node, Instance)
+            ]
+        ),
+        timeout=90,
+    )
     assert not node_rows(node, Study) and not node_rows(node, Outbox)
     assert not list(node.spool.rglob("*.dcm"))
     assert len([f for f in storescp.folder.iterdir() if f.is_file()]) == 4  # delivered before it went

@@ -43,13 +43,25 @@ def _fill(store: Store, *, received: int, pending_age_s: float, pending: int = 2
         s.add(se)
         s.flush()
         for i in range(received + pending):
-            inst = Instance(series_id=se.id, sop_instance_uid=generate_uid(), version=1, sop_class_uid="1.2",
-                            transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"/x/{i}.dcm", size_bytes=1, sha256=f"{i:064d}",
-                            state=InstanceState.RECEIVED if i < received else InstanceState.DECODED)
+            inst = Instance(
+                series_id=se.id,
+                sop_instance_uid=generate_uid(),
+                version=1,
+                sop_class_uid="1.2",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path=f"/x/{i}.dcm",
+                size_bytes=1,
+                sha256=f"{i:064d}",
+                state=InstanceState.RECEIVED if i < received else InstanceState.DECODED,
+            )
             s.add(inst)
             s.flush()
             if i >= received:
-                s.add(Outbox(instance_id=inst.id, destination="pacs", rule="all", state=OutboxState.PENDING, created_at=then))
+                s.add(
+                    Outbox(
+                        instance_id=inst.id, destination="pacs", rule="all", state=OutboxState.PENDING, created_at=then
+                    )
+                )
 
 
 @pytest.fixture
@@ -66,8 +78,17 @@ def test_each_limit_refuses_with_its_reason_and_an_old_outbox_raises_an_alert(tm
     assert calm.ready and calm.unclassified == 3 and calm.alerts  # default alert after an hour
     assert calm.outbox[0].destination == "pacs" and calm.outbox[0].waiting == 2 and calm.outbox[0].oldest_age_s >= 7200
 
-    busy = measure(_settings(tmp_path, store.url, refuse_below_free_mb=10**9, max_unclassified=2, max_outbox_pending=1,
-                             outbox_alert_age_s=3600), store)
+    busy = measure(
+        _settings(
+            tmp_path,
+            store.url,
+            refuse_below_free_mb=10**9,
+            max_unclassified=2,
+            max_outbox_pending=1,
+            outbox_alert_age_s=3600,
+        ),
+        store,
+    )
     assert not busy.ready
     assert len(busy.refuse) == 3
     assert "below 1000000000 MB (limits.refuse_below_free_mb)" in busy.refuse[0]
@@ -104,7 +125,9 @@ def test_the_measure_is_cached_for_check_every_s(tmp_path, store):
 
 def test_only_associations_that_would_store_are_refused():
     assert not stores(["1.2.840.10008.1.1"])  # Verification
-    assert not stores(["1.2.840.10008.1.1", "1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.5.1.4.38.2"])  # C-FIND, HP FIND
+    assert not stores(
+        ["1.2.840.10008.1.1", "1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.5.1.4.38.2"]
+    )  # C-FIND, HP FIND
     assert stores(["1.2.840.10008.1.1", "1.2.840.10008.5.1.4.1.1.1.1"])  # DX storage
     assert stores(["1.2.840.10008.5.1.4.38.1"])  # Hanging Protocol storage
     assert stores(["1.2.3.4.5"])  # unknown: may be anything
@@ -127,8 +150,9 @@ def test_a_spool_near_its_limit_refuses_storing_associations_but_still_answers_e
     res = peers.storescu(node.port, files)
     assert _rejected_transient(res.stderr), res.stderr[-2000:]
     assert "Received Store Response" not in res.stderr
-    echo = __import__("subprocess").run(["echoscu", "-aec", "NNROUTER", "127.0.0.1", str(node.port)],
-                                        capture_output=True, text=True, timeout=60)
+    echo = __import__("subprocess").run(
+        ["echoscu", "-aec", "NNROUTER", "127.0.0.1", str(node.port)], capture_output=True, text=True, timeout=60
+    )
     assert echo.returncode == 0, echo.stderr
     lines = [json.loads(line) for line in node.log_lines() if '"association_refused_busy"' in line]
     assert lines and "limits.refuse_below_free_mb" in lines[0]["reason"] and lines[0]["level"] == "warning"

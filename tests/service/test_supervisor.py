@@ -9,6 +9,7 @@ would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -38,8 +39,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-
-
 def wait_gone(pids: list[int], timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(alive(p) for p in pids):
@@ -60,10 +59,8 @@ def port_open(port: int) -> bool:
 def kill_all(pids: list[int]) -> None:
     """Leave nothing to the rest of the suite, even on failure."""
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 # --- the unit ----------------------------------------------------------------------
@@ -73,10 +70,19 @@ def test_which_stages_serve_runs_follows_the_settings(tmp_path):
     rules = tmp_path / "rules.yaml"
     bare = Settings(workers={"count": 0}, orders={"procedures": None}, retention={"enabled": False})
     assert stages(bare) == {}
-    full = Settings(workers={"count": 2}, routing={"rules": str(rules)},
-                    orders={"worklist": {"host": "127.0.0.1", "port": 104, "ae_title": "RIS"}})
-    assert sorted(stages(full)) == ["nnrouter-cleaner", "nnrouter-forwarder", "nnrouter-router", "nnrouter-worker-0",
-                                    "nnrouter-worker-1", "nnrouter-worklist"]
+    full = Settings(
+        workers={"count": 2},
+        routing={"rules": str(rules)},
+        orders={"worklist": {"host": "127.0.0.1", "port": 104, "ae_title": "RIS"}},
+    )
+    assert sorted(stages(full)) == [
+        "nnrouter-cleaner",
+        "nnrouter-forwarder",
+        "nnrouter-router",
+        "nnrouter-worker-0",
+        "nnrouter-worker-1",
+        "nnrouter-worklist",
+    ]
     # Orders checked without rules: a router, nothing to forward.
     assert sorted(stages(Settings(workers={"count": 0}, retention={"enabled": False}))) == ["nnrouter-router"]
 
@@ -139,15 +145,23 @@ def full_node(node_factory, tmp_path):  # type: ignore[no-untyped-def]
     archive = peers.StoreSCP(tmp_path / "archive").start()
     wl = peers.Wlmscpfs(tmp_path / "worklists").start()
     rules = tmp_path / "rules.yaml"
-    rules.write_text(yaml.safe_dump({
-        "destinations": [{"name": "archive", "ae_title": archive.aet, "host": "127.0.0.1", "port": archive.port}],
-        "rules": [{"name": "all", "then": {"forward": ["archive"]}}],
-    }))
-    node = node_factory(settings={
-        "workers": {"count": 1, "poll_ms": 100},
-        "routing": {"rules": str(rules), "tick_s": 0.3},
-        "orders": {"worklist": {"host": "127.0.0.1", "port": wl.port, "ae_title": wl.aet}},
-    })
+    rules.write_text(
+        yaml.safe_dump(
+            {
+                "destinations": [
+                    {"name": "archive", "ae_title": archive.aet, "host": "127.0.0.1", "port": archive.port}
+                ],
+                "rules": [{"name": "all", "then": {"forward": ["archive"]}}],
+            }
+        )
+    )
+    node = node_factory(
+        settings={
+            "workers": {"count": 1, "poll_ms": 100},
+            "routing": {"rules": str(rules), "tick_s": 0.3},
+            "orders": {"worklist": {"host": "127.0.0.1", "port": wl.port, "ae_title": wl.aet}},
+        }
+    )
     yield node
     archive.stop()
     wl.stop()
@@ -158,9 +172,13 @@ def serve_in_own_group(node: peers.Node) -> subprocess.Popen:
     node.write_config()
     node.cli("db", "upgrade")
     with open(node.log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "nnrouter", "serve", "--config", str(node.config_path)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nnrouter", "serve", "--config", str(node.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     node.proc = proc
     peers.wait_port(node.port, proc=proc)
     return proc
@@ -207,8 +225,9 @@ def test_serve_replaces_a_stage_killed_by_kill_9(full_node):
         now = stage_pids(node)
         assert now["nnrouter-forwarder"] != pids["nnrouter-forwarder"], "the killed forwarder was not replaced"
         assert now["nnrouter-forwarder"] in children_of(node.proc.pid)
-        assert {k: v for k, v in now.items() if k != "nnrouter-forwarder"} == \
-            {k: v for k, v in pids.items() if k != "nnrouter-forwarder"}  # the others went on
+        assert {k: v for k, v in now.items() if k != "nnrouter-forwarder"} == {
+            k: v for k, v in pids.items() if k != "nnrouter-forwarder"
+        }  # the others went on
         assert any(e["worker"] == "nnrouter-forwarder" for e in events(node, "worker_died"))
     finally:
         kids = children_of(node.proc.pid)
@@ -219,8 +238,9 @@ def test_serve_replaces_a_stage_killed_by_kill_9(full_node):
 
 @pytest.mark.slow
 @needs("storescp", "wlmscpfs")
-@pytest.mark.parametrize("sig, to", [(signal.SIGTERM, "pid"), (signal.SIGTERM, "group"),
-                                     (signal.SIGINT, "pid"), (signal.SIGINT, "group")])
+@pytest.mark.parametrize(
+    "sig, to", [(signal.SIGTERM, "pid"), (signal.SIGTERM, "group"), (signal.SIGINT, "pid"), (signal.SIGINT, "group")]
+)
 def test_serve_stops_every_stage_on_a_signal_to_it_or_its_group(full_node, sig, to):
     proc = serve_in_own_group(full_node)
     kids: list[int] = []
@@ -270,8 +290,9 @@ def test_an_instance_under_way_at_sigterm_is_stored_and_acknowledged_before_serv
 
     (f,) = write_series(tmp_path / "in", 1, rows=64, columns=64)
     ds = dcmread(f)
-    node = node_factory(settings={"workers": {"count": 0}, "orders": {"procedures": None},
-                                  "retention": {"enabled": False}})
+    node = node_factory(
+        settings={"workers": {"count": 0}, "orders": {"procedures": None}, "retention": {"enabled": False}}
+    )
     proc = serve_in_own_group(node)
     started, go = threading.Event(), threading.Event()
 
@@ -283,7 +304,9 @@ def test_an_instance_under_way_at_sigterm_is_stored_and_acknowledged_before_serv
 
     ae = AE(ae_title="SLOWMOD")
     ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, evt_handlers=[(evt.EVT_PDU_SENT, slow_modality)])
+    assoc = ae.associate(
+        "127.0.0.1", node.port, ae_title=node.ae_title, evt_handlers=[(evt.EVT_PDU_SENT, slow_modality)]
+    )
     assert assoc.is_established
     result: dict = {}
     sender = threading.Thread(target=lambda: result.update(rsp=assoc.send_c_store(ds)), daemon=True)
@@ -320,8 +343,7 @@ def test_an_instance_under_way_at_sigterm_is_stored_and_acknowledged_before_serv
             assert s.execute(select(Instance.sop_instance_uid)).scalars().all() == [str(ds.SOPInstanceUID)]
     finally:
         store.dispose()
-    assert events(node, "associations_ended")[-1] == {**events(node, "associations_ended")[-1],
-                                                      "finished": 1, "cut": 0}
+    assert events(node, "associations_ended")[-1] == {**events(node, "associations_ended")[-1], "finished": 1, "cut": 0}
 
 
 @pytest.mark.slow
@@ -330,8 +352,14 @@ def test_an_idle_association_a_modality_keeps_open_does_not_hold_serve_up(node_f
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    node = node_factory(settings={"workers": {"count": 0}, "orders": {"procedures": None},
-                                  "retention": {"enabled": False}, "dicom": {"network_timeout_s": 600}})
+    node = node_factory(
+        settings={
+            "workers": {"count": 0},
+            "orders": {"procedures": None},
+            "retention": {"enabled": False},
+            "dicom": {"network_timeout_s": 600},
+        }
+    )
     proc = serve_in_own_group(node)
     ae = AE(ae_title="IDLEMOD")
     ae.add_requested_context(Verification)

@@ -72,11 +72,14 @@ def test_class_folders_with_manifest(tmp_path):
         w = csv.writer(f)
         w.writerow(["file", "class", "repo", "path", "license", "label_source"])
         for name, cls, repo in [
-            ("knee_ap/k1.png", "knee_ap", "site/knees"), ("knee_ap/k2.png", "knee_ap", "site/knees"),
+            ("knee_ap/k1.png", "knee_ap", "site/knees"),
+            ("knee_ap/k2.png", "knee_ap", "site/knees"),
             ("knee_ap/k2.png", "knee_ap", "site/knees"),  # listed twice, counted once
             ("knee_ap/broken.png", "knee_ap", "site/knees"),
-            ("chest_pa_ap/c1.png", "chest_pa_ap", "site/chests"), ("chest_pa_ap/c2.jpg", "chest_pa_ap", "site/chests"),
-            ("other/o1.png", "other", "site/misc"), ("other/wrong.png", "knee_ap", "site/misc"),
+            ("chest_pa_ap/c1.png", "chest_pa_ap", "site/chests"),
+            ("chest_pa_ap/c2.jpg", "chest_pa_ap", "site/chests"),
+            ("other/o1.png", "other", "site/misc"),
+            ("other/wrong.png", "knee_ap", "site/misc"),
         ]:
             w.writerow([name, cls, repo, "x", "CC0", "test"])
 
@@ -97,8 +100,12 @@ def test_class_folders_with_manifest(tmp_path):
     assert all(Path(r["file"]).is_absolute() for r in rows)
 
     outcomes = {Path(r.file).name: r.outcome for r in summary.rejected}
-    assert outcomes == {"kneee_ap": "unmapped", "broken.png": "undecodable", "notes.txt": "unreadable",
-                        "wrong.png": "conflicting"}
+    assert outcomes == {
+        "kneee_ap": "unmapped",
+        "broken.png": "undecodable",
+        "notes.txt": "unreadable",
+        "wrong.png": "conflicting",
+    }
     assert summary.labels == {"chest_pa_ap": 3, "knee_ap": 2, "other": 1}
     assert summary.sources["chest_pa_ap"] == {"chest_pa_ap": 1, "site/chests": 2}
 
@@ -131,8 +138,17 @@ def test_shared_radiographs(tmp_path):
     # The README's table says 607 shoulder_ap: MANIFEST.csv lists 10 of those
     # files twice (an upstream test and training copy), so 597 files are there.
     assert summary.labels == {
-        "shoulder_ap": 597, "chest_pa_ap": 559, "knee_ap": 450, "panoramic_radiograph": 350, "hand_ap": 64,
-        "chest_lateral": 44, "wrist_ap": 39, "abdomen_ap": 37, "hand_oblique": 21, "pelvis_ap": 10, "other": 9,
+        "shoulder_ap": 597,
+        "chest_pa_ap": 559,
+        "knee_ap": 450,
+        "panoramic_radiograph": 350,
+        "hand_ap": 64,
+        "chest_lateral": 44,
+        "wrist_ap": 39,
+        "abdomen_ap": 37,
+        "hand_oblique": 21,
+        "pelvis_ap": 10,
+        "other": 9,
         "whole_spine_ap": 250,  # nnrouter's own class beside the 30 (nnrouter/data/classes_own.csv)
     }
     assert summary.rejected == []
@@ -142,9 +158,13 @@ def test_shared_radiographs(tmp_path):
     assert all(r["group"] == repo[Path(r["file"])] for r in rows)
     # The source group is what leave-one-source-out holds out: count them per class.
     assert {lbl: len(g) for lbl, g in summary.sources.items()} == {
-        "chest_pa_ap": 4, "chest_lateral": 2, "panoramic_radiograph": 2, "abdomen_ap": 2,
-        **{lbl: 1 for lbl in ("shoulder_ap", "knee_ap", "hand_ap", "wrist_ap", "hand_oblique", "pelvis_ap", "other",
-                              "whole_spine_ap")},
+        "chest_pa_ap": 4,
+        "chest_lateral": 2,
+        "panoramic_radiograph": 2,
+        "abdomen_ap": 2,
+        **dict.fromkeys(
+            ("shoulder_ap", "knee_ap", "hand_ap", "wrist_ap", "hand_oblique", "pelvis_ap", "other", "whole_spine_ap"), 1
+        ),
     }
     assert summary.sources["abdomen_ap"] == {"serafb/RadiologyMC-dataset": 20, "dlab-berkeley/R-Deep-Learning": 17}
     assert any("10 rows repeat" in n for n in summary.notes)
@@ -159,8 +179,16 @@ def _code(value: str, scheme: str = "LN", meaning: str = "") -> Dataset:
     return item
 
 
-def _dx(path: Path, *, body_part: str | None = "CHEST", view: str | None = "PA", description: str | None = "",
-        codes: list[Dataset] | None = None, pixels_ok: bool = True, **extra) -> Path:  # type: ignore[no-untyped-def]
+def _dx(
+    path: Path,
+    *,
+    body_part: str | None = "CHEST",
+    view: str | None = "PA",
+    description: str | None = "",
+    codes: list[Dataset] | None = None,
+    pixels_ok: bool = True,
+    **extra,
+) -> Path:  # type: ignore[no-untyped-def]
     """A small DX file: None deletes an attribute, extra sets more."""
     ds = dx_dataset(DXSpec(rows=64, columns=64))
     for keyword, value in (("BodyPartExamined", body_part), ("ViewPosition", view), ("StudyDescription", description)):
@@ -186,8 +214,9 @@ def test_dicom_headers_mapped_unmapped_conflicting(tmp_path, rules):
     files = {
         "loinc.dcm": _dx(d / "loinc.dcm", body_part=None, view=None, codes=[_code("36584-1")]),
         "pair.dcm": _dx(d / "pair.dcm", body_part="KNEE", view="AP", InstitutionName="Site A", StationName="DR1"),
-        "description.dcm": _dx(d / "description.dcm", body_part=None, view=None, description=None,
-                               SeriesDescription="Thorax_lat"),
+        "description.dcm": _dx(
+            d / "description.dcm", body_part=None, view=None, description=None, SeriesDescription="Thorax_lat"
+        ),
         "nothing.dcm": _dx(d / "nothing.dcm", body_part=None, view=None),
         "chest_no_view.dcm": _dx(d / "chest_no_view.dcm", view=None),
         "conflict.dcm": _dx(d / "conflict.dcm", body_part="KNEE", description="XR CHEST PA"),
@@ -205,12 +234,19 @@ def test_dicom_headers_mapped_unmapped_conflicting(tmp_path, rules):
     mapped = {Path(e.file).name: e for e in found.entries}
     rejected = {Path(r.file).name: r for r in found.rejected}
     assert {k: e.label for k, e in mapped.items()} == {
-        "loinc.dcm": "knee_ap", "pair.dcm": "knee_ap", "description.dcm": "chest_lateral",
-        "wrist_pa.dcm": "wrist_ap", "chest_two_views.dcm": "chest_lateral", "frog.dcm": "oblique_view_of_Lauenstein",
+        "loinc.dcm": "knee_ap",
+        "pair.dcm": "knee_ap",
+        "description.dcm": "chest_lateral",
+        "wrist_pa.dcm": "wrist_ap",
+        "chest_two_views.dcm": "chest_lateral",
+        "frog.dcm": "oblique_view_of_Lauenstein",
     }
     assert {k: r.outcome for k, r in rejected.items()} == {
-        "nothing.dcm": "unmapped", "chest_no_view.dcm": "unmapped", "conflict.dcm": "conflicting",
-        "wrist_code_only.dcm": "unmapped", "hip_ap.dcm": "unmapped",
+        "nothing.dcm": "unmapped",
+        "chest_no_view.dcm": "unmapped",
+        "conflict.dcm": "conflicting",
+        "wrist_code_only.dcm": "unmapped",
+        "hip_ap.dcm": "unmapped",
     }
     assert set(mapped) | set(rejected) == set(files)
 
@@ -297,13 +333,16 @@ def test_local_codes_and_duplicates_and_undecodable(tmp_path):
     found = dataset.from_dicom([d], rules, check_decode=True)
     assert {Path(e.file).name: e.label for e in found.entries} == {"local.dcm": "shoulder_outlet", "copy.dcm": "other"}
     assert {Path(r.file).name: r.outcome for r in found.rejected} == {
-        "other_scheme.dcm": "unmapped", "mammo.dcm": "duplicate", "truncated.dcm": "undecodable",
+        "other_scheme.dcm": "unmapped",
+        "mammo.dcm": "duplicate",
+        "truncated.dcm": "undecodable",
         "README.txt": "unreadable",
     }
     # Without the decode check the truncated file goes in: the summary says the check was skipped.
     out = tmp_path / "m.csv"
-    summary = dataset.build(out, images=None, dicom=[d / "truncated.dcm"], store_config=None,
-                            mapping=mapping, check_decode=False)
+    summary = dataset.build(
+        out, images=None, dicom=[d / "truncated.dcm"], store_config=None, mapping=mapping, check_decode=False
+    )
     assert summary.labels == {"knee_ap": 1}
     assert any("decode check skipped" in n for n in summary.notes)
 
@@ -312,7 +351,8 @@ def test_pydicom_data_rg1_maps_to_chest(rules):
     # Runs anywhere: a real CR chest PA from the test extras.
     found = dataset.from_dicom([pydicom_data("RG1_UNCI.dcm")], rules, check_decode=True)
     assert [(e.label, e.group) for e in found.entries] == [
-        ("chest_pa_ap", "Philips Medical Systems Hamburg | Philips Medical Systems | THORAVISION")]
+        ("chest_pa_ap", "Philips Medical Systems Hamburg | Philips Medical Systems | THORAVISION")
+    ]
 
 
 # What the headers of ../shared/data/dicom say: the NEMA RG2 hip has no View
@@ -360,7 +400,10 @@ def test_shared_dicom(tmp_path, rules):
     reasons = {Path(r.file).name: r.reason for r in good.rejected}
     assert "HIP without a View Position" in reasons["nema_RG2_RLE.dcm"]
     wrist = reasons["cr_wrist_pa_philips.dcm"]
-    assert "BodyPartExamined 'HAND'" in wrist and "StudyDescription anatomy 'XR Wrist Lt' -> wrist_ap|wrist_lateral" in wrist
+    assert (
+        "BodyPartExamined 'HAND'" in wrist
+        and "StudyDescription anatomy 'XR Wrist Lt' -> wrist_ap|wrist_lateral" in wrist
+    )
 
     bad = dataset.from_dicom(shared_files("bad"), rules, check_decode=True)
     assert _outcomes(bad) == SHARED_BAD
@@ -386,13 +429,28 @@ def test_from_store(tmp_path):
         study = Study(study_uid="1.2.3")
         series = Series(study=study, series_uid="1.2.3.4")
         s.add_all([study, series])
-        rows = [("1.1", 1, old, InstanceState.CLASSIFIED, None), ("1.1", 2, knee, InstanceState.CLASSIFIED, None),
-                ("1.2", 1, chest, InstanceState.DECODED, None), ("1.3", 1, d / "gone.dcm", InstanceState.RECEIVED, None),
-                ("1.4", 1, d / "damaged.dcm", InstanceState.UNDECODABLE, "JPEG stream is damaged")]
+        rows = [
+            ("1.1", 1, old, InstanceState.CLASSIFIED, None),
+            ("1.1", 2, knee, InstanceState.CLASSIFIED, None),
+            ("1.2", 1, chest, InstanceState.DECODED, None),
+            ("1.3", 1, d / "gone.dcm", InstanceState.RECEIVED, None),
+            ("1.4", 1, d / "damaged.dcm", InstanceState.UNDECODABLE, "JPEG stream is damaged"),
+        ]
         for uid, version, path, state, reason in rows:
-            s.add(Instance(series=series, sop_instance_uid=uid, version=version, sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-                           transfer_syntax_uid="1.2.840.10008.1.2.1", path=str(path), size_bytes=1, sha256=f"{uid}.{version}".ljust(64, "0"),
-                           state=state, state_reason=reason))
+            s.add(
+                Instance(
+                    series=series,
+                    sop_instance_uid=uid,
+                    version=version,
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    path=str(path),
+                    size_bytes=1,
+                    sha256=f"{uid}.{version}".ljust(64, "0"),
+                    state=state,
+                    state_reason=reason,
+                )
+            )
     with store.read() as s:
         assert len(s.execute(select(Instance)).all()) == 5
     store.dispose()
@@ -403,7 +461,10 @@ def test_from_store(tmp_path):
     summary = dataset.build(out, images=None, dicom=None, store_config=cfg, mapping=RULES, check_decode=True)
     assert [(Path(r["file"]).name, r["label"]) for r in _rows(out)] == [("knee.dcm", "knee_ap")]
     assert {Path(r.file).name: r.outcome for r in summary.rejected} == {
-        "chest.dcm": "unmapped", "gone.dcm": "unreadable", "damaged.dcm": "undecodable"}
+        "chest.dcm": "unmapped",
+        "gone.dcm": "unreadable",
+        "damaged.dcm": "undecodable",
+    }
     assert next(r for r in summary.rejected if r.outcome == "undecodable").reason == "JPEG stream is damaged"
     assert any("older versions" in n for n in summary.notes)
 
@@ -426,14 +487,22 @@ def test_shipped_rules_cover_every_class(rules):
 @pytest.mark.parametrize(
     ("text", "where"),
     [
-        ("descriptions:\n  - {pattern: 'knee', class: knee_ap}\n  - {pattern: 'chest', class: chest_pa}\n",
-         ":3:24: descriptions[1].class: 'chest_pa' is not one of the 31 classes or 'other'"),
-        ("descriptions:\n  - pattern: '(unclosed'\n    class: knee_ap\n",
-         ":2:5: descriptions[0].pattern: not a valid regular expression"),
-        ("views:\n  - {body_part: CHEST, view_positions: [AP], class: knee_ap}\n",
-         ":2:6: views[0].body_part: CHEST is not the body part of knee_ap (KNEE)"),
-        ("views:\n  - {body_part: CHEST, view_positions: [PA], class: chest_lateral}\n",
-         ":2:24: views[0].view_positions: CHEST + PA already maps to chest_pa_ap (classes.csv)"),
+        (
+            "descriptions:\n  - {pattern: 'knee', class: knee_ap}\n  - {pattern: 'chest', class: chest_pa}\n",
+            ":3:24: descriptions[1].class: 'chest_pa' is not one of the 31 classes or 'other'",
+        ),
+        (
+            "descriptions:\n  - pattern: '(unclosed'\n    class: knee_ap\n",
+            ":2:5: descriptions[0].pattern: not a valid regular expression",
+        ),
+        (
+            "views:\n  - {body_part: CHEST, view_positions: [AP], class: knee_ap}\n",
+            ":2:6: views[0].body_part: CHEST is not the body part of knee_ap (KNEE)",
+        ),
+        (
+            "views:\n  - {body_part: CHEST, view_positions: [PA], class: chest_lateral}\n",
+            ":2:24: views[0].view_positions: CHEST + PA already maps to chest_pa_ap (classes.csv)",
+        ),
         ("body_part_aliases:\n  TORSO: TRUNK\n", ":2:3: body_part_aliases.TORSO: TRUNK is not a Body Part Examined"),
         ("descriptions: []\npatterns: []\n", ":2:1: patterns: unknown field"),
         ("codes:\n  - {code: X1, class: knee_ap\n", ":3:1: (top level): not valid YAML"),
@@ -447,8 +516,9 @@ def test_broken_mapping_names_file_and_line(tmp_path, text, where):
     assert f"{path}{where}" in str(exc.value)
     # build reads the mapping before it writes anything
     with pytest.raises(FileProblems):
-        dataset.build(tmp_path / "m.csv", images=None, dicom=[tmp_path], store_config=None, mapping=path,
-                      check_decode=False)
+        dataset.build(
+            tmp_path / "m.csv", images=None, dicom=[tmp_path], store_config=None, mapping=path, check_decode=False
+        )
     assert not (tmp_path / "m.csv").exists()
 
 

@@ -11,8 +11,8 @@ from conftest import RADIOGRAPHS
 
 pytest.importorskip("torch", reason="the [train] extra is not installed (make test installs it)")
 
-from nnrouter.training.loso import Prediction, leave_one_source_out, summarise  # noqa: E402
-from nnrouter.training.train import TrainConfig, read_manifest  # noqa: E402
+from nnrouter.training.loso import Prediction, leave_one_source_out, summarise
+from nnrouter.training.train import TrainConfig, read_manifest
 
 # Two classes with two real sources each, and one single-source class.
 PICK = {
@@ -37,8 +37,9 @@ def loso(tmp_path_factory):
         for (label, repo), n in PICK.items():
             for r in [r for r in rows if r["class"] == label and r["repo"] == repo][:n]:
                 w.writerow([str(RADIOGRAPHS / r["file"]), label, repo, "image"])
-    cfg = TrainConfig(size=96, epochs=2, per_class=12, batch_size=12, views=2, min_images=10, val_percent=20,
-                      patience=5)
+    cfg = TrainConfig(
+        size=96, epochs=2, per_class=12, batch_size=12, views=2, min_images=10, val_percent=20, patience=5
+    )
     return manifest, leave_one_source_out(manifest, cfg, cache_dir=root / "cache", log=lambda m: None)
 
 
@@ -79,14 +80,29 @@ def test_summary_counts_unknown_as_a_miss_and_precision_within_the_source():
     def p(source, truth, label):  # type: ignore[no-untyped-def]
         return Prediction("f", source, truth, label, truth, 0.9, 1.0)
 
-    preds = [p("A", "chest", "chest"), p("A", "chest", "unknown"), p("A", "chest", "chest"), p("A", "knee", "chest"),
-             p("B", "chest", "chest")]
+    preds = [
+        p("A", "chest", "chest"),
+        p("A", "chest", "unknown"),
+        p("A", "chest", "chest"),
+        p("A", "knee", "chest"),
+        p("B", "chest", "chest"),
+    ]
     table = summarise(preds, {"chest": ["A", "B"]})
-    assert table["chest"]["A"] == {"n": 3, "sensitivity": round(2 / 3, 4), "top_class_sensitivity": 1.0,
-                                   "precision": round(2 / 3, 4), "missed_as": {"unknown": 1}}
+    assert table["chest"]["A"] == {
+        "n": 3,
+        "sensitivity": round(2 / 3, 4),
+        "top_class_sensitivity": 1.0,
+        "precision": round(2 / 3, 4),
+        "missed_as": {"unknown": 1},
+    }
     # B holds only chest films: precision within it would be 1.0 whatever the model did, so it is not given.
-    assert table["chest"]["B"] == {"n": 1, "sensitivity": 1.0, "top_class_sensitivity": 1.0, "precision": None,
-                                   "missed_as": {}}
+    assert table["chest"]["B"] == {
+        "n": 1,
+        "sensitivity": 1.0,
+        "top_class_sensitivity": 1.0,
+        "precision": None,
+        "missed_as": {},
+    }
 
 
 def test_a_fold_refills_the_class_cap_from_the_other_sources():

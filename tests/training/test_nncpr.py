@@ -25,8 +25,8 @@ pytest.importorskip("tf2onnx", reason="the [convert] extra is not installed (mak
 import onnxruntime as ort  # noqa: E402
 from conftest import RADIOGRAPHS  # noqa: E402
 
-from nnrouter.core import codes
-from nnrouter.pixels import modelcard
+from nnrouter.core import codes  # noqa: E402
+from nnrouter.pixels import modelcard  # noqa: E402
 from nnrouter.pixels.runtime import Model  # noqa: E402
 from nnrouter.training.nncpr import import_nncpr  # noqa: E402
 
@@ -34,8 +34,21 @@ CPU = ["CPUExecutionProvider"]
 N_CLASSES = 30
 ALPHA = 0.25  # MobileNet width: small keeps building and converting to seconds
 # MobileNet v1's 13 depthwise-separable blocks: (pointwise channels at width 1, stride).
-BLOCKS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1),
-          (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1)]
+BLOCKS = [
+    (64, 1),
+    (128, 2),
+    (128, 1),
+    (256, 2),
+    (256, 1),
+    (512, 2),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (1024, 2),
+    (1024, 1),
+]
 
 
 @dataclass(frozen=True)
@@ -47,8 +60,9 @@ class Frozen:
     bias: np.ndarray  # [30]: the head's bias, carried through its linear layers
 
 
-def freeze(path: Path, *, body: str = "mobilenet", head: str = "retrain", batch: int | None = None,
-           seed: int = 0) -> Frozen:
+def freeze(
+    path: Path, *, body: str = "mobilenet", head: str = "retrain", batch: int | None = None, seed: int = 0
+) -> Frozen:
     """Build, initialise and freeze a graph with NNCPR's interface; write it to ``path``.
 
     body: "mobilenet" (v1 at width ALPHA) or "tiny" (one strided conv to the same 7x7 grid).
@@ -75,8 +89,13 @@ def freeze(path: Path, *, body: str = "mobilenet", head: str = "retrain", batch:
             mean, variance = var("moving_mean", np.zeros(c)), var("moving_variance", np.ones(c))
             to_fit.append((h, mean, variance))
             h, _, _ = v1.nn.fused_batch_norm(
-                h, var("gamma", 1 + 0.2 * rng.standard_normal(c)), var("beta", 0.5 + 0.2 * rng.standard_normal(c)),
-                mean, variance, epsilon=1e-3, is_training=False,
+                h,
+                var("gamma", 1 + 0.2 * rng.standard_normal(c)),
+                var("beta", 0.5 + 0.2 * rng.standard_normal(c)),
+                mean,
+                variance,
+                epsilon=1e-3,
+                is_training=False,
             )
             return tf.nn.relu6(h)
 
@@ -108,7 +127,9 @@ def freeze(path: Path, *, body: str = "mobilenet", head: str = "retrain", batch:
                 pooled = tf.identity(pooled, name="Dropout_1b/Identity")
                 with tf.name_scope("Conv2d_1c_1x1"):
                     k = var("weights", rng.standard_normal((1, 1, c, 1001)) / np.sqrt(c))
-                    pooled = tf.nn.bias_add(tf.nn.conv2d(pooled, k, 1, "SAME"), var("biases", 0.1 * rng.standard_normal(1001)))
+                    pooled = tf.nn.bias_add(
+                        tf.nn.conv2d(pooled, k, 1, "SAME"), var("biases", 0.1 * rng.standard_normal(1001))
+                    )
             if head != "mean":
                 pooled = tf.squeeze(pooled, [1, 2], name="SpatialSqueeze")
         if head == "imagenet":
@@ -130,13 +151,15 @@ def freeze(path: Path, *, body: str = "mobilenet", head: str = "retrain", batch:
             sess.run(v1.global_variables_initializer())
 
             def values(t):  # type: ignore[no-untyped-def]
-                return np.concatenate([sess.run(t, {x: calibration[i:i + 1]}) for i in range(len(calibration))])
+                return np.concatenate([sess.run(t, {x: calibration[i : i + 1]}) for i in range(len(calibration))])
 
             for t, mean, variance in to_fit:  # in network order, so each layer sees its fitted inputs
                 v = values(t)
                 mean.load(v.mean(axis=(0, 1, 2)), sess)
                 spread = v.var(axis=(0, 1, 2))
-                variance.load(spread + 0.05 * spread.mean() + 1e-3, sess)  # near-constant channels would amplify rounding
+                variance.load(
+                    spread + 0.05 * spread.mean() + 1e-3, sess
+                )  # near-constant channels would amplify rounding
             # Logits ~ N(0, 3^2) over the calibration images, so the softmax is far from flat.
             v = values(bottleneck).astype(np.float64)
             std = v.std(axis=0)
@@ -268,8 +291,11 @@ def test_onnx_agrees_with_tensorflow_on_real_radiographs(converted: tuple[Frozen
     assert (tf_logits.std(axis=1) > 1.0).all()
     assert np.abs(probs - tf_probs).max() < 1e-4
     # Logit-level: log-probabilities are the logits less one constant per image.
-    log_tf = tf_logits - np.log(np.exp(tf_logits - tf_logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
+    log_tf = (
+        tf_logits
+        - np.log(np.exp(tf_logits - tf_logits.max(1, keepdims=True)).sum(1, keepdims=True))
         - tf_logits.max(1, keepdims=True)
+    )
     log_onnx = np.log(np.clip(probs.astype(np.float64), 1e-30, None))
     keep = tf_probs > 1e-6
     assert np.abs(log_onnx - log_tf)[keep].max() < 1e-3
@@ -309,7 +335,7 @@ def test_other_linear_heads_get_a_map_too(tmp_path: Path, head: str, batch: int 
     # A source with a fixed batch of 1 still converts to a model that takes any batch.
     x = np.random.default_rng(2).uniform(-1, 1, (3, 224, 224, 3)).astype(np.float32)
     probs, cam = run_onnx(model_dir, x, "final_result:0", "cam")
-    tf_out = [run_tf(frozen, x[i:i + 1], "final_result:0", frozen.features) for i in range(3)]
+    tf_out = [run_tf(frozen, x[i : i + 1], "final_result:0", frozen.features) for i in range(3)]
     tf_probs = np.concatenate([o[0] for o in tf_out])
     tf_features = np.concatenate([o[1] for o in tf_out])
     assert np.abs(probs - tf_probs).max() < 1e-4

@@ -39,4 +39,6 @@ def test_every_block_and_the_head_are_exposed_and_the_head_is_what_the_classifie
 
     weights = {i.name: numpy_helper.to_array(i) for i in onnx.load_from_string(blob).graph.initializer}
     head = outs[-2].reshape(1, -1)
-    np.testing.assert_allclose(head @ weights["net._fc.weight"].T + weights["net._fc.bias"], outs[-1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        head @ weights["net._fc.weight"].T + weights["net._fc.bias"], outs[-1], rtol=1e-4, atol=1e-4
+    )

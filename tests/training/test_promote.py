@@ -79,8 +79,12 @@ def trained(tmp_path_factory):
     listed = _rows(RADIOGRAPHS / "MANIFEST.csv")
     fit, held = [], []
     for label, (source, other) in SOURCES.items():
-        fit += [(str(RADIOGRAPHS / r["file"]), label, source) for r in listed if r["class"] == label and r["repo"] == source][:20]
-        held += [(str(RADIOGRAPHS / r["file"]), label, other) for r in listed if r["class"] == label and r["repo"] == other][:12]
+        fit += [
+            (str(RADIOGRAPHS / r["file"]), label, source) for r in listed if r["class"] == label and r["repo"] == source
+        ][:20]
+        held += [
+            (str(RADIOGRAPHS / r["file"]), label, other) for r in listed if r["class"] == label and r["repo"] == other
+        ][:12]
     train_csv = _write(root / "train.csv", fit)
     all_csv = _write(root / "all.csv", fit + held)
     labels = [label for _, label, _ in fit]
@@ -109,8 +113,15 @@ def test_a_worse_model_is_refused_with_the_comparison(trained, tmp_path, capsys)
     out, err = capsys.readouterr()
     assert rc == 1, out + err
     assert "held out: the validation split both cards record" in out
-    for text in ("accuracy", "reported unknown", "sensitivity per class:", "chest_pa_ap", "panoramic_radiograph",
-                 "candidate tiny-shuffled", "current   tiny-good"):
+    for text in (
+        "accuracy",
+        "reported unknown",
+        "sensitivity per class:",
+        "chest_pa_ap",
+        "panoramic_radiograph",
+        "candidate tiny-shuffled",
+        "current   tiny-good",
+    ):
         assert text in out
     assert "not promoted: accuracy" in err
     assert verify(target) == load_card(good).sha256  # untouched
@@ -143,28 +154,93 @@ def test_a_better_model_on_held_out_sources_is_promoted_and_rolled_back(trained,
 
     legacy = without_groups(worse, "legacy")
     legacy_good = without_groups(good, "legacy-good")  # proof by manifest digest only (from its provenance)
-    rc = main(["models", "promote", "--config", str(config), "--candidate", str(legacy), "--dataset", str(all_csv),
-               "--holdout-groups", ",".join(HELD_OUT)])
+    rc = main(
+        [
+            "models",
+            "promote",
+            "--config",
+            str(config),
+            "--candidate",
+            str(legacy),
+            "--dataset",
+            str(all_csv),
+            "--holdout-groups",
+            ",".join(HELD_OUT),
+        ]
+    )
     assert rc == 2 and "does not show that it was kept off" in capsys.readouterr().err
     # The groups train() records are that proof: the same candidate with them gets past this check.
     assert promote.trained_groups(load_card(worse)) and not promote.trained_groups(load_card(worse)) & set(HELD_OUT)
-    rc = main(["models", "promote", "--config", str(config), "--candidate", str(good), "--dataset", str(train_csv),
-               "--holdout-groups", SOURCES["chest_pa_ap"][0]])
+    rc = main(
+        [
+            "models",
+            "promote",
+            "--config",
+            str(config),
+            "--candidate",
+            str(good),
+            "--dataset",
+            str(train_csv),
+            "--holdout-groups",
+            SOURCES["chest_pa_ap"][0],
+        ]
+    )
     assert rc == 2 and "card says it was trained on" in capsys.readouterr().err  # by its recorded groups
-    rc = main(["models", "promote", "--config", str(config), "--candidate", str(legacy_good), "--dataset",
-               str(train_csv), "--holdout-groups", SOURCES["chest_pa_ap"][0]])
+    rc = main(
+        [
+            "models",
+            "promote",
+            "--config",
+            str(config),
+            "--candidate",
+            str(legacy_good),
+            "--dataset",
+            str(train_csv),
+            "--holdout-groups",
+            SOURCES["chest_pa_ap"][0],
+        ]
+    )
     assert rc == 2 and "trained on this whole dataset" in capsys.readouterr().err  # by its manifest digest
-    rc = main(["models", "promote", "--config", str(config), "--candidate", str(good), "--dataset", str(all_csv),
-               "--holdout-groups", "no/such-source"])
+    rc = main(
+        [
+            "models",
+            "promote",
+            "--config",
+            str(config),
+            "--candidate",
+            str(good),
+            "--dataset",
+            str(all_csv),
+            "--holdout-groups",
+            "no/such-source",
+        ]
+    )
     assert rc == 2 and "no image of the dataset is in group" in capsys.readouterr().err
 
     # Images that arrived after training: the dataset is no longer the training manifest plus the held-out
     # groups, so the proof must come from the training manifest itself.
-    grown = _write(tmp_path / "grown.csv", [(r["file"], r["label"], r["group"]) for r in _rows(all_csv)]
-                   + [(str(RADIOGRAPHS / r["file"]), "chest_pa_ap", r["repo"]) for r in _rows(RADIOGRAPHS / "MANIFEST.csv")
-                      if r["repo"] == SOURCES["chest_pa_ap"][0]][40:45])
-    args = ["models", "promote", "--config", str(config), "--candidate", str(legacy_good), "--dataset", str(grown),
-            "--holdout-groups", ",".join(HELD_OUT), "--dry-run"]
+    grown = _write(
+        tmp_path / "grown.csv",
+        [(r["file"], r["label"], r["group"]) for r in _rows(all_csv)]
+        + [
+            (str(RADIOGRAPHS / r["file"]), "chest_pa_ap", r["repo"])
+            for r in _rows(RADIOGRAPHS / "MANIFEST.csv")
+            if r["repo"] == SOURCES["chest_pa_ap"][0]
+        ][40:45],
+    )
+    args = [
+        "models",
+        "promote",
+        "--config",
+        str(config),
+        "--candidate",
+        str(legacy_good),
+        "--dataset",
+        str(grown),
+        "--holdout-groups",
+        ",".join(HELD_OUT),
+        "--dry-run",
+    ]
     assert main(args) == 2 and "Give its training manifest" in capsys.readouterr().err
     assert main([*args, "--trained-on", str(tmp_path.parent / "x.csv")]) == 2
     capsys.readouterr()
@@ -173,8 +249,20 @@ def test_a_better_model_on_held_out_sources_is_promoted_and_rolled_back(trained,
     assert main([*args, "--trained-on", str(train_csv)]) == 0
     assert "dry run" in capsys.readouterr().out and verify(target) == worse_sha
 
-    rc = main(["models", "promote", "--config", str(config), "--candidate", str(good), "--dataset", str(all_csv),
-               "--holdout-groups", ",".join(HELD_OUT)])
+    rc = main(
+        [
+            "models",
+            "promote",
+            "--config",
+            str(config),
+            "--candidate",
+            str(good),
+            "--dataset",
+            str(all_csv),
+            "--holdout-groups",
+            ",".join(HELD_OUT),
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, out + err
     assert f"held out: source groups {', '.join(HELD_OUT)}" in out and "24 images" in out
@@ -184,8 +272,9 @@ def test_a_better_model_on_held_out_sources_is_promoted_and_rolled_back(trained,
     assert not list(target.parent.glob(".view.incoming-*"))
 
     # Equal is good enough: the same model again (a dry run leaves everything as it is).
-    rc = main(["models", "promote", "--config", str(config), "--candidate", str(good), "--dataset", str(all_csv),
-               "--dry-run"])
+    rc = main(
+        ["models", "promote", "--config", str(config), "--candidate", str(good), "--dataset", str(all_csv), "--dry-run"]
+    )
     out, _ = capsys.readouterr()
     assert rc == 0 and "+0.000" in out and "dry run" in out
     assert verify(promote.previous_dir(target)) == worse_sha
@@ -200,8 +289,10 @@ def test_a_better_model_on_held_out_sources_is_promoted_and_rolled_back(trained,
 def test_nothing_held_out_is_refused(trained, tmp_path, capsys):
     _, _, good, worse = trained
     listed = _rows(RADIOGRAPHS / "MANIFEST.csv")
-    knees = _write(tmp_path / "knees.csv", [(str(RADIOGRAPHS / r["file"]), "knee_ap", r["repo"])
-                                            for r in listed if r["class"] == "knee_ap"][:10])
+    knees = _write(
+        tmp_path / "knees.csv",
+        [(str(RADIOGRAPHS / r["file"]), "knee_ap", r["repo"]) for r in listed if r["class"] == "knee_ap"][:10],
+    )
     target = _install_copy(worse, tmp_path / "view")
     rc = main(["models", "promote", "--current", str(target), "--candidate", str(good), "--dataset", str(knees)])
     assert rc == 2 and "nothing held out" in capsys.readouterr().err
@@ -217,10 +308,16 @@ def test_a_worker_picks_up_the_promoted_model_between_batches(trained, tmp_path)
     target = _install_copy(worse, tmp_path / "models" / "view")
     db = tmp_path / "nnrouter.db"
     cfg = tmp_path / "nnrouter.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "database": {"url": f"sqlite:///{db}"}, "models": {"classifier": str(target)},
-        "storage": {"path": str(tmp_path / "spool"), "derived_path": str(tmp_path / "derived")},
-        "workers": {"max_wait_ms": 0}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "database": {"url": f"sqlite:///{db}"},
+                "models": {"classifier": str(target)},
+                "storage": {"path": str(tmp_path / "spool"), "derived_path": str(tmp_path / "derived")},
+                "workers": {"max_wait_ms": 0},
+            }
+        )
+    )
     settings = config_mod.load(cfg)
     store = Store(settings.database.url)
     store.upgrade()
@@ -232,9 +329,18 @@ def test_a_worker_picks_up_the_promoted_model_between_batches(trained, tmp_path)
             s.add_all([study, series])
             for i in range(start, start + n):
                 path = write_dx(tmp_path / f"dx{i}.dcm", DXSpec(rows=64, columns=64, seed=i))
-                s.add(Instance(series=series, sop_instance_uid=f"1.3.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-                               transfer_syntax_uid="1.2.840.10008.1.2.1", path=str(path), size_bytes=1,
-                               sha256=sha256_file(path), state=InstanceState.RECEIVED))
+                s.add(
+                    Instance(
+                        series=series,
+                        sop_instance_uid=f"1.3.{i}",
+                        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+                        transfer_syntax_uid="1.2.840.10008.1.2.1",
+                        path=str(path),
+                        size_bytes=1,
+                        sha256=sha256_file(path),
+                        state=InstanceState.RECEIVED,
+                    )
+                )
 
     def models_used() -> list[str]:
         with store.read() as s:
@@ -264,11 +370,21 @@ def _fake_model(folder: Path, name: str, size: int) -> Path:
     folder.mkdir(parents=True)
     blob = hashlib.sha256(name.encode()).digest() * (size // 32)
     (folder / "model.onnx").write_bytes(blob)
-    card = ModelCard(name=name, task="classify", labels=["a", "b"], input_name="input", outputs={"scores": "s"},
-                     input=InputSpec(size=(8, 8), channels=1, layout="NCHW", resize="stretch",
-                                     normalisation=Normalisation(mean=[0.0], std=[1.0])),
-                     scores_are="logits", version="1", sha256=hashlib.sha256(blob).hexdigest(), provenance="test",
-                     licence="test")
+    card = ModelCard(
+        name=name,
+        task="classify",
+        labels=["a", "b"],
+        input_name="input",
+        outputs={"scores": "s"},
+        input=InputSpec(
+            size=(8, 8), channels=1, layout="NCHW", resize="stretch", normalisation=Normalisation(mean=[0.0], std=[1.0])
+        ),
+        scores_are="logits",
+        version="1",
+        sha256=hashlib.sha256(blob).hexdigest(),
+        provenance="test",
+        licence="test",
+    )
     write_card(card, folder)
     return folder
 
@@ -308,7 +424,9 @@ def test_the_swap_is_atomic_for_a_reader_and_rollback_restores(tmp_path):
     target = tmp_path / "models" / "view"
     shutil.copytree(a, target)
     stop = tmp_path / "stop"
-    reader = subprocess.Popen([sys.executable, "-c", _READER, str(target), str(stop)], stdout=subprocess.PIPE, text=True)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", _READER, str(target), str(stop)], stdout=subprocess.PIPE, text=True
+    )
     try:
         for _ in range(12):
             promote.install(b, target, log=lambda _m: None)
@@ -346,12 +464,22 @@ def test_a_candidate_that_does_not_verify_is_never_swapped_in(tmp_path):
 def test_store_groups_come_from_the_calling_ae_and_carry_no_patient(node_factory, tmp_path):
     node = node_factory().start()
     sent = {}
-    for ae, part, institution, station in (("MOD_EAST", "KNEE", "Site East", "PID12345"),
-                                           ("MOD_WEST", "CHEST", "Site West", "DR2")):
+    for ae, part, institution, station in (
+        ("MOD_EAST", "KNEE", "Site East", "PID12345"),
+        ("MOD_WEST", "CHEST", "Site West", "DR2"),
+    ):
         files = []
         for i in range(2):
-            spec = DXSpec(rows=64, columns=64, body_part=part, view_position="AP" if part == "KNEE" else "PA",
-                          study_description=f"XR {part}", patient_name="DOE^JANE", patient_id="PID12345", seed=i)
+            spec = DXSpec(
+                rows=64,
+                columns=64,
+                body_part=part,
+                view_position="AP" if part == "KNEE" else "PA",
+                study_description=f"XR {part}",
+                patient_name="DOE^JANE",
+                patient_id="PID12345",
+                seed=i,
+            )
             path = write_dx(tmp_path / f"{ae}-{i}.dcm", spec)
             ds = pydicom.dcmread(path)
             ds.InstitutionName, ds.StationName = institution, station
@@ -369,8 +497,9 @@ def test_store_groups_come_from_the_calling_ae_and_carry_no_patient(node_factory
     text = out.read_text() + dataset.summary_path(out).read_text()
     assert "DOE" not in text and "JANE" not in text and "PID12345" not in text
 
-    by_institution = dataset.build(tmp_path / "i.csv", store_config=node.config_path, mapping=RULES,
-                                   group_by="institution")
+    by_institution = dataset.build(
+        tmp_path / "i.csv", store_config=node.config_path, mapping=RULES, group_by="institution"
+    )
     assert by_institution.groups == {"institution Site East": 2, "institution Site West": 2}
     # A modality that writes the patient ID into Station Name: the group is withheld, not written.
     by_station = dataset.build(tmp_path / "s.csv", store_config=node.config_path, mapping=RULES, group_by="station")
@@ -378,8 +507,19 @@ def test_store_groups_come_from_the_calling_ae_and_carry_no_patient(node_factory
     assert "PID12345" not in (tmp_path / "s.csv").read_text()
 
     # A training manifest that holds one sender out, through the command line.
-    held = node.cli("dataset", "build", "--store", "--out", str(tmp_path / "train.csv"), "--mapping", str(RULES),
-                    "--group-by", "calling_ae", "--exclude-groups", "AE MOD_WEST")
+    held = node.cli(
+        "dataset",
+        "build",
+        "--store",
+        "--out",
+        str(tmp_path / "train.csv"),
+        "--mapping",
+        str(RULES),
+        "--group-by",
+        "calling_ae",
+        "--exclude-groups",
+        "AE MOD_WEST",
+    )
     assert "held out of this manifest" in held.stdout
     assert {r["group"] for r in _rows(tmp_path / "train.csv")} == {"AE MOD_EAST"}
     with pytest.raises(ValueError, match="no file is in group"):
@@ -403,8 +543,12 @@ def _card(folder: Path, **training) -> ModelCard:
 def test_held_out_images_are_the_ones_neither_card_trained_on(tmp_path):
     from nnrouter.training.train import Entry, is_validation
 
-    entries = [Entry(f"/data/{g}/{i}.png", label, g) for g in ("A", "B") for label in ("chest_pa_ap", "knee_ap")
-               for i in range(40)] + [Entry("/data/B/x.png", "hand_ap", "B")]
+    entries = [
+        Entry(f"/data/{g}/{i}.png", label, g)
+        for g in ("A", "B")
+        for label in ("chest_pa_ap", "knee_ap")
+        for i in range(40)
+    ] + [Entry("/data/B/x.png", "hand_ap", "B")]
     a = _card(tmp_path / "a", config={"val_percent": 30, "seed": 0}, groups={"A": 80})
     b = _card(tmp_path / "b", config={"val_percent": 50, "seed": 1})
     held = promote.held_out(entries, a, b)

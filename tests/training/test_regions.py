@@ -53,8 +53,16 @@ def write_coco(rows: list[dict], path: Path) -> Path:
     anns = []
     for k, r in enumerate(rows, start=1):
         x0, y0, x1, y1 = (float(r[c]) for c in ("x0", "y0", "x1", "y1"))
-        anns.append({"id": k, "image_id": ids[str(r["path"])], "category_id": names.index(r["label"]) + 7,
-                     "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+        anns.append(
+            {
+                "id": k,
+                "image_id": ids[str(r["path"])],
+                "category_id": names.index(r["label"]) + 7,
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "area": (x1 - x0) * (y1 - y0),
+                "iscrowd": 0,
+            }
+        )
     cats = [{"id": i + 7, "name": n} for i, n in enumerate(names)]  # ids need not start at 0
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}, indent=2))
     return path
@@ -108,7 +116,7 @@ def test_the_shared_csv_reads_whole():
     boxes = read_regions(REGIONS_CSV)
     assert len(boxes) == 671
     assert sum(b.label == "SPINE" for b in boxes) == 525
-    assert all(Path(b.file).is_file() for b in boxes[:: 50])
+    assert all(Path(b.file).is_file() for b in boxes[::50])
 
 
 @needs_regions

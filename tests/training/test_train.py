@@ -128,7 +128,9 @@ def test_fold_decisions_are_the_exported_models_decisions(tmp_path):
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
-    logits, _, ood = sess.run(["logits", "cam", "ood"], {"input": to_tensor_batch([load_gray(e) for e in entries], cfg.size)})
+    logits, _, ood = sess.run(
+        ["logits", "cam", "ood"], {"input": to_tensor_batch([load_gray(e) for e in entries], cfg.size)}
+    )
     from nnrouter.training.train import softmax
 
     probs = softmax(logits / fitted.temperature)
@@ -168,8 +170,12 @@ def test_shipped_model_card_and_weights_agree():
         assert needle in card.provenance
     # The figures that generalise are in the card, with the targets said met or missed, and the ablation.
     loso = card.metrics["leave_one_source_out"]
-    assert loso["measurable"] and set(loso["classes"]) == {"chest_pa_ap", "chest_lateral", "panoramic_radiograph",
-                                                            "abdomen_ap"}
+    assert loso["measurable"] and set(loso["classes"]) == {
+        "chest_pa_ap",
+        "chest_lateral",
+        "panoramic_radiograph",
+        "abdomen_ap",
+    }
     assert {f["held_out"] for f in loso["folds"]} == {s for ss in loso["classes"].values() for s in ss}
     assert set(loso["targets"]) == {"chest_pa_ap", "chest_lateral", "panoramic_radiograph", "abdomen_ap"}
     missed = [f"{c} on {s}" for c, per in loso["targets"].items() for s, v in per.items() if v == "missed"]
@@ -189,12 +195,29 @@ ACCEPT = [
     ("nema_RG2_J2KR.dcm", {"unknown", "other"}),  # hip
     ("nema_RG3_J2KR.dcm", {"unknown", "other"}),  # lower leg
     ("nema_MG1_J2KI.dcm", {"unknown", "other"}),  # mammogram
-    pytest.param("dx_chest_j2k_no_bodypart.dcm", {"chest_pa_ap"}, marks=pytest.mark.xfail(
-        strict=True, reason="known miss: top class chest_pa_ap at 0.71, below the 0.90 score threshold for unknown")),
-    pytest.param("vet_dx_jpeg_baseline_ybr.dcm", {"unknown", "other"}, marks=pytest.mark.xfail(
-        strict=True, reason="known miss: a dog's limb is called shoulder_ap 0.99 (every training shoulder has a long metal stem)")),
-    pytest.param("cr_wrist_lateral_philips.dcm", {"unknown", "other"}, marks=pytest.mark.xfail(
-        strict=True, reason="known miss: a lateral wrist (never trained) is called wrist_ap 0.99, within the feature distance")),
+    pytest.param(
+        "dx_chest_j2k_no_bodypart.dcm",
+        {"chest_pa_ap"},
+        marks=pytest.mark.xfail(
+            strict=True, reason="known miss: top class chest_pa_ap at 0.71, below the 0.90 score threshold for unknown"
+        ),
+    ),
+    pytest.param(
+        "vet_dx_jpeg_baseline_ybr.dcm",
+        {"unknown", "other"},
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="known miss: a dog's limb is called shoulder_ap 0.99 (every training shoulder has a long metal stem)",
+        ),
+    ),
+    pytest.param(
+        "cr_wrist_lateral_philips.dcm",
+        {"unknown", "other"},
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="known miss: a lateral wrist (never trained) is called wrist_ap 0.99, within the feature distance",
+        ),
+    ),
 ]
 
 

@@ -106,11 +106,25 @@ def test_onnx_detections_match_torch_within_a_pixel(tiny, tmp_path):
     out.mkdir()
     export_onnx(fitted.det, out / "model.onnx", cfg.size)
     card = ModelCard(
-        name="tiny", task="detect", labels=LABELS,
-        input=InputSpec(size=(cfg.size, cfg.size), channels=3, layout="NCHW", resize="letterbox",
-                        normalisation=Normalisation(mean=[MEAN] * 3, std=[STD] * 3), pad_value=cfg.pad_value),
-        input_name="images", outputs={"predictions": "predictions"}, version="t", sha256=sha256_file(out / "model.onnx"),
-        provenance="test", licence="test", conf_threshold=0.05, iou_threshold=0.45,
+        name="tiny",
+        task="detect",
+        labels=LABELS,
+        input=InputSpec(
+            size=(cfg.size, cfg.size),
+            channels=3,
+            layout="NCHW",
+            resize="letterbox",
+            normalisation=Normalisation(mean=[MEAN] * 3, std=[STD] * 3),
+            pad_value=cfg.pad_value,
+        ),
+        input_name="images",
+        outputs={"predictions": "predictions"},
+        version="t",
+        sha256=sha256_file(out / "model.onnx"),
+        provenance="test",
+        licence="test",
+        conf_threshold=0.05,
+        iou_threshold=0.45,
     )
     write_card(card, out)
     model = Model.load(out, providers=["CPUExecutionProvider"])
@@ -219,8 +233,10 @@ def test_ap_and_mean_iou_by_hand():
     truth_ = [[("SPINE", gt)], [("SPINE", gt)], [("SPINE", gt)], []]
     dets = [
         [D("SPINE", 0.9, (0, 0, 10, 5))],  # IoU 50/100 = 0.5: a hit (>= 0.5)
-        [D("SPINE", 0.8, (5, 0, 15, 10)),  # IoU 50/150 = 1/3: a miss
-         D("SPINE", 0.3, (0, 0, 10, 10))],  # IoU 1, but below conf 0.5: counts for AP, not for mean IoU
+        [
+            D("SPINE", 0.8, (5, 0, 15, 10)),  # IoU 50/150 = 1/3: a miss
+            D("SPINE", 0.3, (0, 0, 10, 10)),
+        ],  # IoU 1, but below conf 0.5: counts for AP, not for mean IoU
         [D("HEAD", 0.95, (0, 0, 10, 10))],  # another label: no spine found here
         [D("SPINE", 0.6, (0, 0, 10, 10))],  # an image without a spine: a false positive
     ]
@@ -242,10 +258,12 @@ def test_ap_and_mean_iou_by_hand():
 
 def test_fold_holds_the_whole_source_out():
     cfg = DetectorConfig()
-    samples = ([Sample(f"/d/a__{i}.png", "a", (("SPINE", 0, 0, 1, 1),)) for i in range(40)]
-               + [Sample(f"/d/b__{i}.png", "b", (("SPINE", 0, 0, 1, 1),)) for i in range(40)]
-               + [Sample(f"/d/h__{i}.png", "h", (("HEAD", 0, 0, 1, 1),)) for i in range(40)]
-               + [Sample(f"/d/k__{i}.png", "k", ()) for i in range(40)])
+    samples = (
+        [Sample(f"/d/a__{i}.png", "a", (("SPINE", 0, 0, 1, 1),)) for i in range(40)]
+        + [Sample(f"/d/b__{i}.png", "b", (("SPINE", 0, 0, 1, 1),)) for i in range(40)]
+        + [Sample(f"/d/h__{i}.png", "h", (("HEAD", 0, 0, 1, 1),)) for i in range(40)]
+        + [Sample(f"/d/k__{i}.png", "k", ()) for i in range(40)]
+    )
     split = [bucket(s.file, cfg) for s in samples]
     train, val, test = fold_split(samples, split, "a")
     assert not set(train) & set(test) and not set(val) & set(test) and not set(train) & set(val)
