@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
+from typing import cast
 
 from pydicom.dataset import Dataset
 
@@ -108,8 +109,10 @@ def _nncpr() -> tuple[str, ...]:
 def _sct_meanings() -> dict[str, str]:
     from pydicom.sr._concepts_dict import concepts
 
+    # pydicom's generated table mixes schemes, so mypy infers its values as object.
+    sct = cast(dict[str, dict[str, tuple[str, list[int]]]], concepts["SCT"])
     best: dict[str, tuple[int, str]] = {}
-    for entries in concepts["SCT"].values():
+    for entries in sct.values():
         for code, (meaning, cids) in entries.items():
             rank = 0 if 4031 in cids else 1 if 4 in cids else 2 if cids else 3
             if code not in best or rank < best[code][0]:

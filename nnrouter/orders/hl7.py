@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Self
 
-import hl7 as hl7v2  # type: ignore[import-untyped]  # python-hl7 ships no type information
+import hl7 as hl7v2  # python-hl7 ships no type information (ignore_missing_imports in pyproject.toml)
 
 from nnrouter.core import logs
 from nnrouter.core.codes import Code

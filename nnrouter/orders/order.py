@@ -11,15 +11,22 @@ does not care where an order came from.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import and_, or_, select
+from sqlalchemy import String, and_, or_, select
+from sqlalchemy.orm import Session
 
 from nnrouter.core.codes import Code, family
 from nnrouter.core.codes import classes as view_classes
 from nnrouter.core.store import OrderRequest
 from nnrouter.orders.laterality import laterality_from_text
+
+if TYPE_CHECKING:
+    from nnrouter.orders.procedures import ProcedureBook
 
 
 class OrderSource:
@@ -56,7 +63,7 @@ class Order:
 # --- orders written into the images ------------------------------------------
 
 
-def text_of(ds, keyword: str) -> str:  # type: ignore[no-untyped-def]
+def text_of(ds: Dataset, keyword: str) -> str:
     """An attribute as plain text ("" when absent); several values joined with a backslash."""
     value = ds.get(keyword)
     if value is None:
@@ -66,7 +73,7 @@ def text_of(ds, keyword: str) -> str:  # type: ignore[no-untyped-def]
     return str(value).strip()
 
 
-def codes_of(items) -> tuple[Code, ...]:  # type: ignore[no-untyped-def]
+def codes_of(items: Iterable[Dataset] | None) -> tuple[Code, ...]:
     """The codes of a code sequence (Requested Procedure Code Sequence and the like)."""
     out = []
     for item in items or ():
@@ -76,11 +83,11 @@ def codes_of(items) -> tuple[Code, ...]:  # type: ignore[no-untyped-def]
     return tuple(out)
 
 
-def _text(ds, keyword: str) -> str | None:  # type: ignore[no-untyped-def]
+def _text(ds: Dataset, keyword: str) -> str | None:
     return text_of(ds, keyword) or None
 
 
-def from_header(ds) -> list[Order]:  # type: ignore[no-untyped-def]
+def from_header(ds: Dataset) -> list[Order]:
     """The orders an instance carries: each Request Attributes item, else the study-level request.
 
     Modalities fed by a worklist copy the request into Request Attributes
@@ -248,8 +255,8 @@ _CONTAINS = {
 }
 
 
-def _same_part(header: str, class_part: str) -> bool:
-    return header == class_part or header in _CONTAINS.get(class_part, set())
+def _same_part(header: str, class_part: str | None) -> bool:
+    return header == class_part or (class_part is not None and header in _CONTAINS.get(class_part, set()))
 
 
 def _body_part(value: str | None) -> str | None:
@@ -280,9 +287,12 @@ def _active(orders: list[Order]) -> list[Order]:
     return [o for o in orders if o.control not in ENDED]
 
 
-def check(orders: list[Order], seen: list[Seen], book, covered: set[str] | None = None) -> list[Finding]:  # type: ignore[no-untyped-def]
+def check(
+    orders: list[Order], seen: list[Seen], book: ProcedureBook | None, covered: set[str] | None = None
+) -> list[Finding]:
     """Ordered vs performed for one study.
 
+    ``book`` may be None only when ``orders`` is empty (no procedures.yaml).
     ``covered`` is the set of classes the model can predict (None: all).
     Only confident predictions count as evidence of a mismatch; the others
     raise `uncertain`. An expected class the model cannot recognise is never
@@ -297,6 +307,7 @@ def check(orders: list[Order], seen: list[Seen], book, covered: set[str] | None 
 
     # Header vs pixels, with or without an order.
     for s in sure:
+        assert s.label is not None  # sure: its label is a class
         vc = classes[s.label]
         hb = _body_part(s.body_part_examined)
         if hb and not _same_part(hb, _body_part(vc.body_part_examined)):
@@ -351,6 +362,7 @@ def check(orders: list[Order], seen: list[Seen], book, covered: set[str] | None 
 
     if not active:
         return findings
+    assert book is not None  # callers without a book pass no orders
     expected: Counter[str] = Counter()
     mapped = 0
     for o in active:
@@ -378,6 +390,7 @@ def check(orders: list[Order], seen: list[Seen], book, covered: set[str] | None 
     expected_parts = {_body_part(classes[c].body_part_examined) for c in expected}
     got: Counter[str] = Counter()
     for s in sure:
+        assert s.label is not None  # sure: its label is a class
         part = _body_part(classes[s.label].body_part_examined)
         evidence = {"predicted": s.label, "score": s.score, "expected": sorted(expected)}
         if part not in expected_parts:
@@ -436,7 +449,7 @@ def check(orders: list[Order], seen: list[Seen], book, covered: set[str] | None 
     return findings
 
 
-def complete(orders: list[Order], seen: list[Seen], book) -> bool:  # type: ignore[no-untyped-def]
+def complete(orders: list[Order], seen: list[Seen], book: ProcedureBook) -> bool:
     """Every view the mapped orders expect has arrived (confidently recognised)."""
     active = _active(orders)
     expectations = [book.expect(o) for o in active]
@@ -452,7 +465,7 @@ def complete(orders: list[Order], seen: list[Seen], book) -> bool:  # type: igno
 # --- kept in the store -----------------------------------------------------------
 
 
-def save(session, order: Order) -> int:  # type: ignore[no-untyped-def]
+def save(session: Session, order: Order) -> int:
     """Insert, or update the order with the same key; a cancel keeps the row and marks it.
 
     An update changes what it says and keeps what it leaves out: an HL7
@@ -482,7 +495,9 @@ def save(session, order: Order) -> int:  # type: ignore[no-untyped-def]
     replaces_procedure = bool(order.codes or order.description)
     for name, value in values.items():
         if value or (replaces_procedure and name in procedure):
-            setattr(row, name, str(value)[: OrderRequest.__table__.c[name].type.length] if value else None)
+            width = OrderRequest.__table__.c[name].type
+            assert isinstance(width, String)  # these columns are all String(n)
+            setattr(row, name, str(value)[: width.length] if value else None)
     if replaces_procedure:
         row.codes = [[c.value, c.scheme, c.meaning] for c in order.codes]
     # An ended order stays ended, unless a new order or a change brings it back.
@@ -492,7 +507,7 @@ def save(session, order: Order) -> int:  # type: ignore[no-untyped-def]
     return row.id
 
 
-def from_row(row) -> Order:  # type: ignore[no-untyped-def]
+def from_row(row: OrderRequest) -> Order:
     return Order(
         source=row.source,
         accession_number=row.accession_number,
@@ -511,7 +526,7 @@ def from_row(row) -> Order:  # type: ignore[no-untyped-def]
     )
 
 
-def stored_for(session, accession_number: str | None, study_uid: str | None) -> list[Order]:  # type: ignore[no-untyped-def]
+def stored_for(session: Session, accession_number: str | None, study_uid: str | None) -> list[Order]:
     """The orders kept for a study, linked by accession number or Study Instance UID."""
     links = []
     if accession_number:  # an order read from another study's images is that study's

@@ -114,8 +114,8 @@ class ProcedureBook:
                         ),
                     )
         for p in spec.procedures:  # the file wins over classes.csv
-            for c in p.codes:
-                self._by_code[(c.scheme.upper(), c.value)] = p
+            for pc in p.codes:
+                self._by_code[(pc.scheme.upper(), pc.value)] = p
         self._patterns = [(re.compile(pat, re.IGNORECASE), pat, p) for p in spec.procedures for pat in p.patterns]
 
     def expect(self, order: Order) -> Expectation:

@@ -23,9 +23,11 @@ from __future__ import annotations
 import datetime as dt
 import time
 from dataclasses import replace
+from multiprocessing.process import BaseProcess
 from typing import Any
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import Select, and_, exists, or_, select, update
+from sqlalchemy.orm import Session
 
 from nnrouter.core import logs
 from nnrouter.core.config import Settings
@@ -41,7 +43,7 @@ WORKLIST_AGAIN_S = 300.0  # after an empty answer: the RIS may enter the order l
 WORKLIST_WAIT_S = 60.0
 
 
-def waiting(now: dt.datetime, limit: int = 50):  # type: ignore[no-untyped-def]
+def waiting(now: dt.datetime, limit: int = 50) -> Select[Study]:
     """The studies to ask the worklist about now, oldest first (a SELECT)."""
     decided = select(RoutingDecision.id).where(RoutingDecision.study_id == Study.id)
     external = select(OrderRequest.id).where(
@@ -138,7 +140,7 @@ class WorklistPoll:
             self._stamp_in(s, ids, now, again_s)
 
     @staticmethod
-    def _stamp_in(s, ids: list[int], now: dt.datetime | None, again_s: float | None) -> None:  # type: ignore[no-untyped-def]
+    def _stamp_in(s: Session, ids: list[int], now: dt.datetime | None, again_s: float | None) -> None:
         """The study was asked about (or found the worklist down) at ``now``; ask again after ``again_s`` (None: never)."""
         now = now or utcnow()
         s.execute(
@@ -176,7 +178,7 @@ def run_worklist_poll(settings: Settings, stop: Any = None, parent_pid: int | No
         store.dispose()
 
 
-def spawn_worklist_poll(settings: Settings, name: str = "nnrouter-worklist"):  # type: ignore[no-untyped-def]
+def spawn_worklist_poll(settings: Settings, name: str = "nnrouter-worklist") -> BaseProcess:
     """The worklist stage as a child process of ``serve``: it stops on SIGTERM and dies with its parent."""
     from nnrouter.service import lifecycle
 

@@ -25,6 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import cv2
 import gdcm
@@ -109,7 +110,7 @@ _FAMILY_BY_TS = MappingProxyType(
 _JPEG_LOSSLESS_PROCESS_14 = "1.2.840.10008.1.2.4.57"
 _ITEM_TAG = b"\xfe\xff\x00\xe0"
 
-_GDCM_DTYPES = MappingProxyType(
+_GDCM_DTYPES: MappingProxyType[int, np.dtype[Any]] = MappingProxyType(
     {
         gdcm.PixelFormat.UINT8: np.dtype("u1"),
         gdcm.PixelFormat.INT8: np.dtype("i1"),
@@ -568,7 +569,10 @@ def _repair_predictor6(ds: Dataset, ts: UID, arr: np.ndarray) -> np.ndarray:
 def _lossless_header(frame: bytes) -> tuple[int, int, int, int, int] | None:
     if not frame.startswith(b"\xff\xd8"):
         return None
-    precision = components = predictor = point_transform = None
+    precision: int | None = None
+    components: int | None = None
+    predictor: int | None = None
+    point_transform: int | None = None
     restart = 0
     for marker, payload in _jpeg_segments(frame):
         if marker == 0xC3 and len(payload) >= 6:
@@ -577,7 +581,7 @@ def _lossless_header(frame: bytes) -> tuple[int, int, int, int, int] | None:
             restart = struct.unpack_from(">H", payload, 0)[0]
         elif marker == 0xDA and len(payload) >= 4:
             predictor, point_transform = payload[-3], payload[-1] & 0x0F
-    if None in (precision, components, predictor, point_transform):
+    if precision is None or components is None or predictor is None or point_transform is None:
         return None
     return precision, components, predictor, point_transform, restart
 

@@ -195,7 +195,8 @@ def load_card(model_dir: str | os.PathLike[str]) -> ModelCard:
         card = yamlfile.validate(ModelCard, path)
     except yamlfile.FileProblems as e:
         raise ModelCardError(str(e)) from None
-    return card  # type: ignore[return-value]
+    assert isinstance(card, ModelCard)  # yamlfile.validate returns an instance of the model it is given
+    return card
 
 
 def verify(model_dir: str | os.PathLike[str]) -> str:

@@ -394,14 +394,15 @@ def _flags_container(
     container = hd.sr.ContainerContentItem(
         name=_QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
-    items = hd.sr.ContentSequence(list(algorithm))
+    # The template is itself a ContentSequence: its items are copied, as list() did.
+    items = hd.sr.ContentSequence(algorithm)
     for flag in flags:
         item = hd.sr.TextContentItem(
             name=_private(flag.kind),
             value=flag.reason,
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
-        children = [
+        children: list[hd.sr.ContentItem] = [
             hd.sr.CodeContentItem(
                 name=_SEVERITY,
                 value=_private(flag.severity),

@@ -68,8 +68,8 @@ __all__ = [
     "load_rules",
 ]
 
-DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+DAYS: tuple[Day, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 # Values a header dict cannot carry (the owner reads plain values only), so a
 # tag condition on them could never be true and is refused at load time.
@@ -150,7 +150,9 @@ def _keyword(value: str) -> str:
 def _plain_keyword(value: str, use: str) -> str:
     """A keyword of a text or number attribute: what rules can test and `set` can write."""
     value = _keyword(value)
-    vr = dictionary_VR(tag_for_keyword(value))
+    tag = tag_for_keyword(value)
+    assert tag is not None  # _keyword refuses unknown keywords
+    vr = dictionary_VR(tag)
     if set(vr.split(" or ")) & UNTESTABLE_VRS:
         raise ValueError(f"{value} is a {vr} attribute; {use} text and number attributes only")
     return value
@@ -496,7 +498,9 @@ class Condition(_Model):
 
 def _set_value(keyword: str, value: str) -> Any:
     """The python value pydicom should store: numbers for binary numeric VRs, lists for backslashes."""
-    vr = dictionary_VR(tag_for_keyword(keyword)).split(" or ")[0]
+    tag = tag_for_keyword(keyword)
+    assert tag is not None  # keywords reach here validated (_settable_keyword)
+    vr = dictionary_VR(tag).split(" or ")[0]
     parts = value.split("\\")
     try:
         if vr in _INT_VRS:
@@ -862,10 +866,13 @@ def _eval(c: Condition, s: StudyFacts) -> tuple[bool, str]:
         ok = bool({a.strip() for a in seen} & {w.strip() for w in wanted or []})
         return ok, f"{which} AE in {', '.join(wanted or [])} (study: {', '.join(sorted(seen)) or 'none'}): {_yes(ok)}"
     if c.modality is not None:
-        wanted = {m.strip().upper() for m in c.modality}
-        seen = {str(i.modality or i.header.get("Modality") or "").strip().upper() for i in s.instances} - {""}
-        ok = bool(seen & wanted)
-        return ok, f"modality {', '.join(sorted(wanted))} (study: {', '.join(sorted(seen)) or 'none'}): {_yes(ok)}"
+        modalities = {m.strip().upper() for m in c.modality}
+        present = {str(i.modality or i.header.get("Modality") or "").strip().upper() for i in s.instances} - {""}
+        ok = bool(present & modalities)
+        return (
+            ok,
+            f"modality {', '.join(sorted(modalities))} (study: {', '.join(sorted(present)) or 'none'}): {_yes(ok)}",
+        )
     if c.predicted is not None:
         p = c.predicted
         n = sum(i.label in p.class_ and (i.score if i.score is not None else 0.0) >= p.min_score for i in s.instances)

@@ -270,7 +270,7 @@ def tick_until_stopped(tick: Callable[[], object], every_s: float, stop: Stop) -
     """
     import datetime as dt
 
-    from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
+    from apscheduler.schedulers.background import BackgroundScheduler
 
     sched = BackgroundScheduler(timezone="UTC")
     sched.add_job(
