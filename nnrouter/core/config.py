@@ -9,7 +9,7 @@ in the package reads the environment or a config file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -314,6 +314,11 @@ class Settings(BaseSettings):
     retention: Retention = Retention()
     limits: Limits = Limits()
 
+    @property
+    def files_of(self) -> str | None:
+        """The node whose spool files this node can open: its own, or None (every node's) on a shared spool."""
+        return None if self.storage.shared else self.node.name
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -332,6 +337,8 @@ def load(path: Path | str | None = None) -> Settings:
 
     Raises yamlfile.FileProblems naming file, line, key and reason.
     """
+    data: dict[str, Any]
+    positions: yamlfile.Positions
     if path is None:
         data, positions, name = {}, {}, "(defaults)"
     else:

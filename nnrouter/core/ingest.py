@@ -36,7 +36,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from nnrouter.core import logs
+from nnrouter.core import headers, logs
 from nnrouter.core.spool import Spool
 from nnrouter.core.store import Instance, InstanceState, Series, Store, Study, utcnow
 
@@ -79,6 +79,8 @@ class Header:
     instance: dict[str, Any]
     # What is off in the header but harmless here (a UID with leading zeros): logged, kept.
     warnings: list[str] = field(default_factory=list)
+    # The data set without its pixels, as nnrouter.core.headers keeps it in the instance row.
+    encoded: bytes | None = None
 
 
 @dataclass
@@ -181,10 +183,20 @@ def _check_complete(ds: Dataset) -> None:
                 pending.extend(item for item in elem.value if isinstance(item, Dataset))
 
 
-def parse_header(ds: Dataset, affected_sop_instance_uid: str = "", affected_sop_class_uid: str = "") -> Header:
+def parse_header(
+    ds: Dataset,
+    affected_sop_instance_uid: str = "",
+    affected_sop_class_uid: str = "",
+    *,
+    data: bytes | memoryview | None = None,
+    transfer_syntax: str | None = None,
+) -> Header:
     """Pull the identifying attributes out of a data set, or refuse it (:class:`NotKept`).
 
-    The affected UIDs are a C-STORE request's; the data set must agree with them.
+    The affected UIDs are a C-STORE request's; the data set must agree with
+    them. ``data`` and ``transfer_syntax`` are the bytes ``ds`` was read from
+    and their encoding: the header to keep is then cut from them, not written
+    again (:func:`nnrouter.core.headers.encode`).
     """
     _check_complete(ds)
     warnings: list[str] = []
@@ -238,6 +250,7 @@ def parse_header(ds: Dataset, affected_sop_instance_uid: str = "", affected_sop_
             "state_reason": f"header lacks {', '.join(notes)}: grouped under derived UIDs" if notes else None,
         },
         warnings=warnings,
+        encoded=headers.encode(ds, data, transfer_syntax),
     )
 
 
@@ -250,24 +263,35 @@ _STRIPES = [threading.Lock() for _ in range(64)]
 
 
 def keep_encoded(
-    store: Store, spool: Spool, header: Header, meta: bytes, data: memoryview, origin: dict[str, Any]
+    store: Store,
+    spool: Spool,
+    header: Header,
+    meta: bytes,
+    data: memoryview,
+    origin: dict[str, Any],
+    *,
+    shared: bool = False,
 ) -> Kept:
     """Write and record one instance (file meta and data set as encoded); after this returns it may be acknowledged.
 
     ``origin`` holds the instance row's columns that say where it came from
     (transfer syntax, calling AE, peer, node, a state other than received).
+    ``shared``: every node sees this spool, so a duplicate of another node's
+    instance may put back its missing file; otherwise only this node's files.
     """
     digest = hashlib.sha256(data).hexdigest()
     with _STRIPES[hash(header.sop_instance_uid) % len(_STRIPES)]:
         with store.read() as s:
             rows = s.execute(
-                select(Instance.id, Instance.version, Instance.sha256, Instance.path).where(
+                select(Instance.id, Instance.version, Instance.sha256, Instance.path, Instance.node).where(
                     Instance.sop_instance_uid == header.sop_instance_uid
                 )
             ).all()
         for row in rows:
             if row.sha256 == digest:
-                _restore_if_missing(spool, row.path, meta, data)
+                # Another node's file is in its own spool: the same path here would be a stray copy no cleaner owns.
+                if shared or row.node in (None, origin.get("node")):
+                    _restore_if_missing(spool, row.path, meta, data)
                 return Kept(row.id, row.version, duplicate=True)
         version = max((r.version for r in rows), default=0) + 1
         if rows:
@@ -310,6 +334,8 @@ def keep(store: Store, spool: Spool, ds: Dataset, ae_title: str, *, node: str | 
     raw = buf.getvalue()
     # Preamble and DICM (132 bytes), then the group length element (12 bytes) whose value is the rest of the meta.
     meta_len = 132 + 12 + int.from_bytes(raw[140:144], "little")
+    # Written again, not cut from ``raw``: a data set read from a file and changed
+    # (a coerced copy) still carries that file's offsets.
     header = parse_header(ds)
     origin: dict[str, Any] = {
         "transfer_syntax_uid": str(ds.file_meta.TransferSyntaxUID),
@@ -375,6 +401,7 @@ def _record(
             sha256=digest,
             received_at=now,
             updated_at=now,
+            header=header.encoded,
             **header.instance,
             **origin,
         )

@@ -10,7 +10,9 @@ share the work. The schema changes only through Alembic migrations
 from __future__ import annotations
 
 import datetime as dt
+import os
 import threading
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +29,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -38,6 +41,7 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -46,6 +50,7 @@ from sqlalchemy.orm import (
     relationship,
     sessionmaker,
 )
+from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql.elements import ColumnElement
 
 
@@ -159,6 +164,8 @@ class Instance(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The node whose spool holds the file (``node.name``); NULL: any node (rows from before nodes were named).
     node: Mapped[str | None] = mapped_column(String(64))
+    # The data set without its pixels (nnrouter.core.headers): any node can read it, not only the one holding the file.
+    header: Mapped[bytes | None] = mapped_column(LargeBinary)
 
     series: Mapped[Series] = relationship(back_populates="instances")
     predictions: Mapped[list[Prediction]] = relationship(back_populates="instance", order_by="Prediction.id")
@@ -329,7 +336,7 @@ class Flag(Base):
 # --- engine and sessions ----------------------------------------------------
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     # FULL: a committed row survives power loss, not only a crash; the C-STORE
@@ -447,6 +454,21 @@ class Store:
         with self.read() as s:
             rows = s.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()
         return dict(rows)
+
+
+def claimant_prefix(node: str, pid: int) -> str:
+    """The start of the ``claimed_by`` of every claimant in process ``pid`` of ``node``.
+
+    Node names are unique among the nodes sharing a store; host names and
+    pids are not (two containers can be host "nnrouter" and pid 7 both), so
+    a dead process's claims are found by node and pid.
+    """
+    return f"{node[:48]}:{pid}:"  # with the pid and a random part, within claimed_by's 64
+
+
+def new_claimant(node: str) -> str:
+    """A ``claimed_by`` for one claiming queue in this process."""
+    return f"{claimant_prefix(node, os.getpid())}{uuid.uuid4().hex[:6]}"
 
 
 def held_here(node: str | None) -> ColumnElement[bool]:

@@ -125,7 +125,13 @@ class Receiver:
         """Write and record one instance on this node; after this returns it may be acknowledged."""
         # The node whose spool holds the file: only that node can read it.
         return ingest.keep_encoded(
-            self.store, self.spool, header, meta, data, {"node": self.settings.node.name, **origin}
+            self.store,
+            self.spool,
+            header,
+            meta,
+            data,
+            {"node": self.settings.node.name, **origin},
+            shared=self.settings.storage.shared,
         )
 
     def store_instance(self, event: evt.Event) -> tuple[int, str]:
@@ -161,7 +167,9 @@ class Receiver:
             except Exception as exc:
                 raise Unreadable(f"cannot parse data set as {ts}", detail=str(exc)[:300]) from exc
             _check_encoding(ds, syntax)
-            header = parse_header(ds, affected_uid, str(req.AffectedSOPClassUID or ""))
+            header = parse_header(
+                ds, affected_uid, str(req.AffectedSOPClassUID or ""), data=req.DataSet.getbuffer(), transfer_syntax=ts
+            )
             if header.instance["state_reason"]:
                 log.warning("header_incomplete", sop_instance_uid=affected_uid, reason=header.instance["state_reason"])
             for warning in header.warnings:

@@ -12,9 +12,13 @@ no disk reads.
 
 from __future__ import annotations
 
-from pydicom import dcmread
+from collections.abc import Iterable
 
-from nnrouter.core import logs, yamlfile
+from pydicom.dataset import Dataset
+from sqlalchemy import delete, update
+from sqlalchemy.orm import Session
+
+from nnrouter.core import headers, logs, yamlfile
 from nnrouter.core.config import Settings
 from nnrouter.core.store import (
     Flag,
@@ -33,6 +37,14 @@ __all__ = ["OrderCheck", "covered_classes", "seen"]
 log = logs.get("nnrouter.orders.mismatch")
 
 
+def _readable(header: bytes | None, path: str) -> Dataset | None:
+    """An instance's header, or None when it cannot be read (an old row whose file is on another node)."""
+    try:
+        return headers.read(header, path)
+    except Exception:
+        return None
+
+
 def covered_classes(settings: Settings) -> set[str]:
     """The classes the configured classifier can predict; an order for another is never called missing."""
     from nnrouter.core.codes import classes
@@ -47,7 +59,7 @@ def covered_classes(settings: Settings) -> set[str]:
     return set(card.labels) & set(classes())
 
 
-def seen(s, study_id: int) -> list[orders.Seen]:  # type: ignore[no-untyped-def]
+def seen(s: Session, study_id: int) -> list[orders.Seen]:
     """The study's images as the check sees them, from the store (newest versions, images only)."""
     from nnrouter.core.codes import classes
 
@@ -123,17 +135,17 @@ class OrderCheck:
             try:
                 with self.store.read() as s:
                     fresh = [
-                        (i.id, i.path)
+                        (i.id, i.header, i.path)
                         for i in current_instances(s, study.id)
                         if i.id not in self._headers_read.get(study.study_uid, set())
                     ]
                 if fresh:  # every image's request: the study is complete only against all of them
-                    self.keep_image_orders([path for _, path in fresh])
-                    self._headers_read.setdefault(study.study_uid, set()).update(i for i, _ in fresh)
+                    self.keep_image_orders(_readable(header, path) for _, header, path in fresh)
+                    self._headers_read.setdefault(study.study_uid, set()).update(i for i, _, _ in fresh)
             except Exception as exc:  # the check runs again when the study is due; routing goes on
                 log.error("orders_not_found", study_uid=study.study_uid, error=type(exc).__name__)
 
-    def worklist_pending(self, s, study: Study) -> bool:  # type: ignore[no-untyped-def]
+    def worklist_pending(self, s: Session, study: Study) -> bool:
         """The worklist stage is yet to ask about this study, and its answer could change the check.
 
         True only with a worklist configured, for a study with an accession
@@ -146,21 +158,20 @@ class OrderCheck:
         kept = orders.stored_for(s, study.accession_number, study.study_uid)
         return not any(o.source != orders.OrderSource.IMAGE for o in kept)
 
-    def keep_image_orders(self, paths: list[str]) -> None:
-        """The orders written into these instances, kept (an update when already known)."""
+    def keep_image_orders(self, datasets: Iterable[Dataset | None]) -> None:
+        """The orders written into these instances' headers, kept (an update when already known)."""
         found: dict[str, orders.Order] = {}
-        for path in paths:
-            try:
-                for o in orders.from_header(dcmread(path, stop_before_pixels=True, force=True)):
-                    found.setdefault(orders.key(o), o)
-            except Exception:  # an unreadable header has no order to give
+        for ds in datasets:
+            if ds is None:  # an unreadable header has no order to give
                 continue
+            for o in orders.from_header(ds):
+                found.setdefault(orders.key(o), o)
         if found:
             with self.store.write() as s:
                 for o in found.values():
                     orders.save(s, o)
 
-    def orders_of(self, s, study: Study) -> list[orders.Order]:  # type: ignore[no-untyped-def]
+    def orders_of(self, s: Session, study: Study) -> list[orders.Order]:
         """HL7 or worklist orders when there are any; else what the images say."""
         kept = orders.stored_for(s, study.accession_number, study.study_uid)
         external = [o for o in kept if o.source != orders.OrderSource.IMAGE]
@@ -168,11 +179,11 @@ class OrderCheck:
 
     # --- the check ---
 
-    def complete(self, s, study: Study) -> bool:  # type: ignore[no-untyped-def]
+    def complete(self, s: Session, study: Study) -> bool:
         """Every view the study's orders expect has arrived and been recognised."""
         return self.book is not None and orders.complete(self.orders_of(s, study), seen(s, study.id), self.book)
 
-    def findings(self, s, study: Study) -> tuple[list[orders.Order], list[orders.Finding]]:  # type: ignore[no-untyped-def]
+    def findings(self, s: Session, study: Study) -> tuple[list[orders.Order], list[orders.Finding]]:
         """The orders the study is checked against, and what the check finds (nothing is written)."""
         found = self.orders_of(s, study)
         return found, orders.check(found if self.book else [], seen(s, study.id), self.book, self.covered)
@@ -182,7 +193,7 @@ class OrderCheck:
         with self.store.read() as s:
             found, findings = self.findings(s, study)
         with self.store.write() as s:
-            s.execute(Flag.__table__.delete().where(Flag.study_id == study.id))
+            s.execute(delete(Flag).where(Flag.study_id == study.id))
             for f in findings:
                 s.add(
                     Flag(
@@ -194,7 +205,7 @@ class OrderCheck:
                         evidence=f.evidence,
                     )
                 )
-            s.execute(Study.__table__.update().where(Study.id == study.id).values(checked_at=utcnow()))
+            s.execute(update(Study).where(Study.id == study.id).values(checked_at=utcnow()))
         log.info(
             "study_checked", study_uid=study.study_uid, orders=len(found), flags=sorted({f.kind for f in findings})
         )

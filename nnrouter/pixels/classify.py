@@ -25,18 +25,18 @@ from __future__ import annotations
 import datetime as dt
 import os
 import signal
-import socket
 import time
 import uuid
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 from pydicom import dcmread
-from sqlalchemy import and_, delete, select, update
+from sqlalchemy import ColumnElement, and_, delete, select, update
+from sqlalchemy.orm import Session
 
 from nnrouter.core import logs
 from nnrouter.core.config import Settings
@@ -46,12 +46,18 @@ from nnrouter.core.store import (
     InstanceState,
     Prediction,
     Store,
+    claimant_prefix,
     held_here,
+    new_claimant,
     unavailable,
     utcnow,
 )
 from nnrouter.pixels.decode import Decoded, DecodeError, decode_file
 from nnrouter.service import lifecycle
+
+if TYPE_CHECKING:
+    from nnrouter.pixels import detect
+    from nnrouter.pixels.runtime import Classification, Model, Timings
 
 log = logs.get("nnrouter.pixels.classify")
 
@@ -113,7 +119,7 @@ class Queue:
                 return retry
         return self._take(Instance.state == InstanceState.RECEIVED, n, count=False)
 
-    def _take(self, where, n: int, *, count: bool) -> list[Claim]:  # type: ignore[no-untyped-def]
+    def _take(self, where: ColumnElement[bool], n: int, *, count: bool) -> list[Claim]:
         now = utcnow()
         eligible = select(Instance.id).where(where, held_here(self.node)).order_by(Instance.id).limit(n)
         if not self.store.is_sqlite:
@@ -170,10 +176,10 @@ class Queue:
             s.execute(update(Instance).where(self._ours(claim)).values(attempts=Instance.attempts + 1))
         return Claim(claim.id, claim.path, claim.sop_instance_uid, claim.attempts + 1, retry=claim.retry)
 
-    def _ours(self, claim: Claim):  # type: ignore[no-untyped-def]
+    def _ours(self, claim: Claim) -> ColumnElement[bool]:
         return and_(Instance.id == claim.id, Instance.claimed_by == self.worker_id)
 
-    def finish(self, claim: Claim, state: str, reason: str | None = None, session=None) -> bool:  # type: ignore[no-untyped-def]
+    def finish(self, claim: Claim, state: str, reason: str | None = None, session: Session | None = None) -> bool:
         """Set the outcome, if the claim is still ours (a lease can run out)."""
         stmt = (
             update(Instance)
@@ -181,9 +187,9 @@ class Queue:
             .values(state=state, state_reason=reason, claimed_by=None, lease_until=None, updated_at=utcnow())
         )
         if session is not None:
-            return session.execute(stmt).rowcount == 1
+            return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]  # an UPDATE's result is a CursorResult
         with self.store.write() as s:
-            return s.execute(stmt).rowcount == 1
+            return s.execute(stmt).rowcount == 1  # type: ignore[attr-defined]  # an UPDATE's result is a CursorResult
 
     def release(self, claims: list[Claim], reason: str) -> None:
         """Give claims back as retries (each then tried alone, and counted): their try failed."""
@@ -205,12 +211,7 @@ class Queue:
             ).rowcount  # type: ignore[attr-defined]  # an UPDATE's result is a CursorResult
 
 
-def worker_prefix(pid: int) -> str:
-    """The start of the worker id of process ``pid`` on this host."""
-    return f"{socket.gethostname()}:{pid}:"
-
-
-def expire_claims(store: Store, pid: int, reason: str) -> int:
+def expire_claims(store: Store, node: str, pid: int, reason: str) -> int:
     """The claims of a worker process that died, due for retry now rather than after their lease.
 
     The supervisor calls it when it sees a worker die; each of those
@@ -221,10 +222,10 @@ def expire_claims(store: Store, pid: int, reason: str) -> int:
             update(Instance)
             .where(
                 Instance.state == InstanceState.CLASSIFYING,
-                Instance.claimed_by.startswith(worker_prefix(pid), autoescape=True),
+                Instance.claimed_by.startswith(claimant_prefix(node, pid), autoescape=True),
             )
             .values(state_reason=reason, claimed_by=None, lease_until=utcnow() - dt.timedelta(seconds=1))
-        ).rowcount  # type: ignore[attr-defined]
+        ).rowcount  # type: ignore[attr-defined]  # an UPDATE's result is a CursorResult
 
 
 def _geometry(path: str) -> dict[str, Any]:
@@ -282,16 +283,21 @@ def _write_cam(folder: Path, instance_id: int, image: np.ndarray, cam: np.ndarra
 class Worker:
     """Decode, infer, record; one batch at a time."""
 
-    def __init__(self, settings: Settings, store: Store, classifier=None, detector=None, worker_id: str | None = None):  # type: ignore[no-untyped-def]
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        classifier: Model | None = None,
+        detector: Model | None = None,
+        worker_id: str | None = None,
+    ):
         self.settings = settings
         self.store = store
         self.classifier = classifier
         self.detector = detector
-        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.worker_id = worker_id or new_claimant(settings.node.name)
         w = settings.workers
-        self.queue = Queue(
-            store, self.worker_id, w.lease_s, w.max_attempts, None if settings.storage.shared else settings.node.name
-        )
+        self.queue = Queue(store, self.worker_id, w.lease_s, w.max_attempts, settings.files_of)
         from nnrouter.pixels.watch import CardWatch
 
         # A model promoted into models.classifier (nnrouter models promote) is picked up between batches.
@@ -311,6 +317,7 @@ class Worker:
             self._watch.failed()
             log.exception("model_reload_failed", path=str(self._watch.model_dir))
             return False
+        assert self.classifier is not None  # the watch follows the loaded classifier
         old = self.classifier.card
         self.classifier = model
         self._watch.loaded(model.sha256)
@@ -383,11 +390,10 @@ class Worker:
         n = len(looked)
         for i, item in enumerate(looked):
             cam_path = None
-            if classes is not None and classes[i].cam is not None:
+            cam = classes[i].cam if classes is not None else None
+            if cam is not None:
                 cam_path = str(
-                    _write_cam(
-                        self.settings.storage.derived_path / "cam", item.claim.id, item.decoded.image, classes[i].cam
-                    )
+                    _write_cam(self.settings.storage.derived_path / "cam", item.claim.id, item.decoded.image, cam)
                 )
             with self.store.write() as s:
                 state = (
@@ -403,7 +409,10 @@ class Worker:
             counts["classified" if state == InstanceState.CLASSIFIED else "decoded"] += 1
         return counts
 
-    def _record_prediction(self, s, item: Looked, c, timings, n: int, cam_path: str | None) -> None:  # type: ignore[no-untyped-def]
+    def _record_prediction(
+        self, s: Session, item: Looked, c: Classification, timings: Timings | None, n: int, cam_path: str | None
+    ) -> None:
+        assert self.classifier is not None  # only a classifier's predictions are recorded
         card = self.classifier.card
         # A replay (lease ran out, another worker finished) replaces, never duplicates.
         s.execute(
@@ -431,7 +440,8 @@ class Worker:
             )
         )
 
-    def _record_detections(self, s, item: Looked, found) -> None:  # type: ignore[no-untyped-def]
+    def _record_detections(self, s: Session, item: Looked, found: list[detect.Detection]) -> None:
+        assert self.detector is not None  # only a detector's regions are recorded
         card = self.detector.card
         s.execute(delete(Detection).where(Detection.instance_id == item.claim.id, Detection.model_name == card.name))
         d = item.decoded
@@ -498,12 +508,12 @@ def _pause(stop: Any, seconds: float) -> None:
         time.sleep(seconds)
 
 
-def load_models(settings: Settings):  # type: ignore[no-untyped-def]
+def load_models(settings: Settings) -> tuple[Model | None, Model | None]:
     """The configured classifier and detector (either may be None)."""
     from nnrouter.pixels.runtime import Model
 
     m = settings.models
-    kw = {"providers": m.providers, "intra_op_threads": m.intra_op_threads}
+    kw: dict[str, Any] = {"providers": m.providers, "intra_op_threads": m.intra_op_threads}
     classifier = Model.load(m.classifier, **kw) if m.classifier else None
     detector = Model.load(m.detector, **kw) if m.detector else None
     return classifier, detector
@@ -526,12 +536,13 @@ def run_worker(
             return {}
         classifier, detector = load_models(settings)
         worker = Worker(settings, store, classifier, detector)
+        running = classifier or detector
         log.info(
             "worker_started",
             worker=worker.worker_id,
             classifier=classifier.card.name if classifier else None,
             detector=detector.card.name if detector else None,
-            provider=(classifier or detector).provider if (classifier or detector) else None,
+            provider=running.provider if running else None,
         )
         return worker.run(stop, until_empty=until_empty)
     finally:

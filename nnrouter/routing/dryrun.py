@@ -13,6 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
+
 from nnrouter.core.config import Settings
 from nnrouter.core.store import Store
 from nnrouter.routing import rules
@@ -32,7 +34,7 @@ def from_files(
     problems: list[str] = []
     for f in expand([Path(p) for p in paths]):
         try:
-            h = header_facts(str(f))
+            h = header_facts(dcmread(f, stop_before_pixels=True, force=True))
         except Exception as exc:
             problems.append(f"{f}: not DICOM ({exc})")
             continue

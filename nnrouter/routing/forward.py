@@ -41,19 +41,19 @@ What a failure means for the row (``last_error`` says which and why):
 from __future__ import annotations
 
 import datetime as dt
-import os
 import socket
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import ColumnElement, Exists, and_, func, or_, select, update
 
 from nnrouter.core import logs
 from nnrouter.core.config import Settings
@@ -64,6 +64,7 @@ from nnrouter.core.store import (
     Store,
     held_here,
     latest_predictions,
+    new_claimant,
     unavailable,
     utcnow,
 )
@@ -71,6 +72,9 @@ from nnrouter.dicom.send import MAX_CONTEXTS
 from nnrouter.dicom.statuses import stored
 from nnrouter.routing import rules
 from nnrouter.service import lifecycle
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logs.get("nnrouter.routing.forward")
 
@@ -99,7 +103,7 @@ def _utc(ts: dt.datetime) -> dt.datetime:
     return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
 
 
-def _tls_problem(ctx, host: str, port: int) -> str | None:  # type: ignore[no-untyped-def]
+def _tls_problem(ctx: ssl.SSLContext, host: str, port: int) -> str | None:
     """Why a TLS handshake fails, in the words of the TLS library.
 
     pynetdicom reports a failed handshake only as an aborted association;
@@ -418,9 +422,9 @@ class Forwarder:
         self.settings = settings
         self.store = store
         self.batch = batch
-        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.worker_id = worker_id or new_claimant(settings.node.name)
         # Deliveries of the instances whose file this node's spool holds (all of them on a shared spool).
-        self.node = None if settings.storage.shared else settings.node.name
+        self.node = settings.files_of
         self.lanes: dict[str, Lane] = {}
         # pynetdicom streams a file's data set unchanged (no decode, no
         # re-encode) only in this mode. It is a pynetdicom-wide switch, set in
@@ -480,11 +484,11 @@ class Forwarder:
 
     # --- the queue ---
 
-    def _held(self):  # type: ignore[no-untyped-def]
+    def _held(self) -> Exists:
         """Rows whose instance's file is on this node: another node's would fail to open and be retried to death."""
         return select(Instance.id).where(Instance.id == Outbox.instance_id, held_here(self.node)).exists()
 
-    def _eligible(self, destination: str, now: dt.datetime):  # type: ignore[no-untyped-def]
+    def _eligible(self, destination: str, now: dt.datetime) -> ColumnElement[bool]:
         return and_(
             Outbox.destination == destination,
             self._held(),
@@ -659,7 +663,7 @@ def _detector_regions(settings: Settings) -> rules.DetectorRegions | None:
         return None
 
 
-def run_forwarder(settings: Settings, stop=None, parent_pid: int | None = None) -> None:  # type: ignore[no-untyped-def]
+def run_forwarder(settings: Settings, stop: Any = None, parent_pid: int | None = None) -> None:
     """The forwarder process: keep a lane per association for each destination, every tick_s (APScheduler).
 
     Started by ``serve`` when routing.rules is set (``parent_pid`` set), it
@@ -691,6 +695,6 @@ def run_forwarder(settings: Settings, stop=None, parent_pid: int | None = None) 
         store.dispose()
 
 
-def spawn_forwarder(settings: Settings, name: str = "nnrouter-forwarder"):  # type: ignore[no-untyped-def]
+def spawn_forwarder(settings: Settings, name: str = "nnrouter-forwarder") -> BaseProcess:
     """The forwarder as a child process of ``serve``: it stops on SIGTERM and dies with its parent."""
     return lifecycle.spawn_stage("nnrouter.routing.forward:run_forwarder", name, settings=settings)

@@ -19,16 +19,17 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from functools import partial
+from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 from sqlalchemy import exists, func, select
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import Session, aliased
 
-from nnrouter.core import logs, yamlfile
+from nnrouter.core import headers, logs, yamlfile
 from nnrouter.core.config import Settings
 from nnrouter.core.store import (
     Flag,
@@ -50,6 +51,9 @@ from nnrouter.orders.mismatch import OrderCheck
 from nnrouter.orders.worklist_poll import WORKLIST_WAIT_S
 from nnrouter.routing import rules
 
+if TYPE_CHECKING:
+    from nnrouter.results import report
+
 log = logs.get("nnrouter.routing.router")
 
 # The classify stage is done with an instance in these states.
@@ -62,12 +66,11 @@ LOOKED_AT = (
 )
 
 
-def header_facts(path: str) -> dict[str, Any]:
+def header_facts(ds: Dataset) -> dict[str, Any]:
     """Top-level attributes by keyword, as plain values, for tag conditions.
 
     Patient attributes are included (a rule may need them) but never logged.
     """
-    ds = dcmread(path, stop_before_pixels=True, force=True)
     out: dict[str, Any] = {}
     for elem in ds:
         if not elem.keyword or elem.VR in rules.UNTESTABLE_VRS:
@@ -153,7 +156,7 @@ class Router:
         per_ae = [st.quiet_s_by_calling_ae[a] for a in calling_aes if a in st.quiet_s_by_calling_ae]
         return max(per_ae) if per_ae else st.quiet_s
 
-    def facts(self, s, study: Study, now: dt.datetime) -> rules.StudyFacts:  # type: ignore[no-untyped-def]
+    def facts(self, s: Session, study: Study, now: dt.datetime) -> rules.StudyFacts:
         """What the rules look at: every current instance's header, prediction and regions."""
         rows = current_instances(s, study.id)
         predictions = latest_predictions(s, (i.id for i in rows))
@@ -161,7 +164,7 @@ class Router:
         for inst in rows:
             pred = predictions.get(inst.id)
             try:
-                header = header_facts(inst.path)
+                header = header_facts(headers.of(inst))
             except Exception:  # an unreadable header still routes on what the store knows
                 header = {}
             instances.append(
@@ -184,7 +187,7 @@ class Router:
             now=now,
         )
 
-    def ready_studies(self, s) -> list[Study]:  # type: ignore[no-untyped-def]
+    def ready_studies(self, s: Session) -> list[Study]:
         """Undecided studies whose instances have all been looked at; completeness is checked by the caller.
 
         Without rules there is nothing to decide; studies are still checked
@@ -249,8 +252,10 @@ class Router:
         return counts
 
     def decide(self, study: Study, facts: rules.StudyFacts) -> rules.Decision:
+        loaded = self.loaded
+        assert loaded is not None  # studies are decided only with rules loaded
         study_id = study.id
-        decision = rules.decide(self.loaded.ruleset, facts)
+        decision = rules.decide(loaded.ruleset, facts)
         deliveries = (
             []
             if decision.discard
@@ -278,7 +283,7 @@ class Router:
             s.add(
                 RoutingDecision(
                     study_id=study_id,
-                    rules_digest=self.loaded.digest,
+                    rules_digest=loaded.digest,
                     outcomes=[{"rule": o.rule, "matched": o.matched, "why": o.why} for o in decision.outcomes],
                     deliveries=deliveries,
                     hold=decision.hold,
@@ -337,7 +342,7 @@ class Router:
         )
         return str(sr.SOPInstanceUID)
 
-    def _queue(self, s, study_id: int, deliveries: list[dict], hold: bool) -> int:  # type: ignore[no-untyped-def]
+    def _queue(self, s: Session, study_id: int, deliveries: list[dict[str, Any]], hold: bool) -> int:
         """Outbox rows for the study's current, looked-at instances that do not have one yet.
 
         nnrouter's own SR goes only where a delivery asked for the report,
@@ -408,7 +413,7 @@ class Router:
             if queued:
                 try:
                     with self.store.read() as s:
-                        study = s.get(Study, study_id)
+                        study = s.get_one(Study, study_id)
                     self.order_check.prepare([study], prune=False)  # the late image's order too
                     self.order_check.run(study)
                 except Exception as exc:  # the deliveries are queued; stale flags are no reason to stop
@@ -416,20 +421,21 @@ class Router:
         return n
 
 
-def study_findings(s, study_id: int):  # type: ignore[no-untyped-def]
+def study_findings(s: Session, study_id: int) -> report.StudyFindings | None:
     """What nnrouter found in a study, as the SR builder takes it; None for a study with no images."""
     from nnrouter.core.codes import classes
     from nnrouter.results import report
 
     known = classes()
-    headers, images = [], []
+    kept: list[Dataset] = []
+    images = []
     rows = current_instances(s, study_id)
     predictions = latest_predictions(s, (i.id for i in rows))
     for inst in rows:
         try:
-            headers.append(dcmread(inst.path, stop_before_pixels=True, force=True))
+            kept.append(headers.of(inst))
         except Exception:
-            continue  # an unreadable file cannot be referenced by the SR
+            continue  # an unreadable header cannot be referenced by the SR
         pred = predictions.get(inst.id)
         if pred is None:
             continue
@@ -446,7 +452,7 @@ def study_findings(s, study_id: int):  # type: ignore[no-untyped-def]
                 ),
             )
         )
-    if not headers:
+    if not kept:
         return None
     flags = s.execute(select(Flag).where(Flag.study_id == study_id).order_by(Flag.id)).scalars().all()
     model = s.execute(
@@ -456,9 +462,9 @@ def study_findings(s, study_id: int):  # type: ignore[no-untyped-def]
         .where(Series.study_id == study_id)
         .limit(1)
     ).first()
-    uids = {h.SOPInstanceUID for h in headers}
+    uids = {h.SOPInstanceUID for h in kept}
     return report.StudyFindings(
-        instances=tuple(headers),
+        instances=tuple(kept),
         images=tuple(images),
         flags=tuple(
             report.MismatchFlag(
@@ -471,7 +477,7 @@ def study_findings(s, study_id: int):  # type: ignore[no-untyped-def]
     )
 
 
-def run_router(settings: Settings, stop=None, parent_pid: int | None = None) -> None:  # type: ignore[no-untyped-def]
+def run_router(settings: Settings, stop: Any = None, parent_pid: int | None = None) -> None:
     """The router process: decide complete studies and queue their deliveries, every tick_s (APScheduler).
 
     Started by ``serve`` (``parent_pid`` set), it stops on SIGTERM and when
@@ -495,7 +501,7 @@ def run_router(settings: Settings, stop=None, parent_pid: int | None = None) -> 
         store.dispose()
 
 
-def spawn_router(settings: Settings, name: str = "nnrouter-router"):  # type: ignore[no-untyped-def]
+def spawn_router(settings: Settings, name: str = "nnrouter-router") -> BaseProcess:
     """The router as a child process of ``serve``: it stops on SIGTERM and dies with its parent."""
     from nnrouter.service import lifecycle
 

@@ -201,7 +201,9 @@ def serve(settings: config_mod.Settings) -> int:
     spool = Spool(settings.storage.path)
     server = scp.serve(settings, store, spool, block=False)
     drain = Drain(server)
-    supervisor = Supervisor(settings, stages(settings), on_death=lambda proc: _expire_claims(store, proc))
+    supervisor = Supervisor(
+        settings, stages(settings), on_death=lambda proc: _expire_claims(store, settings.node.name, proc)
+    )
     mllp = None
     try:
         supervisor.start(stop)
@@ -238,7 +240,7 @@ def _start_mllp(settings: config_mod.Settings, store: Store) -> Any:
     return hl7.MLLPServer.from_config(settings.orders.hl7, keep_order).start()
 
 
-def _expire_claims(store: Any, proc: BaseProcess) -> None:
+def _expire_claims(store: Any, node: str, proc: BaseProcess) -> None:
     """Retry a dead worker's claims now; the database may be down too, then their lease does it."""
     from nnrouter.core.store import unavailable
     from nnrouter.pixels.classify import exit_reason, expire_claims
@@ -246,7 +248,7 @@ def _expire_claims(store: Any, proc: BaseProcess) -> None:
     if not proc.name.startswith("nnrouter-worker-") or proc.pid is None:
         return
     try:
-        n = expire_claims(store, proc.pid, exit_reason(proc.exitcode))
+        n = expire_claims(store, node, proc.pid, exit_reason(proc.exitcode))
     except Exception as exc:
         if unavailable(exc) is None:
             raise

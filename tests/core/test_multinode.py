@@ -370,7 +370,15 @@ def test_two_nodes_on_one_postgresql_each_classify_and_forward_what_they_hold(po
                             "retry": {"first_delay_s": 0.2, "multiplier": 1, "max_retries": 20},
                         }
                     ],
-                    "rules": [{"name": "everything", "then": {"forward": ["archive"]}}],
+                    # A tag test over every image and the SR's evidence need the headers of all the
+                    # study's images, also those held by the other node.
+                    "rules": [
+                        {
+                            "name": "every image a DX",
+                            "when": {"tag": {"keyword": "Modality", "equals": "DX", "of": "all"}},
+                            "then": {"forward": ["archive"], "report": True},
+                        }
+                    ],
                 }
             )
         )
@@ -414,10 +422,17 @@ def test_two_nodes_on_one_postgresql_each_classify_and_forward_what_they_hold(po
                 with store.read() as s:
                     return [(o, i) for o, i in s.execute(select(Outbox, Instance).join(Instance)).all()]
 
+            def decided() -> list[RoutingDecision]:
+                with store.read() as s:
+                    return list(s.execute(select(RoutingDecision)).scalars())
+
+            wait_for(lambda: len(decided()) == 3 or len(decided()), timeout=180)
+            # The three studies, the split one too, matched on every image's header.
+            assert sorted(len(d.deliveries) for d in decided()) == [1, 1, 1], [d.outcomes for d in decided()]
             done = (OutboxState.SENT, OutboxState.DEAD)
             wait_for(
                 lambda: (
-                    (len(outbox()) == len(held) and all(o.state in done for o, _ in outbox()))
+                    (len(outbox()) == len(held) + 3 and all(o.state in done for o, _ in outbox()))
                     or sorted(Counter(o.state for o, _ in outbox()).items())
                 ),
                 timeout=180,
@@ -427,6 +442,9 @@ def test_two_nodes_on_one_postgresql_each_classify_and_forward_what_they_hold(po
                 instances = s.execute(select(Instance)).scalars().all()
         finally:
             store.dispose()
+        reports = [i for i in instances if i.state == InstanceState.CREATED]
+        instances = [i for i in instances if i.state != InstanceState.CREATED]
+        assert len(reports) == 3
         # Every row names the node that received it.
         assert {i.sop_instance_uid: i.node for i in instances} == held
         # Classified once, by its node: none taken by a node without the file.
@@ -437,24 +455,36 @@ def test_two_nodes_on_one_postgresql_each_classify_and_forward_what_they_hold(po
             looked = sum(rec["size"] for rec in _log_events(node, "batch"))
             assert looked == list(held.values()).count(name), name
             assert not _log_events(node, "spool_file_unreadable"), name
-        # Delivered once, by its node, at the first try.
+        # Delivered once, by its node, at the first try; each SR by the node that made it.
         assert [
             (i.sop_instance_uid, o.state, o.attempts, o.last_error)
             for o, i in rows
             if (o.state, o.attempts, o.last_error) != (OutboxState.SENT, 1, None)
         ] == []
+        made_by = Counter(r.node for r in reports)
         for name, node in nodes.items():
-            assert sum(rec.get("sent", 0) for rec in _log_events(node, "forwarded")) == list(held.values()).count(
-                name
+            assert (
+                sum(rec.get("sent", 0) for rec in _log_events(node, "forwarded"))
+                == list(held.values()).count(name) + made_by[name]
             ), name
-        got = Counter(
-            str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in scp.folder.iterdir() if f.is_file()
-        )
+        arrived = [dcmread(f, stop_before_pixels=True) for f in scp.folder.iterdir() if f.is_file()]
+        got = Counter(str(ds.SOPInstanceUID) for ds in arrived if ds.Modality != "SR")
         assert got == Counter(list(held)), "each instance arrives exactly once"
+        # The split study's SR has the evidence of all its eight images, four from each node.
+        mixed_study = str(dcmread(mixed[0], stop_before_pixels=True).StudyInstanceUID)
+        (sr,) = [ds for ds in arrived if ds.Modality == "SR" and ds.StudyInstanceUID == mixed_study]
+        evidence = {
+            str(ref.ReferencedSOPInstanceUID)
+            for study in sr.CurrentRequestedProcedureEvidenceSequence
+            for series in study.ReferencedSeriesSequence
+            for ref in series.ReferencedSOPSequence
+        }
+        assert evidence == {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in mixed}
         # Each file is in the spool of the node that holds it, and only there.
         for name, node in nodes.items():
             here = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in node.spool.rglob("*.dcm")}
-            assert here == {uid for uid, n in held.items() if n == name}, name
+            mine = {r.sop_instance_uid for r in reports if r.node == name}
+            assert here == {uid for uid, n in held.items() if n == name} | mine, name
     finally:
         for node in nodes.values():
             node.stop()
