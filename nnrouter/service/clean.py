@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
 
 from nnrouter.core import logs
 from nnrouter.core.config import Settings
@@ -226,7 +227,7 @@ class StudyFiles:
     overlay_bytes: int = 0
 
 
-def _views(s, study_ids: list[int], node: str | None = None) -> dict[int, tuple[StudyView, StudyFiles]]:  # type: ignore[no-untyped-def]
+def _views(s: Session, study_ids: list[int], node: str | None = None) -> dict[int, tuple[StudyView, StudyFiles]]:
     """The policy's view of these studies and the files each holds, in a few queries.
 
     The files are those on this node (``node``; None: a shared spool, all):
@@ -445,7 +446,7 @@ class Cleaner:
         self.derived_root = Path(settings.storage.derived_path).resolve()
         self.overlay_folder = Path(settings.storage.derived_path) / "cam"  # as the workers write it
         self.below = clean_below_free_mb(settings)
-        self.node = None if settings.storage.shared else settings.node.name
+        self.node = settings.files_of
 
     def free_mb(self) -> float | None:
         return pressure.free_mb(self.spool_root)
@@ -756,60 +757,81 @@ def _remove_empty_folders(root: Path, cutoff: float, keep: set[Path]) -> int:
 # --- the stage --------------------------------------------------------------------------
 
 
+class CleanerTick:
+    """One turn of the cleaner stage: measure back-pressure, and clean when a pass is due.
+
+    A pass is due every retention.interval_s, and every 30 s (or the
+    interval, if shorter) while the spool is short of space. Back-pressure is
+    logged when a refusal or an alert starts or ends, so the alert is in the
+    log even when no modality is calling.
+    """
+
+    def __init__(self, settings: Settings, store: Store, stop: Any):
+        self.settings = settings
+        self.store = store
+        self.stop = stop
+        self.cleaner = Cleaner(settings, store)
+        self.interval = settings.retention.interval_s
+        self.short_interval = min(self.interval, 30.0)
+        self.last_pass = float("-inf")
+        self.raised: tuple[tuple[str, ...], tuple[str, ...], str | None] = ((), (), None)
+
+    @property
+    def every_s(self) -> float:
+        """How often the stage turns: back-pressure is measured at least every 5 s."""
+        return min(5.0, self.short_interval)
+
+    def __call__(self) -> None:
+        health = pressure.measure(self.settings, self.store)
+        now_raised = (health.refuse, health.alerts, health.store_error)
+        if now_raised != self.raised:
+            if health.refuse or health.alerts:
+                log.warning("backpressure", refusing=list(health.refuse), alerts=list(health.alerts))
+            elif self.raised[0] or self.raised[1]:
+                log.info("backpressure_cleared")
+            self.raised = now_raised
+        since = time.monotonic() - self.last_pass
+        due = since >= self.interval or (self.cleaner._short(health.spool_free_mb) and since >= self.short_interval)
+        if health.store_error is not None or not due:
+            return
+        self.last_pass = time.monotonic()
+        try:
+            done = self.cleaner.run(stop=self.stop)
+        except Exception as exc:  # a database restart: the next turn tries again
+            log.error("clean_pass_failed", error=type(exc).__name__)
+            log.debug("clean_pass_failed_detail", exc_info=True)
+            return
+        if done.studies or done.skipped:
+            log.info(
+                "clean_pass",
+                studies=len(done.studies),
+                skipped=done.skipped,
+                bytes=sum(c.files.bytes for c in done.studies),
+                overlay_bytes=sum(c.files.overlay_bytes for c in done.studies),
+                spool_free_mb=None if done.free_mb is None else round(done.free_mb),
+            )
+
+
 def run_cleaner(settings: Settings, stop: Any = None, parent_pid: int | None = None) -> None:
-    """The cleaner's loop: a pass every retention.interval_s, every 30 s while the spool is short of space.
+    """The cleaner process: a :class:`CleanerTick` every few seconds (APScheduler) until stopped.
 
     Started by ``nnrouter serve`` (``parent_pid`` set: it stops on SIGTERM and
     when that process is gone, as the other stages do) or by ``nnrouter clean
-    --loop``. Each turn also measures back-pressure and logs when a refusal or
-    an alert starts or ends, so the alert is in the log even when no modality
-    is calling.
+    --loop``.
     """
     opened = lifecycle.open_stage(settings, "cleaner", stop, parent_pid)
     if opened is None:
         return
     stop, store = opened
-    cleaner = Cleaner(settings, store)
-    interval = settings.retention.interval_s
-    short_interval = min(interval, 30.0)
-    last_pass = float("-inf")
-    raised: tuple[tuple[str, ...], tuple[str, ...], str | None] = ((), (), None)
+    tick = CleanerTick(settings, store, stop)
     log.info(
         "cleaner_started",
         keep_days=settings.retention.keep_days,
-        clean_below_free_mb=cleaner.below,
+        clean_below_free_mb=tick.cleaner.below,
         not_forwarded_keep_days=settings.retention.not_forwarded_keep_days,
     )
     try:
-        while not stop.is_set():
-            health = pressure.measure(settings, store)
-            now_raised = (health.refuse, health.alerts, health.store_error)
-            if now_raised != raised:
-                if health.refuse or health.alerts:
-                    log.warning("backpressure", refusing=list(health.refuse), alerts=list(health.alerts))
-                elif raised[0] or raised[1]:
-                    log.info("backpressure_cleared")
-                raised = now_raised
-            since = time.monotonic() - last_pass
-            if health.store_error is None and (
-                since >= interval or (cleaner._short(health.spool_free_mb) and since >= short_interval)
-            ):
-                last_pass = time.monotonic()
-                try:
-                    done = cleaner.run(stop=stop)
-                    if done.studies or done.skipped:
-                        log.info(
-                            "clean_pass",
-                            studies=len(done.studies),
-                            skipped=done.skipped,
-                            bytes=sum(c.files.bytes for c in done.studies),
-                            overlay_bytes=sum(c.files.overlay_bytes for c in done.studies),
-                            spool_free_mb=None if done.free_mb is None else round(done.free_mb),
-                        )
-                except Exception as exc:  # a database restart: the next turn tries again
-                    log.error("clean_pass_failed", error=type(exc).__name__)
-                    log.debug("clean_pass_failed_detail", exc_info=True)
-            stop.wait(min(5.0, short_interval))
+        lifecycle.tick_until_stopped(tick, tick.every_s, stop)
     finally:
         store.dispose()
 
