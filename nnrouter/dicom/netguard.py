@@ -335,6 +335,10 @@ class _Guarded:
 
     Until ``_guard`` is called (a TLS socket, while we read its first PDU
     ourselves) it behaves as the plain socket it extends.
+
+    A mixin: mypy does not know the socket class it is mixed into, hence the
+    ``type: ignore`` on its ``super()`` calls, socket methods and where it
+    passes itself as a socket.
     """
 
     _framer: PduFramer | None = None
@@ -358,7 +362,7 @@ class _Guarded:
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
         bufsize = buflen
         if self._framer is None:
-            return super().recv(bufsize, flags)  # type: ignore[misc,no-any-return]
+            return super().recv(bufsize, flags)  # type: ignore[misc]
         if self._closing:
             return b""
         if self._replay:
@@ -388,7 +392,7 @@ class _Guarded:
 
     def send(self, data: Any, flags: int = 0) -> int:
         if self._framer is None:
-            return super().send(data, flags)  # type: ignore[misc,no-any-return]
+            return super().send(data, flags)  # type: ignore[misc]
         if self._out_left == 0 and len(data) >= HEADER:
             # pynetdicom hands each encoded PDU to one send loop: its header comes first.
             pdu_type, _, length = struct.unpack(">BBL", bytes(data[:HEADER]))

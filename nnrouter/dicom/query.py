@@ -97,6 +97,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from pydicom import Dataset
@@ -395,14 +396,26 @@ def parse_request(identifier: Dataset, sop_class: str) -> Request:
     unique = _UNIQUE[level]
     if unique not in keys:
         # The unique key of the level is always answered (PS3.4 C.2.2.1.1).
-        keys[unique] = _Key(
-            unique, tag_for_keyword(unique), dictionary_VR(unique), supported[unique], None, asked=False
-        )
+        keys[unique] = _Key(unique, Tag(unique), dictionary_VR(unique), supported[unique], None, asked=False)
     flags = _private_flags(identifier) if level != "PATIENT" else None
     return Request(level=level, keys=keys, flags=flags)
 
 
 _Py = Callable[[dict[str, Any]], bool]
+
+
+# Matches the database cannot do (non-ASCII names, times, integer strings), on each answer row.
+def _name_matches(keyword: str, values: list[str], row: dict[str, Any]) -> bool:
+    value = (row[keyword] or "").rstrip("^ ")
+    return any(wildcard_match(v.rstrip("^ "), value, ignore_case=True) for v in values)
+
+
+def _time_matches(keyword: str, values: list[str], row: dict[str, Any]) -> bool:
+    return any(time_matches(v, row[keyword]) for v in values)
+
+
+def _int_matches(keyword: str, values: list[str], row: dict[str, Any]) -> bool:
+    return any(int_matches(v, row[keyword]) for v in values)
 
 
 class _Builder:
@@ -447,11 +460,7 @@ class _Builder:
                     clauses.append(norm.like(like_pattern(v), escape="\\") if has_wildcard(v) else norm == v)
                 self.where.append(or_(*clauses))
             else:
-                self.python.append(
-                    lambda row, k=keyword, vs=values: any(
-                        wildcard_match(v.rstrip("^ "), (row[k] or "").rstrip("^ "), ignore_case=True) for v in vs
-                    )
-                )
+                self.python.append(partial(_name_matches, keyword, values))
         elif kind == "da":
             clauses = []
             for v in values:
@@ -467,9 +476,9 @@ class _Builder:
                 clauses.append(and_(*parts))
             self.where.append(or_(*clauses))
         elif kind == "tm":
-            self.python.append(lambda row, k=keyword, vs=values: any(time_matches(v, row[k]) for v in vs))
+            self.python.append(partial(_time_matches, keyword, values))
         elif kind == "is":
-            self.python.append(lambda row, k=keyword, vs=values: any(int_matches(v, row[k]) for v in vs))
+            self.python.append(partial(_int_matches, keyword, values))
         elif kind == "us":
             try:
                 ints = [int(float(v)) for v in values]
@@ -585,14 +594,14 @@ class _Builder:
         if level == "PATIENT":
             self.study_keys()
             pid = func.coalesce(Study.patient_id, "")
-            cols = [pid.label("_patient")]
+            cols: list[ColumnElement[Any]] = [pid.label("_patient")]
             for keyword, expr in self.columns.items():
                 if keyword == "PatientID":
                     continue
                 cols.append(func.min(expr).label(keyword))
             if "PatientID" in self.columns:
                 cols.append(func.min(Study.patient_id).label("PatientID"))
-            stmt = select(*cols).where(*self.where).group_by(pid).order_by(func.min(Study.id))
+            stmt: Select = select(*cols).where(*self.where).group_by(pid).order_by(func.min(Study.id))
             return stmt
         if level == "STUDY":
             self.study_keys()
@@ -802,7 +811,7 @@ class Query:
                     continue
                 counts: dict[Any, Any] = {}
                 for chunk in _chunks(pids):
-                    q = select(pid, agg).select_from(Study)
+                    q: Select = select(pid, agg).select_from(Study)
                     if keyword != "NumberOfPatientRelatedStudies":
                         q = q.join(Series, Series.study_id == Study.id)
                     if keyword == "NumberOfPatientRelatedInstances":

@@ -19,6 +19,7 @@ from io import BytesIO
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     JPEG2000,
@@ -37,6 +38,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode
 
 from nnrouter.core import ingest, logs
@@ -81,6 +83,15 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     JPEG2000Lossless,
     JPEG2000,
 ]
+
+
+def store_request(event: evt.Event) -> tuple[C_STORE, BytesIO]:
+    """An EVT_C_STORE's request and its encoded data set, typed: pynetdicom types event.request as any DIMSE message."""
+    req = event.request
+    assert isinstance(req, C_STORE)  # only EVT_C_STORE handlers call this
+    data = req.DataSet
+    assert isinstance(data, BytesIO)  # a C-STORE request always carries its data set
+    return req, data
 
 
 def _status_of(exc: NotKept) -> int:
@@ -143,7 +154,7 @@ class Receiver:
         is the site's trouble, not the instance's: Out of Resources, try
         again later.
         """
-        req = event.request
+        req, data = store_request(event)
         affected_uid = str(req.AffectedSOPInstanceUID or "")
         ts = str(event.context.transfer_syntax)
         try:
@@ -160,15 +171,15 @@ class Receiver:
             try:
                 # Our own decode, not event.dataset: pynetdicom stamps the
                 # negotiated encoding on the result, hiding what pydicom found.
-                req.DataSet.seek(0)
-                ds = decode(req.DataSet, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+                data.seek(0)
+                ds = decode(data, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
             except RecursionError as exc:
                 raise Unreadable("sequences nested too deep to read") from exc
             except Exception as exc:
                 raise Unreadable(f"cannot parse data set as {ts}", detail=str(exc)[:300]) from exc
             _check_encoding(ds, syntax)
             header = parse_header(
-                ds, affected_uid, str(req.AffectedSOPClassUID or ""), data=req.DataSet.getbuffer(), transfer_syntax=ts
+                ds, affected_uid, str(req.AffectedSOPClassUID or ""), data=data.getbuffer(), transfer_syntax=ts
             )
             if header.instance["state_reason"]:
                 log.warning("header_incomplete", sop_instance_uid=affected_uid, reason=header.instance["state_reason"])
@@ -176,14 +187,14 @@ class Receiver:
                 log.warning("header_not_conformant", sop_instance_uid=affected_uid, reason=warning)
             meta = event.file_meta
             meta.SourceApplicationEntityTitle = event.assoc.requestor.ae_title.strip()
-            buf = BytesIO()
+            buf = DicomBytesIO()
             buf.write(b"\x00" * 128 + b"DICM")
             write_file_meta_info(buf, meta, enforce_standard=True)
             a = event.assoc
             kept = self.keep(
                 header,
                 buf.getvalue(),
-                req.DataSet.getbuffer(),
+                data.getbuffer(),
                 origin={
                     "transfer_syntax_uid": ts,
                     "calling_ae": a.requestor.ae_title.strip(),

@@ -45,7 +45,7 @@ from nnrouter.dicom import netguard
 from nnrouter.dicom.protocols_find import Protocols
 from nnrouter.dicom.query import TRANSFER_SYNTAXES as QUERY_TRANSFER_SYNTAXES
 from nnrouter.dicom.query import Query
-from nnrouter.dicom.receive import ACCEPTED_TRANSFER_SYNTAXES, Receiver
+from nnrouter.dicom.receive import ACCEPTED_TRANSFER_SYNTAXES, Receiver, store_request
 from nnrouter.dicom.statuses import NOT_AUTHORIZED, SUCCESS, with_comment
 from nnrouter.service import pressure
 
@@ -60,6 +60,12 @@ REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 def peer_allowed(peers: list[AllowedPeer], calling_ae: str, host: str) -> bool:
     """Whether a calling AE title (from this host) is one of the declared peers."""
     return any(p.ae_title == calling_ae and (p.host is None or p.host == host) for p in peers)
+
+
+def _requested_by(event: evt.Event) -> str:
+    """The calling AE title of an association being requested: it is in the A-ASSOCIATE primitive until accepted."""
+    primitive = event.assoc.requestor.primitive
+    return ((primitive.calling_ae_title if primitive is not None else None) or "").strip()
 
 
 @dataclass
@@ -94,7 +100,7 @@ class Scp:
         if busy is not None:
             log.warning(
                 "association_refused_busy",
-                calling_ae=(event.assoc.requestor.primitive.calling_ae_title or "").strip(),
+                calling_ae=_requested_by(event),
                 peer=event.assoc.requestor.address,
                 reason=busy,
             )
@@ -105,7 +111,7 @@ class Scp:
         if not allowed:
             return
         requestor = event.assoc.requestor
-        calling = (requestor.primitive.calling_ae_title or "").strip()
+        calling = _requested_by(event)
         host = requestor.address
         if peer_allowed(allowed, calling, host):
             return
@@ -173,7 +179,7 @@ class Scp:
             stats.statuses[key] = stats.statuses.get(key, 0) + 1
             if status == SUCCESS:
                 stats.instances += 1
-                stats.bytes += len(event.request.DataSet.getbuffer())
+                stats.bytes += len(store_request(event)[1].getbuffer())
         return SUCCESS if status == SUCCESS else with_comment(status, reason)
 
     def on_find(self, event: evt.Event) -> Iterator[tuple[Any, Dataset | None]]:
@@ -229,6 +235,7 @@ def make_ae(settings: Settings) -> AE:
     ae.network_timeout = d.network_timeout_s
     ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES)
     for cx in AllStoragePresentationContexts:
+        assert cx.abstract_syntax is not None  # pynetdicom's list names each context's SOP class
         ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
     for uid in (*Query.contexts(), HangingProtocolInformationModelFind):
         ae.add_supported_context(uid, QUERY_TRANSFER_SYNTAXES)

@@ -14,7 +14,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, Association
 from pynetdicom.sop_class import Verification
 
 MAX_CONTEXTS = 128
@@ -72,16 +72,16 @@ def echo(host: str, port: int, aet: str, aec: str, timeout: float | None = None)
         assoc.release()
 
 
-def _why_not(assoc) -> str:  # type: ignore[no-untyped-def]
-    if assoc.is_rejected:
-        rj = assoc.acceptor.primitive
+def _why_not(assoc: Association) -> str:
+    rj = assoc.acceptor.primitive
+    if assoc.is_rejected and rj is not None:
         return f"association rejected: {rj.result_str}, {rj.source_str}, {rj.reason_str}"
     if assoc.is_aborted:
         return "association aborted by the peer"
     return "no association (peer unreachable or timed out)"
 
 
-def _read_header(path: Path):  # type: ignore[no-untyped-def]
+def _read_header(path: Path) -> tuple[str, str | None]:
     ds = dcmread(path, stop_before_pixels=True, force=True)
     sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
     if not sop_class:

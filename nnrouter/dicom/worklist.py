@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, Association, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
@@ -113,7 +113,7 @@ def _literal(value: str | None) -> bool:
     return bool(value) and not has_wildcard(value or "")
 
 
-def _why_not(assoc, seen: dict[str, object]) -> str:  # type: ignore[no-untyped-def]
+def _why_not(assoc: Association, seen: dict[str, object]) -> str:
     rj = seen.get("rejected")
     if isinstance(rj, A_ASSOCIATE_RJ):
         return f"association rejected: {rj.result_str}, {rj.source_str}, {rj.reason_str}"

@@ -694,7 +694,8 @@ def _image_sets(cells: list[_Cell], priors: int) -> tuple[list[Dataset], dict[tu
     by attribute. Returns the items and the Image Set Number of each
     (class, side, time), time 0 being the current study and 1 the prior.
     """
-    items, numbers = [], {}
+    items: list[Dataset] = []
+    numbers: dict[tuple[str, str | None, int], int] = {}
     for c, side in cells:
         selectors = [
             _Selector(_MODALITY, values=_modalities(region(c.name))),
@@ -743,7 +744,7 @@ def _display_sets(cells: list[_Cell], numbers: dict[tuple[str, str | None, int],
     """One display set per (time, class, side): the current on the left screen, the prior on the right, like with like."""
     rows, cols = _grid(len(cells))
     halves = priors + 1
-    out = []
+    out: list[Dataset] = []
     for t in range(halves):
         for slot, (c, side) in enumerate(cells):
             r, col = divmod(slot, cols)

@@ -434,12 +434,15 @@ def _root(observation: hd.sr.ObservationContext, groups: list, library: list[Dat
     the same root, assembled from the same template classes.
     """
     if groups:
-        return hd.sr.MeasurementReport(
+        report = hd.sr.MeasurementReport(
             observation_context=observation,
             procedure_reported=_RADIOGRAPHY,
             imaging_measurements=groups,
             referenced_images=library or None,
-        )[0]
+        )
+        container = report[0]
+        assert isinstance(container, hd.sr.ContainerContentItem)  # the template holds its root container alone
+        return container
     root = hd.sr.ContainerContentItem(name=dcm_codes.cid7021.ImagingMeasurementReport, template_id="1500")
     content = hd.sr.ContentSequence()
     content.extend(hd.sr.LanguageOfContentItemAndDescendants(_ENGLISH))
