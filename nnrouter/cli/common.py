@@ -90,17 +90,24 @@ def loaded(
 
 
 def load_rules(
-    path: Path, *, verdict: bool = False, detector: Any = None, problems: list[dict[str, Any]] | None = None
+    path: Path,
+    *,
+    verdict: bool = False,
+    detector: Any = None,
+    problems: list[dict[str, Any]] | None = None,
+    calling_ae: str | None = None,
 ) -> Any:
     """The rule file (rules.RuleSet), or None after printing every problem with file, line and field.
 
     ``detector`` (rules.DetectorRegions): region conditions are checked against what it can find.
+    ``calling_ae`` (dicom.ae_title): the calling AE of destinations that name none.
     """
     from functools import partial
 
     from nnrouter.routing import rules
 
-    return loaded(partial(rules.load_rules, detector=detector), path, verdict=verdict, problems=problems)
+    load = partial(rules.load_rules, detector=detector, calling_ae=calling_ae)
+    return loaded(load, path, verdict=verdict, problems=problems)
 
 
 def detector_regions(settings: config_mod.Settings) -> Any:

@@ -30,6 +30,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 def cmd_send(args: argparse.Namespace) -> int:
     from nnrouter.dicom.send import SendError, expand, send
+    from nnrouter.dicom.statuses import stored
 
     files = expand(args.files)
     try:
@@ -40,7 +41,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         return common.err(f"send failed: {exc}")
     rows = []
     for o in outcomes:
-        ok = o.status is not None and (o.status == 0 or o.status & 0xF000 == 0xB000)
+        ok = o.status is not None and stored(o.status)  # success, or a warning: the peer kept it
         rows.append({"path": str(o.path), "ok": ok, "status": o.status, "comment": o.comment or None})
     failed = sum(not r["ok"] for r in rows)
     if args.json:

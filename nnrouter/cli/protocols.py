@@ -30,8 +30,10 @@ def cmd_protocols_write(args: argparse.Namespace) -> int:
 def cmd_protocols_send(args: argparse.Namespace) -> int:
     """Store them at a destination of the rule file (written to --out first, or to a folder removed afterwards)."""
     from nnrouter.dicom.send import SendError, send
+    from nnrouter.dicom.statuses import stored
 
-    ruleset = common.load_rules(args.rules)
+    # A destination without calling_ae is called as dicom.ae_title, as the forwarder calls it.
+    ruleset = common.load_rules(args.rules, calling_ae=common.settings(args).dicom.ae_title)
     if ruleset is None:
         return common.err(f"nnrouter: {args.rules} cannot be used", CONFIG)
     try:
@@ -44,10 +46,10 @@ def cmd_protocols_send(args: argparse.Namespace) -> int:
         if not args.json and args.out:
             print(f"wrote {len(paths)} Hanging Protocol instances to {out}")
         try:
-            outcomes = send(dest.host, dest.port, paths, dest.calling_ae, dest.ae_title)
+            outcomes = send(dest.host, dest.port, paths, dest.calling_ae, dest.ae_title, timeout=dest.timeout_s)
         except SendError as exc:
             return common.err(f"nnrouter: {exc}")
-    bad = [o for o in outcomes if o.status != 0]
+    bad = [o for o in outcomes if o.status is None or not stored(o.status)]
     if args.json:
         common.print_json(
             {
@@ -98,13 +100,13 @@ def register(sub: Any) -> None:
     _protocol_args(
         add(pr, "write", cmd_protocols_write, "write them to a folder", config="none", json=True), out_required=True
     )
-    ps = add(pr, "send", cmd_protocols_send, "store them to a destination of a rule file", config="none", json=True)
+    ps = add(pr, "send", cmd_protocols_send, "store them to a destination of a rule file", config="optional", json=True)
     ps.add_argument("destination", metavar="DESTINATION", help="a destination of the rule file")
     ps.add_argument("--rules", type=Path, required=True, help="the rule file that names the destination")
     _protocol_args(ps, out_required=False)
 
     old = add(
-        sub, "hang-protocols", cmd_hang_protocols, "", config="none", json=True, replaced_by="protocols write|send"
+        sub, "hang-protocols", cmd_hang_protocols, "", config="optional", json=True, replaced_by="protocols write|send"
     )
     _protocol_args(old, out_required=True)
     old.add_argument("--send", metavar="DESTINATION", help="also store them to this destination of the rule file")

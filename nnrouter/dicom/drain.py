@@ -29,10 +29,10 @@ from pynetdicom import evt
 from pynetdicom.pdu import P_DATA_TF
 
 from nnrouter.core import logs
+from nnrouter.dicom.statuses import pending
 
 log = logs.get("nnrouter.dicom.drain")
 
-_PENDING = (0xFF00, 0xFF01)
 _COMMAND, _LAST = 0x01, 0x02  # PS3.8 E.2, message control header
 
 
@@ -41,7 +41,7 @@ def _final(message: Any) -> bool:
     if not type(message).__name__.endswith("_RSP"):
         return False
     status = getattr(message.command_set, "Status", None)
-    return status is None or int(status) not in _PENDING
+    return status is None or not pending(int(status))
 
 
 def _command_ends(pdu: P_DATA_TF) -> int:

@@ -145,7 +145,20 @@ def test_protocols_send_stores_them_at_a_destination(tmp_path, node_factory):
     n = len(hanging.generic_protocols())
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    res = nnrouter("protocols", "send", "pacs", "--rules", str(rules_file), "--json", env={"TMPDIR": str(tmp)})
+    # A destination without calling_ae is called as the configuration's dicom.ae_title.
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"dicom": {"ae_title": "SITEROUTER"}}))
+    res = nnrouter(
+        "protocols",
+        "send",
+        "pacs",
+        "--rules",
+        str(rules_file),
+        "--config",
+        str(site),
+        "--json",
+        env={"TMPDIR": str(tmp)},
+    )
     assert res.returncode == 0, res.stderr
     answer = json.loads(res.stdout)
     assert (answer["stored"], answer["of"], answer["failed"], answer["written"]) == (n, n, [], [])
@@ -158,10 +171,11 @@ def test_protocols_send_stores_them_at_a_destination(tmp_path, node_factory):
     store = Store(pacs.db_url)
     try:
         with store.read() as s:
-            stored = [c for (c,) in s.query(Instance.sop_class_uid).all()]
+            rows = s.query(Instance.sop_class_uid, Instance.calling_ae).order_by(Instance.id).all()
     finally:
         store.dispose()
-    assert stored == [hanging.HANGING_PROTOCOL_STORAGE] * 2 * n  # both sends arrived, whole
+    assert [c for c, _ in rows] == [hanging.HANGING_PROTOCOL_STORAGE] * 2 * n  # both sends arrived, whole
+    assert [ae for _, ae in rows] == ["SITEROUTER"] * n + ["NNROUTER"] * n  # without --config: the default title
 
     unknown = nnrouter("protocols", "send", "archive", "--rules", str(rules_file))
     assert unknown.returncode == 3 and "no destination 'archive'" in unknown.stderr
