@@ -299,13 +299,25 @@ def check(
     called missing: it is uncertain too.
     """
     classes = view_classes()
-    findings: list[Finding] = []
     active = _active(orders)
-
     sure = [s for s in seen if s.confident and s.label in classes]
     uncertain = [s for s in seen if not (s.confident and s.label in classes)]
+    findings = [*_header_conflicts(sure), *map(_uncertain, uncertain), *_laterality_conflicts(active, seen)]
+    if not active:
+        return findings
+    assert book is not None  # callers without a book pass no orders
+    expected, unmapped = _expected(active, book)
+    findings += unmapped
+    if len(unmapped) == len(active):  # no order says which views to expect
+        return findings
+    got, performed = _performed(sure, expected)
+    return findings + performed + _missing(expected, got, len(uncertain), covered)
 
-    # Header vs pixels, with or without an order.
+
+def _header_conflicts(sure: list[Seen]) -> list[Finding]:
+    """Header vs pixels, with or without an order: Body Part Examined and View Position against the class."""
+    classes = view_classes()
+    findings = []
     for s in sure:
         assert s.label is not None  # sure: its label is a class
         vc = classes[s.label]
@@ -331,44 +343,47 @@ def check(
                     {"header": {"ViewPosition": s.view_position}, "predicted": s.label, "score": s.score},
                 )
             )
+    return findings
 
-    for s in uncertain:
-        why = (
-            "never classified (undecodable or failed)"
-            if s.label is None
-            else f"the model is not sure: {s.label} ({s.score:.2f})"
-            if s.score is not None
-            else f"the model said {s.label}"
-        )
-        findings.append(
-            Finding(FlagKind.UNCERTAIN, "info", why, s.sop_instance_uid, {"predicted": s.label, "score": s.score})
-        )
 
-    # Laterality: the order's side vs each image's.
+def _uncertain(s: Seen) -> Finding:
+    why = (
+        "never classified (undecodable or failed)"
+        if s.label is None
+        else f"the model is not sure: {s.label} ({s.score:.2f})"
+        if s.score is not None
+        else f"the model said {s.label}"
+    )
+    return Finding(FlagKind.UNCERTAIN, "info", why, s.sop_instance_uid, {"predicted": s.label, "score": s.score})
+
+
+def _laterality_conflicts(active: list[Order], seen: list[Seen]) -> list[Finding]:
+    """The orders' one side vs each image's Image Laterality (nothing to say when they name both or none)."""
     sides = {o.laterality for o in active if o.laterality in ("L", "R")}
-    if len(sides) == 1:
-        side = sides.pop()
-        for s in seen:
-            if s.laterality in ("L", "R") and s.laterality != side:
-                findings.append(
-                    Finding(
-                        FlagKind.LATERALITY_CONFLICT,
-                        "error",
-                        f"ordered {'left' if side == 'L' else 'right'}, Image Laterality is {s.laterality}",
-                        s.sop_instance_uid,
-                        {"ordered": side, "image": s.laterality},
-                    )
-                )
+    if len(sides) != 1:
+        return []
+    side = sides.pop()
+    return [
+        Finding(
+            FlagKind.LATERALITY_CONFLICT,
+            "error",
+            f"ordered {'left' if side == 'L' else 'right'}, Image Laterality is {s.laterality}",
+            s.sop_instance_uid,
+            {"ordered": side, "image": s.laterality},
+        )
+        for s in seen
+        if s.laterality in ("L", "R") and s.laterality != side
+    ]
 
-    if not active:
-        return findings
-    assert book is not None  # callers without a book pass no orders
+
+def _expected(active: list[Order], book: ProcedureBook) -> tuple[Counter[str], list[Finding]]:
+    """The views the mapped orders expect, and an unmapped_procedure finding per order the book cannot map."""
     expected: Counter[str] = Counter()
-    mapped = 0
+    unmapped = []
     for o in active:
         e = book.expect(o)
         if e.procedure is None:
-            findings.append(
+            unmapped.append(
                 Finding(
                     FlagKind.UNMAPPED_PROCEDURE,
                     "info",
@@ -382,13 +397,16 @@ def check(
                 )
             )
             continue
-        mapped += 1
         expected += e.views
-    if not mapped:
-        return findings
+    return expected, unmapped
 
+
+def _performed(sure: list[Seen], expected: Counter[str]) -> tuple[Counter[str], list[Finding]]:
+    """The expected views the confident images show, and the images of another body part or one view too many."""
+    classes = view_classes()
     expected_parts = {_body_part(classes[c].body_part_examined) for c in expected}
     got: Counter[str] = Counter()
+    findings = []
     for s in sure:
         assert s.label is not None  # sure: its label is a class
         part = _body_part(classes[s.label].body_part_examined)
@@ -417,8 +435,12 @@ def check(
                     evidence,
                 )
             )
+    return got, findings
 
-    unsure = len(uncertain)
+
+def _missing(expected: Counter[str], got: Counter[str], unsure: int, covered: set[str] | None) -> list[Finding]:
+    """The ordered views not found: missing, or uncertain when the model cannot see them or was unsure of enough images."""
+    findings = []
     for cls, n in sorted(expected.items()):
         short = n - got.get(cls, 0)
         if short <= 0:
