@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from nnrouter.core.store import Flag, Outbox, RoutingDecision, Store, Study
+from nnrouter.core.store import Flag, Instance, Outbox, RoutingDecision, Store, Study
 
 
 class StudyNotFound(LookupError):
@@ -116,53 +116,55 @@ def study_report(store: Store, study_uid: str, detector: Any = None) -> dict[str
                     "modality": se.modality,
                     "body_part_examined": se.body_part_examined,
                     "series_description": se.series_description,
-                    "instances": [
-                        {
-                            "sop_instance_uid": i.sop_instance_uid,
-                            "version": i.version,
-                            "sop_class_uid": i.sop_class_uid,
-                            "transfer_syntax_uid": i.transfer_syntax_uid,
-                            "path": i.path,
-                            "size_bytes": i.size_bytes,
-                            "sha256": i.sha256,
-                            "state": i.state,
-                            "state_reason": i.state_reason,
-                            "view_position": i.view_position,
-                            "image_laterality": i.image_laterality,
-                            "calling_ae": i.calling_ae,
-                            "received_at": i.received_at,
-                            "predictions": [
-                                {
-                                    "model": f"{p.model_name} {p.model_version}",
-                                    "label": p.label,
-                                    "score": round(p.score, 4),
-                                    "top5": p.top5,
-                                    "ood": p.ood,
-                                    "provider": p.provider,
-                                    "ms": {"decode": p.decode_ms, "preprocess": p.preprocess_ms, "infer": p.infer_ms},
-                                    "cam_path": p.cam_path,
-                                }
-                                for p in i.predictions
-                            ],
-                            "detections": [
-                                {
-                                    "model": f"{d.model_name} {d.model_version}",
-                                    "label": d.label,
-                                    "score": round(d.score, 4),
-                                    "box_px": d.box_px,
-                                    "box_mm": d.box_mm,
-                                    "corners_patient": d.corners_patient,
-                                }
-                                for d in i.detections
-                            ],
-                            "deliveries": outbox.get(i.id, []),
-                        }
-                        for i in se.instances
-                    ],
+                    "instances": [_instance(i, outbox.get(i.id, [])) for i in se.instances],
                 }
                 for se in study.series
             ],
         }
+
+
+def _instance(i: Instance, deliveries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One instance in study_report: its row, predictions, detections and deliveries."""
+    return {
+        "sop_instance_uid": i.sop_instance_uid,
+        "version": i.version,
+        "sop_class_uid": i.sop_class_uid,
+        "transfer_syntax_uid": i.transfer_syntax_uid,
+        "path": i.path,
+        "size_bytes": i.size_bytes,
+        "sha256": i.sha256,
+        "state": i.state,
+        "state_reason": i.state_reason,
+        "view_position": i.view_position,
+        "image_laterality": i.image_laterality,
+        "calling_ae": i.calling_ae,
+        "received_at": i.received_at,
+        "predictions": [
+            {
+                "model": f"{p.model_name} {p.model_version}",
+                "label": p.label,
+                "score": round(p.score, 4),
+                "top5": p.top5,
+                "ood": p.ood,
+                "provider": p.provider,
+                "ms": {"decode": p.decode_ms, "preprocess": p.preprocess_ms, "infer": p.infer_ms},
+                "cam_path": p.cam_path,
+            }
+            for p in i.predictions
+        ],
+        "detections": [
+            {
+                "model": f"{d.model_name} {d.model_version}",
+                "label": d.label,
+                "score": round(d.score, 4),
+                "box_px": d.box_px,
+                "box_mm": d.box_mm,
+                "corners_patient": d.corners_patient,
+            }
+            for d in i.detections
+        ],
+        "deliveries": deliveries,
+    }
 
 
 def flagged(
