@@ -36,7 +36,7 @@ def _workdir(workdir: Path | None, prefix: str) -> tuple[Path | None, bool]:
         print(f"missing DCMTK tools: {', '.join(missing)} (apt-get install dcmtk)")
         return None, False
     own = workdir is None
-    root = Path(tempfile.mkdtemp(prefix=prefix)) if own else Path(workdir)
+    root = Path(tempfile.mkdtemp(prefix=prefix)) if workdir is None else Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
     return root, own
 
@@ -132,6 +132,7 @@ def infer(
                 model.classify(imgs)
             else:
                 model.detect(imgs)
+            assert model.timings is not None  # classify and detect set it
             pre_ms.append(model.timings.preprocess_ms)
             inf_ms.append(model.timings.infer_ms)
         rate = len(order) / (time.perf_counter() - t_all)
@@ -206,6 +207,7 @@ def route(
                 "routing": {"rules": str(rules_file), "tick_s": 0.2},
             },
         ).start()
+        assert node.proc is not None  # start() launched it
         time.sleep(2)  # the workers load their model and warm up before the clock starts
         t0 = time.perf_counter()
         _send(node.port, files, node.ae_title, cfg)

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydicom import dcmread
@@ -171,7 +172,7 @@ class Node:
 
     def write_config(self) -> Path:
         self.home.mkdir(parents=True, exist_ok=True)
-        cfg = {
+        cfg: dict[str, dict[str, Any]] = {
             "dicom": {"ae_title": self.ae_title, "port": self.port, "bind": "127.0.0.1"},
             "storage": {"path": str(self.spool), "min_free_mb": 50, "derived_path": str(self.home / "derived")},
             # Tests of the receive path look at rows before any worker does,
@@ -273,16 +274,16 @@ class Orthanc:
         wait_port(self.http_port, proc=self.proc)
         return self
 
-    def get(self, path: str):  # type: ignore[no-untyped-def]
+    def get(self, path: str):
         return self._call(path, None, 30)
 
-    def post(self, path: str, body):  # type: ignore[no-untyped-def]
+    def post(self, path: str, body):
         """POST ``body`` as JSON (or bytes as given); the answer as JSON, or bytes."""
         import json
 
         return self._call(path, body if isinstance(body, bytes) else json.dumps(body).encode(), 60)
 
-    def _call(self, path: str, data: bytes | None, timeout: float):  # type: ignore[no-untyped-def]
+    def _call(self, path: str, data: bytes | None, timeout: float):
         """GET (no data) or POST to Orthanc's REST API; the answer as JSON, or bytes."""
         import json
         import urllib.request

@@ -266,10 +266,10 @@ def load_rules(path: Path) -> Rules:
                 )
             )
 
-    for rule in spec.codes:
-        code_map.setdefault(rule.code.strip(), {}).setdefault((rule.scheme or "*").strip().upper(), set()).add(
-            rule.label
-        )
+    for code_rule in spec.codes:
+        code_map.setdefault(code_rule.code.strip(), {}).setdefault(
+            (code_rule.scheme or "*").strip().upper(), set()
+        ).add(code_rule.label)
 
     if problems:
         _, positions = yamlfile.load(path)
@@ -877,13 +877,15 @@ def build(
     if images is not None:
         found.extend(from_class_folders(images, check_decode=check_decode))
     if dicom:
-        found.extend(from_dicom(dicom, rules, check_decode=check_decode))  # type: ignore[arg-type]
+        assert rules is not None  # loaded above whenever DICOM is an input
+        found.extend(from_dicom(dicom, rules, check_decode=check_decode))
     if store_config is not None:
+        assert rules is not None  # loaded above whenever the store is an input
         found.extend(
             from_store(
                 config.load(store_config),
                 rules,
-                check_decode=check_decode,  # type: ignore[arg-type]
+                check_decode=check_decode,
                 group_by=group_by,
             )
         )

@@ -291,7 +291,7 @@ def evaluate(
     cams: int = 0,
     max_epochs: int = 0,
     log=print,
-) -> Report:  # type: ignore[no-untyped-def]
+) -> Report:
     from nnrouter.pixels.runtime import Model
 
     model = Model.load(model_dir)
@@ -404,7 +404,7 @@ def evaluate(
 
 def write_cams(
     model, validation: list[Entry], everything: list[Entry], external: list, per_class: int, folder: Path
-) -> list[str]:  # type: ignore[no-untyped-def]
+) -> list[str]:
     """Contact sheets of class activation maps: what the model attends to, class by class.
 
     One sheet per single-source class (validation images, where a shortcut
@@ -429,7 +429,7 @@ def write_cams(
     return written
 
 
-def _tile(img: np.ndarray, r, name: str, side: int = 200) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _tile(img: np.ndarray, r, name: str, side: int = 200) -> np.ndarray:
     from nnrouter.pixels.classify import cam_overlay
 
     tile = np.zeros((side + 30, side, 3), np.uint8)

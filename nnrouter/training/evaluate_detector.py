@@ -169,7 +169,7 @@ class DetectorReport:
 
     def to_json(self) -> dict:
         """Plain data; an undefined figure (nan: no box of the label) is null."""
-        return _no_nan(
+        out = _no_nan(
             {
                 "model": self.model,
                 "version": self.version,
@@ -177,6 +177,8 @@ class DetectorReport:
                 "results": [asdict(r) for r in self.results],
             }
         )
+        assert isinstance(out, dict)  # _no_nan turns a dict into a dict
+        return out
 
 
 def _onnx_detections(model_dir: Path, images: list[np.ndarray]) -> tuple[list[list[Detection]], float, float]:

@@ -107,7 +107,7 @@ def fold_subset(entries: list[Entry], labels: list[str], keep: list[int], source
 
 def leave_one_source_out(
     manifest: Path, cfg: TrainConfig, *, cache_dir: Path | None = None, sources: list[str] | None = None, log=print
-) -> dict:  # type: ignore[no-untyped-def]
+) -> dict:
     """Run one fold per source of every multi-source class; the figures and every held-out prediction."""
     entries = read_manifest(manifest)
     labels, _ = claimed_labels(entries, cfg.min_images)

@@ -299,7 +299,9 @@ def _linear_head(tf: Any, graph_def: Any, graph: Any) -> _Head | str:
                 return f"no linear layer between the pool and {OUTPUT!r}"
             if weight.shape[0] != s[3]:
                 return f"the head's weights take {weight.shape[0]} features, the map has {s[3]} channels"
-            return _Head(features=features, weight=weight.astype(np.float64), grid=(s[1], s[2]))
+            grid_h, grid_w = s[1], s[2]
+            assert grid_h is not None and grid_w is not None  # no None in s[1:], checked above
+            return _Head(features=features, weight=weight.astype(np.float64), grid=(grid_h, grid_w))
         else:
             return (
                 f"the head between {OUTPUT!r} and the last feature map contains {n.op} {n.name!r}, which is not linear"

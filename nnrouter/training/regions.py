@@ -147,9 +147,9 @@ def _read_csv(path: Path) -> list[Box]:
             line = reader.line_num
             at = f"{path}:{line}"
             file = (path.parent / (row["file"] or "")).resolve()
-            coords = [_number(at, k, row[k]) for k in ("x0", "y0", "x1", "y1")]
+            x0, y0, x1, y1 = (_number(at, k, row[k]) for k in ("x0", "y0", "x1", "y1"))
             group = group_of(file, row.get("source_repo"))
-            boxes.append(check.box(at, file, row["label"] or "", *coords, group))
+            boxes.append(check.box(at, file, row["label"] or "", x0, y0, x1, y1, group))
     if not boxes:
         raise RegionsError(f"{path}: no boxes")
     return boxes

