@@ -11,7 +11,7 @@ PEER_TOOLS := storescu storescp echoscu findscu wlmscpfs dcmj2pnm dciodvfy Ortha
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CONFIG_ARG := $(if $(CONFIG),--config $(CONFIG))
 
-.PHONY: serve test install peers model
+.PHONY: serve test check install peers model
 
 # The service needs the package alone; the tests also train and convert models.
 $(VENV)/.installed: pyproject.toml
@@ -40,7 +40,13 @@ peers:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
 	fi
 
-test: peers $(VENV)/.installed-test
+# Lint, format and types first: they take seconds, the suite takes minutes.
+check: $(VENV)/.installed-test
+	$(BIN)/ruff check nnrouter tests bench
+	$(BIN)/ruff format --check nnrouter tests bench
+	$(BIN)/mypy
+
+test: peers check
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Retrain the shipped view classifier from ../shared/data/radiographs, seed 0, and measure it:
