@@ -65,15 +65,16 @@ def _as_postgres(args: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
 
 
-def init_pg_cluster(prefix: str = "nnrouter-pg-") -> tuple[Path, Path]:
-    """initdb in a new temp folder (data/ and a socket folder sock/): the binaries' folder and the temp folder.
+def init_pg_cluster(prefix: str = "nnrouter-pg-", base: Path | None = None) -> tuple[Path, Path]:
+    """initdb in ``base`` (default: a new temp folder), data/ and a socket folder sock/: the binaries' folder and base.
 
     Skips the test when the PostgreSQL server binaries are not installed.
     """
     pg_bin = _pg_bin()
     if pg_bin is None:
         pytest.skip("PostgreSQL server binaries not installed (run `make test`, which installs them)")
-    base = Path(tempfile.mkdtemp(prefix=prefix))
+    base = Path(tempfile.mkdtemp(prefix=prefix)) if base is None else base
+    base.mkdir(parents=True, exist_ok=True)
     os.chmod(base, 0o777)
     (base / "sock").mkdir()
     os.chmod(base / "sock", 0o777)
@@ -95,6 +96,67 @@ def init_pg_cluster(prefix: str = "nnrouter-pg-") -> tuple[Path, Path]:
         capture_output=True,
     )
     return pg_bin, base
+
+
+def tls_files(folder: Path) -> dict[str, Path]:
+    """Throwaway TLS files made with openssl: a CA, a server certificate for 127.0.0.1, a client certificate, and another CA that signed neither."""
+    folder.mkdir(parents=True, exist_ok=True)
+    f = {
+        n: folder / n
+        for n in (
+            "ca.key",
+            "ca.pem",
+            "server.key",
+            "server.pem",
+            "client.key",
+            "client.pem",
+            "other-ca.key",
+            "other-ca.pem",
+        )
+    }
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    for ca in ("ca", "other-ca"):
+        run(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN=nnrouter test {ca}",
+            "-keyout",
+            f"{ca}.key",
+            "-out",
+            f"{ca}.pem",
+        )
+    for who, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        run(
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout", f"{who}.key", "-out", f"{who}.csr"
+        )
+        (folder / f"{who}.ext").write_text(ext + "\n")
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{who}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            f"{who}.ext",
+            "-out",
+            f"{who}.pem",
+        )
+    return f
 
 
 @pytest.fixture(scope="session")

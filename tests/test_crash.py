@@ -161,37 +161,12 @@ class OwnPostgres:
     """A PostgreSQL cluster of this test's own, to stop and start without hurting the session's server."""
 
     def __init__(self, base: Path):
-        import os
+        from conftest import _as_postgres, init_pg_cluster
 
-        from conftest import _as_postgres, _pg_bin
-
-        self.bin = _pg_bin()
-        if self.bin is None:
-            pytest.skip("PostgreSQL server binaries not installed (run `make test`, which installs them)")
+        self.bin, base = init_pg_cluster(base=base)
         self.as_postgres = _as_postgres
-        base.mkdir(parents=True, exist_ok=True)
-        os.chmod(base, 0o777)
         self.data, self.sock = base / "data", base / "sock"
-        self.sock.mkdir()
-        os.chmod(self.sock, 0o777)
         self.port = peers.free_port()
-        subprocess.run(
-            _as_postgres(
-                [
-                    str(self.bin / "initdb"),
-                    "-D",
-                    str(self.data),
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "-E",
-                    "UTF8",
-                    "--no-sync",
-                ]
-            ),
-            check=True,
-            capture_output=True,
-        )
         self.proc: subprocess.Popen | None = None
 
     @property

@@ -16,10 +16,9 @@ import socket
 import struct
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-from conftest import needs
+from conftest import needs, tls_files
 from pydicom import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import HangingProtocolInformationModelFind, Verification
@@ -401,56 +400,9 @@ def test_limits_from_settings():
 # --- TLS, with DCMTK ----------------------------------------------------------------
 
 
-def _tls_files(folder: Path) -> dict[str, Path]:
-    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
-
-    run(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=nnrouter test ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    )
-    for who, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
-        run(
-            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout", f"{who}.key", "-out", f"{who}.csr"
-        )
-        (folder / f"{who}.ext").write_text(ext + "\n")
-        run(
-            "x509",
-            "-req",
-            "-in",
-            f"{who}.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            f"{who}.ext",
-            "-out",
-            f"{who}.pem",
-        )
-    return {n: folder / n for n in ("ca.pem", "server.key", "server.pem", "client.key", "client.pem")}
-
-
 @needs("openssl", "echoscu", "storescu")
 def test_inbound_tls_with_client_certificates(node_factory, tmp_path):
-    tls = _tls_files(tmp_path / "tls")
+    tls = tls_files(tmp_path / "tls")
     node = node_factory(
         settings={
             "dicom": {
@@ -519,7 +471,7 @@ def test_inbound_tls_with_client_certificates(node_factory, tmp_path):
 
 @needs("openssl", "echoscu")
 def test_inbound_tls_without_client_certificates(node_factory, tmp_path):
-    tls = _tls_files(tmp_path / "tls")
+    tls = tls_files(tmp_path / "tls")
     node = node_factory(
         settings={"dicom": {"tls": {"cert": str(tls["server.pem"]), "key": str(tls["server.key"])}}}
     ).start()

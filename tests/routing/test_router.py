@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import RADIOGRAPHS, REPO, needs, pydicom_data, shared_files
+from conftest import RADIOGRAPHS, REPO, needs, pydicom_data, shared_files, tls_files
 from dicomfiles import first_png, node_rows, png_study, wait_for
 from pydicom import dcmread
 
@@ -274,71 +274,10 @@ def test_rule_file_with_a_typo_keeps_the_old_rules_routing(node_factory, storesc
     assert check.returncode == 1 and "foward" in check.stderr
 
 
-def _tls_files(folder: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
-    folder.mkdir(parents=True, exist_ok=True)
-    f = {
-        n: folder / n
-        for n in (
-            "ca.key",
-            "ca.pem",
-            "server.key",
-            "server.pem",
-            "client.key",
-            "client.pem",
-            "other-ca.key",
-            "other-ca.pem",
-        )
-    }
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
-
-    for ca in ("ca", "other-ca"):
-        run(
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            f"/CN=nnrouter test {ca}",
-            "-keyout",
-            f"{ca}.key",
-            "-out",
-            f"{ca}.pem",
-        )
-    for who, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
-        run(
-            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout", f"{who}.key", "-out", f"{who}.csr"
-        )
-        (folder / f"{who}.ext").write_text(ext + "\n")
-        run(
-            "x509",
-            "-req",
-            "-in",
-            f"{who}.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            f"{who}.ext",
-            "-out",
-            f"{who}.pem",
-        )
-    return f
-
-
 @needs("openssl")
 def test_tls_destination_with_client_certificate(node_factory, tmp_path):
     """DICOM over TLS to a storescp that demands our certificate; a wrong CA fails clearly and loses nothing."""
-    tls = _tls_files(tmp_path / "tls")
+    tls = tls_files(tmp_path / "tls")
     scp = peers.StoreSCP(tmp_path / "tls-out", aet="TLSSCP").start(
         ["+tls", str(tls["server.key"]), str(tls["server.pem"]), "+cf", str(tls["ca.pem"]), "-rc"]
     )
