@@ -259,23 +259,30 @@ def rss_mb(pid: int) -> dict[str, float]:
 # acknowledged=..., stored=..., lost=..., duplicated=..., recovery_s=...)`` (any
 # keys); the session ends with one table of them, also written to
 # ``$NNROUTER_FAULT_FIGURES`` (JSON lines) when that is set, for the README.
+# The rows travel in the test's report (user_properties), so that they reach
+# the session's table from pytest-xdist's worker processes too.
 
 _FIGURES: list[dict[str, Any]] = []
 
 
 class Figures:
-    def __init__(self, test: str):
-        self.test = test
+    def __init__(self, node: pytest.Item):
+        self.node = node
 
     def add(self, fault: str, **numbers: Any) -> None:
-        row = {"fault": fault, "test": self.test, **numbers}
-        _FIGURES.append(row)
+        row = {"fault": fault, "test": self.node.name, **numbers}
+        self.node.user_properties.append(("figures", row))
         print(f"FIGURE {json.dumps(row)}")
 
 
 @pytest.fixture
 def figures(request: pytest.FixtureRequest) -> Figures:
-    return Figures(request.node.name)
+    return Figures(request.node)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":
+        _FIGURES.extend(row for key, row in report.user_properties if key == "figures")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: ignore[no-untyped-def]
