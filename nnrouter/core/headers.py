@@ -6,12 +6,13 @@ conditions, the SR's evidence, the orders written into the images) is read
 from the row instead, on whichever node decides the study. Rows from before
 the header was kept have none; for those the file is read, where it is here.
 
-The header is kept as an Explicit VR Little Endian data set: the encoding of
-every data set sent in a compressed transfer syntax or in Explicit VR Little
-Endian, so for those it is the received bytes up to the Pixel Data element,
-cut without decoding anything. Implicit VR, big endian and deflated data sets
-are encoded again. Elements after the pixels (trailing padding, signatures)
-are not kept.
+The header is kept in the VR and byte order of the instance's transfer
+syntax (the row's ``transfer_syntax_uid``), so that on the receive path it
+is the received bytes up to the Pixel Data element, cut without decoding or
+writing anything (at most 0.15 ms, where writing it again costs 1-4 ms).
+Deflated data sets, and data sets that did not come from bytes (a coerced
+copy, nnrouter's own SR), are written again. Elements after the pixels
+(trailing padding, signatures) are not kept.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from __future__ import annotations
 from io import BytesIO
 from typing import Protocol
 
-from pydicom import dcmread, dcmwrite
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
@@ -35,45 +37,48 @@ def _bulk(tag: BaseTag) -> bool:
     return tag in _BULK or (tag.group & 0xFF00 == 0x6000 and tag.element == 0x3000)  # overlay data
 
 
-def encode(ds: Dataset, data: bytes | memoryview | None = None, transfer_syntax: str | None = None) -> bytes:
-    """The header of ``ds`` as Explicit VR Little Endian bytes.
+def _encoding(transfer_syntax: str | None) -> tuple[bool, bool]:
+    """(implicit VR, little endian) of a header kept for this transfer syntax: explicit little endian when unknown."""
+    ts = UID(transfer_syntax or "")
+    if not ts.is_transfer_syntax:
+        return False, True
+    return ts.is_implicit_VR, ts.is_little_endian
+
+
+def encode(ds: Dataset, transfer_syntax: str | None, data: bytes | memoryview | None = None) -> bytes:
+    """The header of ``ds``, encoded as :func:`decode` reads it for ``transfer_syntax``.
 
     ``data`` is the data set as received, in ``transfer_syntax``, and ``ds``
     what was read from it without touching the pixels: then the header is
     a slice of ``data``. Otherwise it is written again from ``ds``.
     """
-    if data is not None and transfer_syntax is not None:
-        ts = UID(transfer_syntax)
-        explicit_le = ts.is_transfer_syntax and not ts.is_implicit_VR and ts.is_little_endian and not ts.is_deflated
-        if explicit_le and ds.original_encoding == (False, True):
-            if PIXEL_DATA not in ds:
-                return bytes(data)
-            tell = _value_tell(ds.get_item(PIXEL_DATA))
-            if tell is not None and tell >= 12:
-                return bytes(data[: tell - 12])  # the element's header: tag, VR, reserved, length
-    out = Dataset()
-    for elem in ds:
-        if not _bulk(elem.tag):
-            out.add(elem)
-    buf = BytesIO()
-    dcmwrite(buf, out, implicit_vr=False, little_endian=True)
-    return buf.getvalue()
+    implicit, little = _encoding(transfer_syntax)
+    ts = UID(transfer_syntax or "")
+    deflated = ts.is_transfer_syntax and ts.is_deflated  # the received bytes are compressed
+    if data is not None and not deflated and ds.original_encoding == (implicit, little):
+        if PIXEL_DATA not in ds:
+            return bytes(data)
+        elem = ds.get_item(PIXEL_DATA)
+        tell = getattr(elem, "value_tell", None)  # a RawDataElement's: where its value starts in ``data``
+        # Before the value: tag and length, and in explicit VR the VR and two reserved bytes.
+        start = None if tell is None else tell - (8 if implicit else 12)
+        if start is not None and start >= 0:
+            return bytes(data[:start])
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = implicit, little
+    write_dataset(fp, Dataset({elem.tag: elem for elem in ds if not _bulk(elem.tag)}))
+    return bytes(fp.getvalue())
 
 
-def _value_tell(elem: DataElement | RawDataElement | None) -> int | None:
-    """Where an element's value starts in the bytes it was read from; None once it has been converted."""
-    if isinstance(elem, RawDataElement):
-        return elem.value_tell
-    return None
-
-
-def decode(header: bytes) -> Dataset:
+def decode(header: bytes, transfer_syntax: str | None) -> Dataset:
     """A kept header as a data set (no pixels)."""
-    return read_dataset(BytesIO(header), is_implicit_VR=False, is_little_endian=True)
+    implicit, little = _encoding(transfer_syntax)
+    return read_dataset(BytesIO(header), is_implicit_VR=implicit, is_little_endian=little)
 
 
 class HasHeader(Protocol):
     header: bytes | None
+    transfer_syntax_uid: str
     path: str
 
 
@@ -82,11 +87,6 @@ def of(instance: HasHeader) -> Dataset:
 
     Raises OSError (or a pydicom error) when an old row's file is not on this node or cannot be read.
     """
-    return read(instance.header, instance.path)
-
-
-def read(header: bytes | None, path: str) -> Dataset:
-    """A header as :func:`of` reads it, from the row's two columns (for callers that closed the session)."""
-    if header is not None:
-        return decode(header)
-    return dcmread(path, stop_before_pixels=True, force=True)
+    if instance.header is not None:
+        return decode(instance.header, instance.transfer_syntax_uid)
+    return dcmread(instance.path, stop_before_pixels=True, force=True)

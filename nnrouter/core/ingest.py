@@ -194,9 +194,9 @@ def parse_header(
     """Pull the identifying attributes out of a data set, or refuse it (:class:`NotKept`).
 
     The affected UIDs are a C-STORE request's; the data set must agree with
-    them. ``data`` and ``transfer_syntax`` are the bytes ``ds`` was read from
-    and their encoding: the header to keep is then cut from them, not written
-    again (:func:`nnrouter.core.headers.encode`).
+    them. ``transfer_syntax`` is the instance's, in whose encoding the header
+    is kept; ``data``, the bytes ``ds`` was read from: the header is then cut
+    from them, not written again (:func:`nnrouter.core.headers.encode`).
     """
     _check_complete(ds)
     warnings: list[str] = []
@@ -250,7 +250,7 @@ def parse_header(
             "state_reason": f"header lacks {', '.join(notes)}: grouped under derived UIDs" if notes else None,
         },
         warnings=warnings,
-        encoded=headers.encode(ds, data, transfer_syntax),
+        encoded=headers.encode(ds, transfer_syntax, data),
     )
 
 
@@ -336,7 +336,7 @@ def keep(store: Store, spool: Spool, ds: Dataset, ae_title: str, *, node: str | 
     meta_len = 132 + 12 + int.from_bytes(raw[140:144], "little")
     # Written again, not cut from ``raw``: a data set read from a file and changed
     # (a coerced copy) still carries that file's offsets.
-    header = parse_header(ds)
+    header = parse_header(ds, transfer_syntax=str(ds.file_meta.TransferSyntaxUID))
     origin: dict[str, Any] = {
         "transfer_syntax_uid": str(ds.file_meta.TransferSyntaxUID),
         "calling_ae": ae_title,

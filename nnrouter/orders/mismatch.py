@@ -22,6 +22,7 @@ from nnrouter.core import headers, logs, yamlfile
 from nnrouter.core.config import Settings
 from nnrouter.core.store import (
     Flag,
+    Instance,
     RulesLoad,
     Store,
     Study,
@@ -37,10 +38,10 @@ __all__ = ["OrderCheck", "covered_classes", "seen"]
 log = logs.get("nnrouter.orders.mismatch")
 
 
-def _readable(header: bytes | None, path: str) -> Dataset | None:
+def _readable(instance: Instance) -> Dataset | None:
     """An instance's header, or None when it cannot be read (an old row whose file is on another node)."""
     try:
-        return headers.read(header, path)
+        return headers.of(instance)
     except Exception:
         return None
 
@@ -134,14 +135,14 @@ class OrderCheck:
         for study in studies:
             try:
                 with self.store.read() as s:
-                    fresh = [
-                        (i.id, i.header, i.path)
+                    fresh = {
+                        i.id: _readable(i)
                         for i in current_instances(s, study.id)
                         if i.id not in self._headers_read.get(study.study_uid, set())
-                    ]
+                    }
                 if fresh:  # every image's request: the study is complete only against all of them
-                    self.keep_image_orders(_readable(header, path) for _, header, path in fresh)
-                    self._headers_read.setdefault(study.study_uid, set()).update(i for i, _, _ in fresh)
+                    self.keep_image_orders(fresh.values())
+                    self._headers_read.setdefault(study.study_uid, set()).update(fresh)
             except Exception as exc:  # the check runs again when the study is due; routing goes on
                 log.error("orders_not_found", study_uid=study.study_uid, error=type(exc).__name__)
 
