@@ -138,7 +138,7 @@ def test_region_conditions_are_checked_against_the_detector(tmp_path):
     detector = rules.detector_regions(toy_regions(tmp_path))
     assert detector == rules.DetectorRegions("regions-toy 0.1", tuple(TOY_LABELS), tuple(NOT_COVERED))
     with pytest.raises(yamlfile.FileProblems) as exc:
-        rules.load_rules(path, detector)
+        rules.load_rules(path, detector=detector)
     problems = {p.field: p for p in exc.value.problems}
     assert set(problems) == {"rules[1].when.all[1].not.region.label", "rules[2].when.region.label"}
     chest, typo = problems["rules[1].when.all[1].not.region.label"], problems["rules[2].when.region.label"]
@@ -149,7 +149,7 @@ def test_region_conditions_are_checked_against_the_detector(tmp_path):
     # No detector configured: every region condition is said to be unanswerable, and a `present: false` always true.
     path.write_text(RULES.replace("label: Chest", "label: Chest, present: false"))
     with pytest.raises(yamlfile.FileProblems) as exc:
-        rules.load_rules(path, rules.DetectorRegions(None))
+        rules.load_rules(path, detector=rules.DetectorRegions(None))
     assert len(exc.value.problems) == 3
     assert all("no detector is configured" in p.reason for p in exc.value.problems)
     assert "always matches" in next(p.reason for p in exc.value.problems if "Chest" in p.reason)

@@ -130,8 +130,8 @@ def register(sub: Any) -> None:
         sub,
         "forward",
         cmd_forward,
-        "run the forwarder alone: deliver the outbox to the destinations of routing.rules "
-        "(serve runs one when routing.rules is set)",
+        "run the forwarder alone: deliver the outbox to the destinations of the rule version "
+        "this node's router loaded (serve runs one when routing.rules is set)",
     )
     add(sub, "status", cmd_status, "counts of instances per state", json=True)
     cl = add(

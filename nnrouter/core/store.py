@@ -261,6 +261,11 @@ class RulesLoad(Base):
     ok: Mapped[bool] = mapped_column(Boolean)
     errors: Mapped[str | None] = mapped_column(Text)
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The node whose router loaded it, and the text of a version that loaded (migration 0010): the
+    # forwarder delivers with the destinations of the version the router decided with, not with its own
+    # read of the file, which may be of a later, refused edit.
+    node: Mapped[str | None] = mapped_column(String(64))
+    text: Mapped[str | None] = mapped_column(Text)
 
 
 class Detection(Base):

@@ -100,13 +100,18 @@ def _duplicates(loader: yaml.SafeLoader, node: yaml.Node, path: tuple[Any, ...],
     return found
 
 
-def load(path: Path) -> tuple[Any, Positions]:
-    """Read a YAML file into plain data plus the position of every field; a key given twice is a problem."""
+def load(path: Path, text: str | None = None) -> tuple[Any, Positions]:
+    """Read a YAML file into plain data plus the position of every field; a key given twice is a problem.
+
+    ``text``: the file's content, already read (a version kept in the store);
+    ``path`` then only names it in the problems.
+    """
     name = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise FileProblems([Problem(name, None, None, "", f"cannot read file: {exc.strerror}")]) from exc
+    if text is None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise FileProblems([Problem(name, None, None, "", f"cannot read file: {exc.strerror}")]) from exc
     loader = yaml.SafeLoader(text)
     positions: Positions = {}
     try:
@@ -129,9 +134,9 @@ def load(path: Path) -> tuple[Any, Positions]:
     return ({} if data is None else data), positions
 
 
-def load_mapping(path: Path) -> tuple[dict, Positions]:
+def load_mapping(path: Path, text: str | None = None) -> tuple[dict, Positions]:
     """`load`, for files whose top level must be a mapping of keys."""
-    data, positions = load(path)
+    data, positions = load(path, text)
     if not isinstance(data, dict):
         raise FileProblems([Problem(str(path), 1, 1, "", "expected a mapping of keys at the top level")])
     return data, positions
@@ -162,9 +167,9 @@ def problems_from(exc: ValidationError, file: str, positions: Positions) -> list
     return problems
 
 
-def validate(model: type[BaseModel], path: Path) -> BaseModel:
+def validate(model: type[BaseModel], path: Path, text: str | None = None) -> BaseModel:
     """Load and validate a YAML file against a pydantic model, or raise FileProblems."""
-    data, positions = load_mapping(path)
+    data, positions = load_mapping(path, text)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -180,15 +185,18 @@ class Reloaded(Generic[T]):
     """A file admins edit while the service runs: loaded when its bytes change.
 
     An invalid edit keeps the version that runs; each version is loaded (or
-    refused) once, and every outcome goes to ``record`` (ok, digest, errors)
-    so that `nnrouter status` can show it. ``name`` prefixes the log events.
+    refused) once, and every outcome goes to ``record`` (ok, digest, errors,
+    and the text of a version that loaded) so that `nnrouter status` can show
+    it and other stages can run the same version. ``name`` prefixes the log
+    events. The file is read once per poll: the digest and the loaded value
+    are of the same bytes, even when an admin saves in between.
     """
 
     def __init__(
         self,
         path: Path,
-        load: Callable[[Path], T],
-        record: Callable[[bool, str, str | None], None],
+        load: Callable[[Path, str], T],
+        record: Callable[[bool, str, str | None, str | None], None],
         name: str,
         summary: Callable[[T], dict[str, Any]],
         log: Any,
@@ -202,20 +210,25 @@ class Reloaded(Generic[T]):
     def poll(self) -> bool:
         """Load the file if it changed; True when a new version now runs."""
         try:
-            version = digest(self.path)
+            data = self.path.read_bytes()
         except OSError as exc:
             if self._seen != str(exc):
                 self._seen = str(exc)
-                self._record(False, "", f"{self.path}: cannot read: {exc.strerror or exc}")
+                self._record(False, "", f"{self.path}: cannot read: {exc.strerror or exc}", None)
                 self._log.error(f"{self._name}_unreadable", path=str(self.path), error=exc.strerror or str(exc))
             return False
+        version = hashlib.sha256(data).hexdigest()
         if version in (self.digest, self._seen):
             return False  # running, or refused already
         self._seen = version
         try:
-            value = self._load(self.path)
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise FileProblems([Problem(str(self.path), None, None, "", f"not UTF-8 text: {exc.reason}")]) from exc
+            value = self._load(self.path, text)
         except FileProblems as exc:
-            self._record(False, version, str(exc))
+            self._record(False, version, str(exc), None)
             self._log.error(
                 f"{self._name}_rejected",
                 path=str(self.path),
@@ -226,6 +239,6 @@ class Reloaded(Generic[T]):
             )
             return False
         self.value, self.digest = value, version
-        self._record(True, version, None)
+        self._record(True, version, None, text)
         self._log.info(f"{self._name}_loaded", path=str(self.path), digest=version[:12], **self._summary(value))
         return True

@@ -112,13 +112,23 @@ class OrderCheck:
         if self._book_file is not None:
             self._book_file.poll()
 
-    def _record(self, ok: bool, digest: str, errors: str | None) -> None:
+    def _record(self, ok: bool, digest: str, errors: str | None, text: str | None) -> None:
         """Shown by `nnrouter status`, beside the routing rules."""
         assert self._book_file is not None
         if not self._recording:
             return
         with self.store.write() as s:
-            s.add(RulesLoad(kind="procedures", path=str(self._book_file.path), digest=digest, ok=ok, errors=errors))
+            s.add(
+                RulesLoad(
+                    kind="procedures",
+                    path=str(self._book_file.path),
+                    digest=digest,
+                    ok=ok,
+                    errors=errors,
+                    node=self.settings.node.name,
+                    text=text,
+                )
+            )
 
     # --- finding the orders ---
 

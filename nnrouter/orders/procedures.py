@@ -131,8 +131,8 @@ class ProcedureBook:
         return Expectation(order, None, Counter(), f"no procedure for {what}, description {order.description!r}")
 
 
-def load_procedures(path: Path) -> ProcedureBook:
-    """Read and validate procedures.yaml; raises yamlfile.FileProblems with file, line and field."""
-    spec = yamlfile.validate(Procedures, Path(path))
+def load_procedures(path: Path, text: str | None = None) -> ProcedureBook:
+    """Read and validate procedures.yaml (or ``text``, its content); raises yamlfile.FileProblems with file, line and field."""
+    spec = yamlfile.validate(Procedures, Path(path), text)
     assert isinstance(spec, Procedures)
     return ProcedureBook(spec)

@@ -46,6 +46,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
@@ -55,12 +56,13 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from sqlalchemy import ColumnElement, Exists, and_, func, or_, select, update
 
-from nnrouter.core import logs
+from nnrouter.core import logs, yamlfile
 from nnrouter.core.config import Settings
 from nnrouter.core.store import (
     Instance,
     Outbox,
     OutboxState,
+    RulesLoad,
     Store,
     held_here,
     latest_predictions,
@@ -617,50 +619,51 @@ class Forwarder:
 
 
 class Destinations:
-    """The destinations of the rule file, reloaded when it changes; an invalid edit keeps the running ones.
+    """The destinations of the rule version the router runs, read from the store (its last load that held).
 
-    The router loads the same file and records every load for `nnrouter
-    status`; this copy records nothing (one row per load, not two), and
-    checks region conditions against the same detector, so that both stages
-    accept and refuse the same edits.
+    The forwarder does not read the rule file: an edit the router refused,
+    or one it has not loaded yet, must not change where deliveries go, and a
+    forwarder started after such an edit must still know the running
+    destinations. The router keeps the text of every version it loaded
+    (``rules_load.text``); this follows the newest of this node's.
     """
 
-    def __init__(self, settings: Settings):
-        from functools import partial
-
-        from nnrouter.core import yamlfile
-
+    def __init__(self, settings: Settings, store: Store):
+        self.settings = settings
+        self.store = store
         self.path = settings.routing.rules
-        detector = None if self.path is None else _detector_regions(settings)
-        self._file = (
-            None
-            if self.path is None
-            else yamlfile.Reloaded(
-                self.path,
-                partial(rules.load_rules, detector=detector, calling_ae=settings.dicom.ae_title),
-                lambda _ok, _digest, _errors: None,
-                "destinations",
-                lambda r: {"destinations": len(r.destinations)},
-                log,
-            )
-        )
+        self.ruleset: rules.RuleSet | None = None
+        self.digest: str | None = None
 
     def current(self) -> rules.RuleSet | None:
-        """The rule set running now (None until a valid file was read)."""
-        if self._file is None:
+        """The rule set running now (None until the router loaded a valid file)."""
+        if self.path is None:
             return None
-        self._file.poll()
-        return self._file.value
-
-
-def _detector_regions(settings: Settings) -> rules.DetectorRegions | None:
-    """What the detector can find, as the router checks it; None (regions unchecked) when its card cannot be read."""
-    from nnrouter.pixels.modelcard import ModelCardError
-
-    try:
-        return rules.detector_regions(settings.models.detector)
-    except ModelCardError:  # the router says so in the log; the destinations do not depend on it
-        return None
+        with self.store.read() as s:
+            row = s.execute(
+                select(RulesLoad.digest, RulesLoad.path, RulesLoad.text)
+                .where(
+                    RulesLoad.kind == "rules",
+                    RulesLoad.ok.is_(True),
+                    RulesLoad.text.is_not(None),
+                    RulesLoad.node == self.settings.node.name,
+                )
+                .order_by(RulesLoad.id.desc())
+                .limit(1)
+            ).first()
+        if row is None or row.digest == self.digest:
+            return self.ruleset
+        try:
+            # Region conditions were checked by the router when it loaded this version; where to send does
+            # not depend on them.
+            ruleset = rules.load_rules(Path(row.path), row.text, calling_ae=self.settings.dicom.ae_title)
+        except yamlfile.FileProblems as exc:  # a version the router accepted; only a newer nnrouter could refuse it
+            log.error("destinations_unreadable", digest=row.digest[:12], problems=len(exc.problems))
+            self.digest = row.digest
+            return self.ruleset
+        self.ruleset, self.digest = ruleset, row.digest
+        log.info("destinations_loaded", digest=row.digest[:12], destinations=len(ruleset.destinations))
+        return ruleset
 
 
 def run_forwarder(settings: Settings, stop: Any = None, parent_pid: int | None = None) -> None:
@@ -677,7 +680,7 @@ def run_forwarder(settings: Settings, stop: Any = None, parent_pid: int | None =
     stop, store = opened
     forwarder = None
     try:
-        destinations = Destinations(settings)
+        destinations = Destinations(settings, store)
         forwarder = Forwarder(settings, store)
         fwd = forwarder
 

@@ -143,9 +143,13 @@ class Router:
         self.loaded = Loaded(self._rules_file.value, self._rules_file.digest)
         return True
 
-    def _record(self, ok: bool, digest: str, errors: str | None) -> None:
+    def _record(self, ok: bool, digest: str, errors: str | None, text: str | None) -> None:
         with self.store.write() as s:
-            s.add(RulesLoad(path=str(self.path), digest=digest, ok=ok, errors=errors))
+            s.add(
+                RulesLoad(
+                    path=str(self.path), digest=digest, ok=ok, errors=errors, node=self.settings.node.name, text=text
+                )
+            )
 
     # --- deciding ---
 

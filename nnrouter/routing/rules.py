@@ -655,17 +655,20 @@ class RuleSet(_Model):
         raise KeyError(name)
 
 
-def load_rules(path: Path, detector: DetectorRegions | None = None, calling_ae: str | None = None) -> RuleSet:
+def load_rules(
+    path: Path, text: str | None = None, *, detector: DetectorRegions | None = None, calling_ae: str | None = None
+) -> RuleSet:
     """Read and validate a rule file; raises yamlfile.FileProblems listing every problem, by line.
 
     With ``detector`` (what the configured detector can find), a region
     condition it can never answer is a problem too; without, regions are not checked.
     ``calling_ae`` (the configuration's dicom.ae_title) is the calling AE title of
     destinations that do not give one; None: dicom.ae_title's default.
+    ``text``: the file's content, already read (a version kept in the store).
     """
     path = Path(path)
     name = str(path)
-    data, positions = yamlfile.load_mapping(path)
+    data, positions = yamlfile.load_mapping(path, text)
     found = _cross_problems(data) + (_region_problems(data, detector) if detector is not None else [])
     problems = [yamlfile.problem_at(name, positions, loc, why) for loc, why in found]
     ruleset = None

@@ -93,6 +93,7 @@ def test_the_forwarder_calls_destinations_by_our_configured_title(tmp_path, stor
     )
     store = Store(db)
     store.upgrade()
+    assert Router(settings, store).reload()  # the forwarder delivers with the version the router loaded
     queue(store, write_series(tmp_path / "in", 1, rows=32, columns=32), "archive")
     stop = Stop()
     stage = threading.Thread(target=run_forwarder, args=(settings,), kwargs={"stop": stop}, daemon=True)

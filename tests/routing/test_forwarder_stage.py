@@ -1,4 +1,4 @@
-"""The forwarder as a stage of its own: it reads the outbox and the rule file, nothing of the router's."""
+"""The forwarder as a stage of its own: it reads the outbox, and the destinations of the rule version the router runs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import yaml
 from conftest import needs
 from dicomfiles import wait_for
 from pydicom import dcmread
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from nnrouter.core.config import Settings
 from nnrouter.core.store import (
@@ -23,6 +23,7 @@ from nnrouter.core.store import (
     Study,
 )
 from nnrouter.routing.forward import run_forwarder
+from nnrouter.routing.router import Router
 from nnrouter.service.lifecycle import Stop
 from nnrouter.testing.synthetic import write_series
 
@@ -60,7 +61,7 @@ def states(store: Store) -> list[str]:
         return list(s.execute(select(Outbox.state).order_by(Outbox.id)).scalars())
 
 
-def test_the_forwarder_stage_delivers_the_outbox_and_keeps_its_destinations_through_a_bad_edit(tmp_path, storescp):
+def test_the_forwarder_delivers_with_the_version_the_router_runs_even_when_started_after_a_bad_edit(tmp_path, storescp):
     rules_file = tmp_path / "rules.yaml"
     good = {
         "destinations": [{"name": "archive", "ae_title": storescp.aet, "host": "127.0.0.1", "port": storescp.port}],
@@ -76,6 +77,12 @@ def test_the_forwarder_stage_delivers_the_outbox_and_keeps_its_destinations_thro
     )
     store = Store(db)
     store.upgrade()
+    router = Router(settings, store)
+    assert router.reload()
+    # The admin's next edit does not validate, and lands before the forwarder first looks: the forwarder
+    # must still know "archive" (reading the file itself, it knew no destination and sent nothing).
+    rules_file.write_text(yaml.safe_dump(good).replace("forward:", "foward:"))
+    assert not router.reload()
     files = write_series(tmp_path / "in", 3, rows=32, columns=32)
     queue(store, files[:2], "archive")
     stop = Stop()
@@ -83,14 +90,18 @@ def test_the_forwarder_stage_delivers_the_outbox_and_keeps_its_destinations_thro
     stage.start()
     try:
         wait_for(lambda: states(store) == [OutboxState.SENT] * 2 or states(store), timeout=60, every=0.1)
-        # An edit that does not validate: the running destinations stay, and the next row goes out.
-        rules_file.write_text(yaml.safe_dump(good).replace("forward:", "foward:"))
-        queue(store, files[2:], "archive")
+        # A fixed edit that renames the destination: once the router runs it, so does the forwarder.
+        renamed = yaml.safe_dump(good).replace("archive", "archive_b")
+        rules_file.write_text(renamed)
+        assert router.reload()
+        queue(store, files[2:], "archive_b")
         wait_for(lambda: states(store) == [OutboxState.SENT] * 3 or states(store), timeout=60, every=0.1)
         assert len([f for f in storescp.folder.iterdir() if f.is_file()]) == 3
-        # Loads are the router's to record: the forwarder leaves no row in `nnrouter status`.
+        # Loads are the router's to record (loaded, refused, loaded): the forwarder adds no row.
         with store.read() as s:
-            assert s.execute(select(func.count()).select_from(RulesLoad)).scalar() == 0
+            loads = s.execute(select(RulesLoad.ok, RulesLoad.text).order_by(RulesLoad.id)).all()
+        assert [ok for ok, _ in loads] == [True, False, True]
+        assert loads[0].text == yaml.safe_dump(good) and loads[1].text is None and loads[2].text == renamed
     finally:
         stop.set()
         stage.join(30)
