@@ -15,7 +15,9 @@ from pydicom import dcmread
 from routing.test_forward import queue
 from sqlalchemy import select
 
+from nnrouter.core import config
 from nnrouter.core.store import Outbox, OutboxState, Store
+from nnrouter.routing.router import Router
 from nnrouter.testing.synthetic import write_series
 
 pytestmark = needs("storescp")
@@ -39,6 +41,8 @@ def test_forward_delivers_the_outbox_and_stops_on_sigterm(node_factory, storescp
     files = write_series(node.spool / "in", 3, rows=32, columns=32)
     store = Store(node.db_url)
     try:
+        # The forwarder delivers with the rule version this node's router loaded (kept in the store).
+        assert Router(config.load(node.config_path), store).reload()
         queue(store, files, ["pacs"])
 
         with open(tmp_path / "forward.log", "wb") as log:
