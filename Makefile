@@ -1,13 +1,14 @@
 # Two commands do all set-up on a fresh machine (see README.md):
 #   make serve   run nnrouter on embedded defaults (SQLite, ./var/spool, AE NNROUTER on port 11112)
-#   make test    run the whole test suite (installs DCMTK, dicom3tools, Orthanc, PostgreSQL when missing)
+#   make test    run the whole test suite (installs DCMTK, dicom3tools, Orthanc, PostgreSQL, Chromium when missing)
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Real peers the tests start on loopback, from Debian's packages.
-APT_PACKAGES := dcmtk dicom3tools orthanc postgresql libgdcm-tools openssl
-PEER_TOOLS := storescu storescp echoscu findscu wlmscpfs dcmj2pnm dciodvfy Orthanc gdcmconv openssl
+# Debian's Chromium and its driver: the console's pages are tested in a real browser (Selenium).
+APT_PACKAGES := dcmtk dicom3tools orthanc postgresql libgdcm-tools openssl chromium chromium-driver
+PEER_TOOLS := storescu storescp echoscu findscu wlmscpfs dcmj2pnm dciodvfy Orthanc gdcmconv openssl chromium chromedriver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CONFIG_ARG := $(if $(CONFIG),--config $(CONFIG))
 # Two test processes (pytest-xdist), one on a single core: 14 min instead of 23

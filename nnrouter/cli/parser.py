@@ -15,6 +15,7 @@ from nnrouter.cli import (
     service,
     study,
     training,
+    web,
 )
 from nnrouter.cli.common import EXIT_CODES
 
@@ -49,6 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"nnrouter {version()}")
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (service, dicom, rules, outbox, study, protocols, orders, models, training, bench):
+    for group in (service, dicom, rules, outbox, study, protocols, orders, models, training, bench, web):
         group.register(sub)
     return p

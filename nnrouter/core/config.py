@@ -295,6 +295,42 @@ class Logging(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class HttpTls(_Section):
+    """HTTPS served by nnrouter itself (Uvicorn with this certificate and key); null: plain HTTP."""
+
+    cert: Path
+    key: Path
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> HttpTls:
+        missing = [str(p) for p in (self.cert, self.key) if not p.is_file()]
+        if missing:
+            raise ValueError(f"no such file: {', '.join(missing)}")
+        return self
+
+
+class Http(_Section):
+    """The console, REST API and metrics (``nnrouter.web``): a stage of ``serve``, or ``nnrouter web``."""
+
+    enabled: bool = True
+    # Loopback unless an admin says otherwise: the console is not on the LAN by default.
+    bind: str = "127.0.0.1"
+    port: int = Field(8042, ge=1, le=65535)
+    # Pages and GET /api/ without a login (never the patient names and IDs, never a change).
+    allow_anonymous_read: bool = False
+    tls: HttpTls | None = None
+    # Cookies only over HTTPS; null: when tls is set. Set true behind a TLS-terminating proxy.
+    secure_cookies: bool | None = None
+    session_hours: float = Field(12, gt=0)
+    # Failed logins from one address or for one user name within the window, before refusing for the window.
+    login_failures: int = Field(5, ge=1)
+    login_window_s: float = Field(300, gt=0)
+
+    @property
+    def cookies_secure(self) -> bool:
+        return self.tls is not None if self.secure_cookies is None else self.secure_cookies
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="NNROUTER_",
@@ -313,6 +349,7 @@ class Settings(BaseSettings):
     logging: Logging = Logging()
     retention: Retention = Retention()
     limits: Limits = Limits()
+    http: Http = Http()
 
     @property
     def files_of(self) -> str | None:
@@ -557,4 +594,29 @@ logging:
   # auto (console lines on a terminal, JSON lines otherwise) | json (one JSON
   # object a line, for journald / log shippers) | console
   format: auto
+
+http:
+  # The console, the REST API (/api/, OpenAPI at /api/openapi.json), /metrics,
+  # /healthz and /readyz: a stage of `nnrouter serve`, or `nnrouter web` alone.
+  enabled: true
+  # Loopback by default: put the address of the LAN here (or a reverse proxy
+  # in front) to reach it from elsewhere.
+  bind: 127.0.0.1
+  port: 8042
+  # Pages and GET /api/ without a login: counts, rules, queues, models; never
+  # patient names or IDs, and never a change.
+  allow_anonymous_read: false
+  # HTTPS served by nnrouter itself. null: plain HTTP (keep it on loopback,
+  # or behind a TLS-terminating proxy with secure_cookies: true).
+  tls: null
+  #  cert: /etc/nnrouter/tls/console.pem
+  #  key: /etc/nnrouter/tls/console.key
+  # Session cookies only over HTTPS. null: when tls is set.
+  secure_cookies: null
+  # A login lasts this long.
+  session_hours: 12
+  # Failed logins, from one address or for one user name, within
+  # login_window_s, before further tries are refused until the window passes.
+  login_failures: 5
+  login_window_s: 300
 """

@@ -157,6 +157,8 @@ class Instance(Base):
     called_ae: Mapped[str | None] = mapped_column(String(16))
     peer_host: Mapped[str | None] = mapped_column(String(64))
     received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # When the C-STORE request had arrived in full (migration 0011); received_at is after the fsync.
+    request_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     # Work-queue bookkeeping: who holds the instance, until when, how often tried.
     claimed_by: Mapped[str | None] = mapped_column(String(64))
@@ -336,6 +338,114 @@ class Flag(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     study: Mapped[Study] = relationship()
+
+
+class FlagReview(Base):
+    """A person's word on a flag: acknowledged (seen) or resolved (with a comment).
+
+    Flags are replaced on every order check; a review is kept by study, kind
+    and instance, so it still applies to the same finding after a re-check.
+    A resolved flag no longer counts as a mismatch for the rules, so it stops
+    holding the study.
+    """
+
+    __tablename__ = "flag_review"
+    __table_args__ = (UniqueConstraint("study_id", "kind", "sop_instance_uid", name="uq_flag_review"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    # "" for a flag about the whole study (NULLs would not be unique).
+    sop_instance_uid: Mapped[str] = mapped_column(UID, default="")
+    state: Mapped[str] = mapped_column(String(16))  # acknowledged | resolved
+    comment: Mapped[str | None] = mapped_column(Text)
+    by: Mapped[str] = mapped_column(String(64))
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ConsoleUser(Base):
+    """Someone who may log in to the console: a viewer sees, an admin also changes things."""
+
+    __tablename__ = "console_user"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # viewer | admin
+    password_hash: Mapped[str] = mapped_column(String(256))  # argon2id, with its salt and parameters
+    # sha256 of the user's API token (Authorization: Bearer); the token itself is shown once.
+    token_sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ConsoleSecret(Base):
+    """The key that signs session cookies: one per store, so every node's console accepts the same login."""
+
+    __tablename__ = "console_secret"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    secret: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Audit(Base):
+    """Who did what, when, and how it went: console and API changes, logins, DICOM associations and queries.
+
+    ``detail`` never carries patient names or IDs: UIDs, accession numbers,
+    AE titles, counts and reasons.
+    """
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    source: Mapped[str] = mapped_column(String(16))  # console | api | cli | dicom
+    actor: Mapped[str] = mapped_column(String(64), index=True)  # user name, or the calling AE title
+    address: Mapped[str | None] = mapped_column(String(64), index=True)
+    action: Mapped[str] = mapped_column(String(48), index=True)
+    target: Mapped[str | None] = mapped_column(String(256))
+    result: Mapped[str] = mapped_column(String(16))  # ok | refused | failed
+    detail: Mapped[dict] = mapped_column(JSON, default=dict)
+    node: Mapped[str | None] = mapped_column(String(64))
+
+
+class RulesVersion(Base):
+    """A version of the rule or procedures file saved from the console: who, when, the text and the diff."""
+
+    __tablename__ = "rules_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), index=True)  # rules | procedures
+    path: Mapped[str] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(Text)
+    digest: Mapped[str] = mapped_column(String(64))
+    diff: Mapped[str] = mapped_column(Text)  # unified diff against the text it replaced
+    saved_by: Mapped[str] = mapped_column(String(64))
+    saved_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    restored_from: Mapped[int | None] = mapped_column(Integer)  # the version this one brought back
+    comment: Mapped[str | None] = mapped_column(Text)
+
+
+class DestinationPause(Base):
+    """A destination an admin paused: the forwarder sends it nothing until it is resumed."""
+
+    __tablename__ = "destination_pause"
+
+    destination: Mapped[str] = mapped_column(String(64), primary_key=True)
+    by: Mapped[str] = mapped_column(String(64))
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class StageBeat(Base):
+    """The supervisor's word that a stage is alive: refreshed every few seconds while it runs."""
+
+    __tablename__ = "stage_beat"
+
+    node: Mapped[str] = mapped_column(String(64), primary_key=True)
+    stage: Mapped[str] = mapped_column(String(64), primary_key=True)
+    pid: Mapped[int | None] = mapped_column(Integer)
+    alive: Mapped[bool] = mapped_column(Boolean)
+    beat_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 # --- engine and sessions ----------------------------------------------------

@@ -9,6 +9,8 @@ node, so we load once into plain data and keep a map from field path to line.
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,3 +244,24 @@ class Reloaded(Generic[T]):
         self._record(True, version, None, text)
         self._log.info(f"{self._name}_loaded", path=str(self.path), digest=version[:12], **self._summary(value))
         return True
+
+
+def write_atomically(path: Path, blob: bytes) -> None:
+    """Replace ``path`` whole or not at all, and durably: a reader (the router polling a rule file, a
+    worker loading a model) sees the old bytes or the new, never half of them."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; models, cards and rules are for everyone to read
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

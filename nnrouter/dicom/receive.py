@@ -13,6 +13,7 @@ are a worker's job.
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import uuid
 from io import BytesIO
@@ -113,6 +114,12 @@ def _check_encoding(ds: Dataset, ts: UID) -> None:
         raise Unreadable(f"byte order of data set does not match transfer syntax {ts}")
 
 
+def _request_at(event: evt.Event) -> dt.datetime | None:
+    """The event's time (pynetdicom stamps it local and naive) in UTC."""
+    ts = getattr(event, "timestamp", None)
+    return ts.astimezone(dt.UTC) if isinstance(ts, dt.datetime) else None
+
+
 def _ref() -> str:
     """A short reference that ties an Error Comment to its log line."""
     return uuid.uuid4().hex[:8]
@@ -200,6 +207,9 @@ class Receiver:
                     "calling_ae": a.requestor.ae_title.strip(),
                     "called_ae": a.acceptor.ae_title.strip(),
                     "peer_host": a.requestor.address,
+                    # When the request had arrived in full: received_at - request_at is the receive
+                    # latency (parse, write, fsync) that /metrics shows.
+                    "request_at": _request_at(event),
                 },
             )
         except NotKept as exc:

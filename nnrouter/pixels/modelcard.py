@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from nnrouter.core import yamlfile
+from nnrouter.core.yamlfile import write_atomically
 
 __all__ = [
     "CARD_FILE",
@@ -223,21 +223,6 @@ def write_card(card: ModelCard, model_dir: str | os.PathLike[str]) -> Path:
     text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=None)
     write_atomically(path, text.encode("utf-8"))
     return path
-
-
-def write_atomically(path: Path, blob: bytes) -> None:
-    """Replace ``path`` whole or not at all: a half-written model or card next to the other is refused at load."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; models and cards are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _require_digest(card: ModelCard, actual: str, onnx_path: Path) -> None:

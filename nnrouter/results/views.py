@@ -30,7 +30,10 @@ def find_study(s: Any, study_uid: str) -> Study | None:
     return s.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
 
 
-def flag_dict(f: Flag) -> dict[str, Any]:
+def flag_dict(f: Flag, review: Any = None) -> dict[str, Any]:
+    """A flag as plain data, with the person's review of it (orders.reviews) or None."""
+    from nnrouter.orders.reviews import review_dict
+
     return {
         "kind": f.kind,
         "severity": f.severity,
@@ -38,6 +41,7 @@ def flag_dict(f: Flag) -> dict[str, Any]:
         "sop_instance_uid": f.sop_instance_uid,
         "evidence": f.evidence,
         "at": f.created_at,
+        "review": None if review is None else review_dict(review),
     }
 
 
@@ -51,13 +55,16 @@ def study_report(store: Store, study_uid: str, detector: Any = None) -> dict[str
     from sqlalchemy import select
 
     from nnrouter.orders import order as orders
+    from nnrouter.orders import reviews
 
     with store.read() as s:
         study = find_study(s, study_uid)
         if study is None:
             return None
+        reviewed = reviews.of_study(s, study.id)
         flags = [
-            flag_dict(f) for f in s.execute(select(Flag).where(Flag.study_id == study.id).order_by(Flag.id)).scalars()
+            flag_dict(f, reviewed.get((f.kind, f.sop_instance_uid or "")))
+            for f in s.execute(select(Flag).where(Flag.study_id == study.id).order_by(Flag.id)).scalars()
         ]
         found = [
             {
@@ -174,14 +181,31 @@ def flagged(
     every: bool = False,
     study_uid: str | None = None,
     limit: int = 200,
+    unresolved: bool = False,
 ) -> list[dict[str, Any]]:
     """Flagged studies, newest check first: what a QA technologist works through.
 
-    Without ``kinds`` only the mismatches (not uncertain or unmapped) unless ``every``.
+    Without ``kinds`` only the mismatches (not uncertain or unmapped) unless
+    ``every``; ``unresolved`` leaves out the flags someone resolved.
     """
-    from sqlalchemy import select
+    from sqlalchemy import and_, func, or_, select
 
-    query = select(Flag, Study.study_uid, Study.accession_number).join(Study, Study.id == Flag.study_id)
+    from nnrouter.core.store import FlagReview
+
+    query = (
+        select(Flag, Study.study_uid, Study.accession_number, FlagReview)
+        .join(Study, Study.id == Flag.study_id)
+        .outerjoin(
+            FlagReview,
+            and_(
+                FlagReview.study_id == Flag.study_id,
+                FlagReview.kind == Flag.kind,
+                FlagReview.sop_instance_uid == func.coalesce(Flag.sop_instance_uid, ""),
+            ),
+        )
+    )
+    if unresolved:
+        query = query.where(or_(FlagReview.id.is_(None), FlagReview.state != "resolved"))
     wanted = list(kinds or [])
     if wanted:
         query = query.where(Flag.kind.in_(wanted))
@@ -193,7 +217,7 @@ def flagged(
         query = query.where(Study.study_uid == study_uid)
     with store.read() as s:
         rows = s.execute(query.order_by(Flag.created_at.desc(), Flag.id).limit(limit)).all()
-    return [{"study_uid": uid, "accession_number": acc, **flag_dict(f)} for f, uid, acc in rows]
+    return [{"study_uid": uid, "accession_number": acc, **flag_dict(f, r)} for f, uid, acc, r in rows]
 
 
 def study_views(s: Any, study: Study) -> Any:

@@ -1,4 +1,4 @@
-"""Deliveries as an operator handles them: listed, queued again, purged.
+"""Deliveries as an operator handles them: listed, queued again, purged, a destination paused.
 
 The forwarder works the outbox on its own; these are the hands-on jobs
 (``nnrouter outbox list|retry|purge``) for a destination that was down, a
@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import Select, delete, select, update
 
 from nnrouter.core.store import (
+    DestinationPause,
     Instance,
     Outbox,
     OutboxState,
@@ -27,7 +28,10 @@ PURGEABLE = (OutboxState.SENT,)
 
 
 def select_deliveries(
-    states: Sequence[str] | None = None, destinations: Sequence[str] | None = None, study_uid: str | None = None
+    states: Sequence[str] | None = None,
+    destinations: Sequence[str] | None = None,
+    study_uid: str | None = None,
+    ids: Sequence[int] | None = None,
 ) -> Select[Outbox, str, str]:
     """Outbox rows with their SOP Instance and Study Instance UIDs, oldest first; no filter means all."""
     q = (
@@ -42,6 +46,8 @@ def select_deliveries(
         q = q.where(Outbox.destination.in_(list(destinations)))
     if study_uid:
         q = q.where(Study.study_uid == study_uid)
+    if ids:
+        q = q.where(Outbox.id.in_(list(ids)))
     return q.order_by(Outbox.id)
 
 
@@ -75,10 +81,13 @@ def retry(
     states: Sequence[str] | None = None,
     destinations: Sequence[str] | None = None,
     study_uid: str | None = None,
+    ids: Sequence[int] | None = None,
 ) -> list[int]:
     """Queue the selected deliveries again, due now with their attempts reset (default: dead, failed, held ones)."""
     with store.write() as s:
-        ids = [o.id for o, _, _ in s.execute(select_deliveries(states or RETRYABLE, destinations, study_uid)).all()]
+        ids = [
+            o.id for o, _, _ in s.execute(select_deliveries(states or RETRYABLE, destinations, study_uid, ids)).all()
+        ]
         if ids:
             s.execute(
                 update(Outbox)
@@ -95,10 +104,38 @@ def purge(
     states: Sequence[str] | None = None,
     destinations: Sequence[str] | None = None,
     study_uid: str | None = None,
+    ids: Sequence[int] | None = None,
 ) -> list[int]:
     """Remove the selected outbox rows (default: sent ones)."""
     with store.write() as s:
-        ids = [o.id for o, _, _ in s.execute(select_deliveries(states or PURGEABLE, destinations, study_uid)).all()]
+        ids = [
+            o.id for o, _, _ in s.execute(select_deliveries(states or PURGEABLE, destinations, study_uid, ids)).all()
+        ]
         if ids:
             s.execute(delete(Outbox).where(Outbox.id.in_(ids)))
     return ids
+
+
+def pause(store: Store, destination: str, by: str) -> bool:
+    """Stop the forwarder sending to ``destination`` until resumed; False if it was paused already."""
+    with store.write() as s:
+        if s.get(DestinationPause, destination) is not None:
+            return False
+        s.add(DestinationPause(destination=destination, by=by))
+    return True
+
+
+def resume(store: Store, destination: str) -> bool:
+    """Let the forwarder send to ``destination`` again; False if it was not paused."""
+    with store.write() as s:
+        row = s.get(DestinationPause, destination)
+        if row is None:
+            return False
+        s.delete(row)
+    return True
+
+
+def paused(store: Store) -> dict[str, dict[str, Any]]:
+    """The paused destinations, with who paused each and when."""
+    with store.read() as s:
+        return {p.destination: {"by": p.by, "at": p.at} for p in s.execute(select(DestinationPause)).scalars()}

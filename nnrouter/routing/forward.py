@@ -59,6 +59,7 @@ from sqlalchemy import ColumnElement, Exists, and_, func, or_, select, update
 from nnrouter.core import logs, yamlfile
 from nnrouter.core.config import Settings
 from nnrouter.core.store import (
+    DestinationPause,
     Instance,
     Outbox,
     OutboxState,
@@ -490,10 +491,16 @@ class Forwarder:
         """Rows whose instance's file is on this node: another node's would fail to open and be retried to death."""
         return select(Instance.id).where(Instance.id == Outbox.instance_id, held_here(self.node)).exists()
 
+    @staticmethod
+    def _paused(destination: str) -> Exists:
+        """An admin paused the destination (console or ``nnrouter outbox pause``): nothing goes until resumed."""
+        return select(DestinationPause.destination).where(DestinationPause.destination == destination).exists()
+
     def _eligible(self, destination: str, now: dt.datetime) -> ColumnElement[bool]:
         return and_(
             Outbox.destination == destination,
             self._held(),
+            ~self._paused(destination),
             or_(
                 and_(Outbox.state.in_([OutboxState.PENDING, OutboxState.FAILED]), Outbox.next_attempt_at <= now),
                 and_(Outbox.state == OutboxState.SENDING, Outbox.lease_until < now),
@@ -503,6 +510,8 @@ class Forwarder:
     def due_in(self, destination: str, now: dt.datetime) -> float | None:
         """Seconds until the destination's next row falls due (0: now); None when it has none waiting."""
         with self.store.read() as s:
+            if s.execute(select(self._paused(destination))).scalar():
+                return None
             waiting = s.execute(
                 select(func.min(Outbox.next_attempt_at)).where(
                     Outbox.destination == destination,

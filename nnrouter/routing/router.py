@@ -33,6 +33,7 @@ from nnrouter.core import headers, logs, yamlfile
 from nnrouter.core.config import Settings
 from nnrouter.core.store import (
     Flag,
+    FlagReview,
     Instance,
     InstanceState,
     Outbox,
@@ -47,6 +48,7 @@ from nnrouter.core.store import (
     latest_predictions,
     utcnow,
 )
+from nnrouter.orders import reviews
 from nnrouter.orders.mismatch import OrderCheck
 from nnrouter.orders.worklist_poll import WORKLIST_WAIT_S
 from nnrouter.routing import rules
@@ -181,7 +183,8 @@ class Router:
                     regions=tuple((d.label, d.score) for d in inst.detections),
                 )
             )
-        flags = s.execute(select(Flag.kind).where(Flag.study_id == study.id)).scalars()
+        # A resolved flag (orders.reviews) no longer counts: it holds nothing.
+        flags = reviews.open_kinds(s, study.id)
         return rules.StudyFacts(
             study_uid=study.study_uid,
             instances=tuple(instances),
@@ -253,7 +256,62 @@ class Router:
                 counts["late"] = self.follow_decisions()
             except Exception as exc:  # late images wait for the next tick; deciding and forwarding go on
                 log.error("follow_decisions_failed", error=type(exc).__name__)
+            try:
+                counts["released"] = self.redecide_reviewed(now)
+            except Exception as exc:  # the held deliveries wait for the next tick
+                log.error("redecide_failed", error=type(exc).__name__)
         return counts
+
+    def redecide_reviewed(self, now: dt.datetime) -> int:
+        """Decide again the held studies whose flags someone resolved since; release them if nothing else holds.
+
+        Returns the deliveries released. A study still held (another flag, a
+        rule that holds everything) keeps its rows held, and its decision the
+        new time, so it is not decided again until the next review.
+        """
+        with self.store.read() as s:
+            studies = list(
+                s.execute(
+                    select(Study)
+                    .join(RoutingDecision, RoutingDecision.study_id == Study.id)
+                    .where(
+                        RoutingDecision.hold.is_(True),
+                        exists(
+                            select(FlagReview.id).where(
+                                FlagReview.study_id == Study.id,
+                                FlagReview.state == "resolved",
+                                FlagReview.at > RoutingDecision.decided_at,
+                            )
+                        ),
+                    )
+                ).scalars()
+            )
+        released = 0
+        for study in studies:
+            with self.store.read() as s:
+                facts = self.facts(s, study, now)
+            assert self.loaded is not None
+            decision = rules.decide(self.loaded.ruleset, facts)
+            with self.store.write() as s:
+                row = s.execute(select(RoutingDecision).where(RoutingDecision.study_id == study.id)).scalar_one()
+                row.decided_at = utcnow()
+                row.outcomes = [{"rule": o.rule, "matched": o.matched, "why": o.why} for o in decision.outcomes]
+                if decision.hold or decision.discard:
+                    continue
+                row.hold = False
+                held = s.execute(
+                    select(Outbox)
+                    .join(Instance)
+                    .join(Series)
+                    .where(Series.study_id == study.id, Outbox.state == OutboxState.HELD)
+                ).scalars()
+                n = 0
+                for o in held:
+                    o.state, o.next_attempt_at = OutboxState.PENDING, utcnow()
+                    n += 1
+            released += n
+            log.info("study_released", study_uid=study.study_uid, deliveries=n, reason="flags resolved")
+        return released
 
     def decide(self, study: Study, facts: rules.StudyFacts) -> rules.Decision:
         loaded = self.loaded

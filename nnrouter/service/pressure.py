@@ -230,39 +230,3 @@ class Pressure:
             return None
         refuse = self.health().refuse
         return "; ".join(refuse) if refuse else None
-
-
-def metrics_text(health: Health) -> str:
-    """The measure in Prometheus' text format, for an HTTP /metrics endpoint."""
-    out = [
-        "# HELP nnrouter_ready 1 when new associations are taken.",
-        "# TYPE nnrouter_ready gauge",
-        f"nnrouter_ready {int(health.ready)}",
-        "# HELP nnrouter_spool_free_megabytes Free space in the spool.",
-        "# TYPE nnrouter_spool_free_megabytes gauge",
-    ]
-    if health.spool_free_mb is not None:
-        out.append(f"nnrouter_spool_free_megabytes {health.spool_free_mb:.1f}")
-    out += ["# HELP nnrouter_instances Instances per state.", "# TYPE nnrouter_instances gauge"]
-    out += [f'nnrouter_instances{{state="{state}"}} {n}' for state, n in sorted(health.by_state.items())]
-    out += [
-        "# HELP nnrouter_outbox_waiting Deliveries not yet made, per destination.",
-        "# TYPE nnrouter_outbox_waiting gauge",
-    ]
-    out += [f'nnrouter_outbox_waiting{{destination="{b.destination}"}} {b.waiting}' for b in health.outbox]
-    out += [
-        "# HELP nnrouter_outbox_oldest_age_seconds Age of the oldest delivery not yet made.",
-        "# TYPE nnrouter_outbox_oldest_age_seconds gauge",
-    ]
-    out += [
-        f'nnrouter_outbox_oldest_age_seconds{{destination="{b.destination}"}} {b.oldest_age_s:.1f}'
-        for b in health.outbox
-    ]
-    out += [
-        "# HELP nnrouter_alert 1 while an alert is raised.",
-        "# TYPE nnrouter_alert gauge",
-        f'nnrouter_alert{{kind="outbox_age"}} {int(any("outbox_alert_age_s" in a for a in health.alerts))}',
-        f'nnrouter_alert{{kind="refusing"}} {int(bool(health.refuse))}',
-        f'nnrouter_alert{{kind="store_unreachable"}} {int(health.store_error is not None)}',
-    ]
-    return "\n".join(out) + "\n"

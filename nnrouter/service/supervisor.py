@@ -33,6 +33,7 @@ log = logs.get("nnrouter")
 
 STOP_S = 10.0  # from SIGTERM to each stage until the last one must be gone, open associations included
 KILL_S = 2.0  # after SIGKILL to a stage that outlived STOP_S
+BEAT_S = 5.0  # how often the stages' liveness is written to the store (``stage_beat``), for /readyz and /metrics
 
 Spawn = Callable[[config_mod.Settings, str], BaseProcess]
 
@@ -64,6 +65,10 @@ def stages(settings: config_mod.Settings) -> dict[str, Spawn]:
         from nnrouter.service.clean import spawn_cleaner
 
         out["nnrouter-cleaner"] = spawn_cleaner
+    if settings.http.enabled:
+        from nnrouter.web.stage import spawn_web
+
+        out["nnrouter-web"] = spawn_web
     return out
 
 
@@ -135,10 +140,20 @@ class Supervisor:
                 replaced.append(name)
         return replaced
 
-    def run(self, stop: Stop, every_s: float = 1.0) -> None:
-        """Look after the stages until ``stop`` is set (by SIGTERM or SIGINT: see ``stop_on_signals``)."""
+    def run(
+        self, stop: Stop, every_s: float = 1.0, beat: Callable[[dict[str, int | None]], None] | None = None
+    ) -> None:
+        """Look after the stages until ``stop`` is set (by SIGTERM or SIGINT: see ``stop_on_signals``).
+
+        ``beat`` is told, every ``BEAT_S``, each stage with its pid (None: not running).
+        """
+        next_beat = 0.0
         while not stop.wait(every_s):
             self.replace_dead(stop)
+            if beat is not None and time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + BEAT_S
+                alive = self.alive()
+                beat({name: alive.get(name) for name in self.spawners})
 
     def terminate(self) -> None:
         """SIGTERM to each stage still running; does not wait."""
@@ -210,7 +225,7 @@ def serve(settings: config_mod.Settings) -> int:
         if settings.orders.hl7 is not None and not stop.is_set():
             mllp = _start_mllp(settings, store)
         log.info("stages_started", stages=sorted(supervisor.procs))
-        supervisor.run(stop)
+        supervisor.run(stop, beat=lambda stages: _beat(store, settings.node.name, stages))
     finally:
         # SIGTERM to each stage, then one deadline for all, the SCP's open associations included.
         deadline = time.monotonic() + supervisor.stop_s
@@ -238,6 +253,21 @@ def _start_mllp(settings: config_mod.Settings, store: Store) -> Any:
 
     assert settings.orders.hl7 is not None
     return hl7.MLLPServer.from_config(settings.orders.hl7, keep_order).start()
+
+
+def _beat(store: Store, node: str, stages: dict[str, int | None]) -> None:
+    """Write each stage's liveness (and the SCP's, this process) to the store; a database outage skips a beat."""
+    import os
+
+    from nnrouter.core.store import unavailable
+    from nnrouter.service.health import record_beats
+
+    try:
+        record_beats(store, node, {"nnrouter-scp": os.getpid(), **stages})
+    except Exception as exc:
+        if unavailable(exc) is None:
+            raise
+        log.warning("beat_skipped", reason=unavailable(exc))
 
 
 def _expire_claims(store: Any, node: str, proc: BaseProcess) -> None:

@@ -181,6 +181,8 @@ class Node:
             "models": {"classifier": None, "detector": None},
             "database": {"url": self.db_url},
             "logging": {"level": "info", "format": "json"},
+            # The console is tested where a test asks for it (on a free port); elsewhere it would take 8042.
+            "http": {"enabled": False},
         }
         for section, values in self.settings.items():
             cfg.setdefault(section, {}).update(values)
