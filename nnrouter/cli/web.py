@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from nnrouter.cli import common
-from nnrouter.cli.common import FAILED, OK, add, group
+from nnrouter.cli.common import OK, add, group
 
 
 def cmd_web(args: argparse.Namespace) -> int:
@@ -36,7 +36,8 @@ def _password(args: argparse.Namespace) -> str:
 
 
 def cmd_users_add(args: argparse.Namespace) -> int:
-    from nnrouter.web import audit, users
+    from nnrouter.core import audit
+    from nnrouter.web import users
 
     settings = common.settings(args)
     store = common.store(settings)
@@ -74,7 +75,8 @@ def cmd_users_list(args: argparse.Namespace) -> int:
 
 
 def cmd_users_token(args: argparse.Namespace) -> int:
-    from nnrouter.web import audit, users
+    from nnrouter.core import audit
+    from nnrouter.web import users
 
     settings = common.settings(args)
     store = common.store(settings)
@@ -94,7 +96,8 @@ def cmd_users_token(args: argparse.Namespace) -> int:
 
 
 def cmd_users_disable(args: argparse.Namespace) -> int:
-    from nnrouter.web import audit, users
+    from nnrouter.core import audit
+    from nnrouter.web import users
 
     settings = common.settings(args)
     store = common.store(settings)
@@ -110,8 +113,11 @@ def cmd_users_disable(args: argparse.Namespace) -> int:
         target=args.name,
         node=settings.node.name,
     )
-    print(f"user {args.name} {'enabled' if args.enable else 'disabled'}")
-    return OK if args.name else FAILED
+    if args.json:
+        common.print_json({"name": args.name, "disabled": not args.enable})
+    else:
+        print(f"user {args.name} {'enabled' if args.enable else 'disabled'}")
+    return OK
 
 
 def register(sub: Any) -> None:
@@ -124,6 +130,6 @@ def register(sub: Any) -> None:
     add(us, "list", cmd_users_list, "list users", json=True)
     t = add(us, "token", cmd_users_token, "make a new API token for a user (the old one stops working)", json=True)
     t.add_argument("name")
-    d = add(us, "disable", cmd_users_disable, "stop a user logging in (its sessions and token end)")
+    d = add(us, "disable", cmd_users_disable, "stop a user logging in (its sessions and token end)", json=True)
     d.add_argument("name")
     d.add_argument("--enable", action="store_true", help="let the user log in again")

@@ -37,7 +37,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from nnrouter.core import logs
+from nnrouter.core import audit, logs
 from nnrouter.core.config import AllowedPeer, Settings
 from nnrouter.core.spool import Spool
 from nnrouter.core.store import Store
@@ -84,6 +84,7 @@ class Scp:
 
     def __init__(self, settings: Settings, store: Store, spool: Spool):
         self.settings = settings
+        self.store = store
         self.receiver = Receiver(settings, store, spool)
         self.query = Query(store)
         self.protocols = Protocols()
@@ -104,6 +105,7 @@ class Scp:
                 peer=event.assoc.requestor.address,
                 reason=busy,
             )
+            self._audit("association", _requested_by(event), event.assoc.requestor.address, "refused", reason=busy)
             event.assoc.acse.send_reject(*pressure.REJECT_BUSY)
             event.assoc.kill()
             return
@@ -116,6 +118,7 @@ class Scp:
         if peer_allowed(allowed, calling, host):
             return
         log.warning("association_rejected", calling_ae=calling, peer=host, reason="calling AE title not allowed")
+        self._audit("association", calling, host, "refused", reason="calling AE title not allowed")
         event.assoc.acse.send_reject(*REJECT_CALLING_AE)
         # Wait until the A-ASSOCIATE-RJ has gone out and the peer hung up
         # (as pynetdicom's own rejections do); otherwise the socket may close
@@ -133,12 +136,26 @@ class Scp:
 
     def on_rejected(self, event: evt.Event) -> None:
         a = event.assoc
-        log.warning(
-            "association_rejected",
-            calling_ae=(a.requestor.primitive.calling_ae_title or "").strip() if a.requestor.primitive else None,
-            called_ae=(a.requestor.primitive.called_ae_title or "").strip() if a.requestor.primitive else None,
-            peer=a.requestor.address,
-        )
+        calling = (a.requestor.primitive.calling_ae_title or "").strip() if a.requestor.primitive else None
+        called = (a.requestor.primitive.called_ae_title or "").strip() if a.requestor.primitive else None
+        log.warning("association_rejected", calling_ae=calling, called_ae=called, peer=a.requestor.address)
+        self._audit("association", calling or "?", a.requestor.address, "refused", called_ae=called)
+
+    def _audit(self, action: str, actor: str, address: str | None, result: str, **detail: Any) -> None:
+        """One DICOM audit row (``nnrouter.core.audit``); a store that is down costs the row, never the answer."""
+        try:
+            audit.record(
+                self.store,
+                source="dicom",
+                actor=actor or "?",
+                address=address,
+                action=action,
+                result=result,
+                node=self.settings.node.name,
+                **detail,
+            )
+        except Exception as exc:
+            log.warning("audit_not_written", action=action, error=type(exc).__name__)
 
     def on_released(self, event: evt.Event) -> None:
         self._log_association(event, "released")
@@ -165,6 +182,17 @@ class Scp:
             statuses=stats.statuses,
             ended=ended,
         )
+        self._audit(
+            "association",
+            stats.calling_ae,
+            stats.peer.rsplit(":", 1)[0],
+            "ok",
+            called_ae=stats.called_ae,
+            instances=stats.instances,
+            bytes=stats.bytes,
+            statuses=stats.statuses,
+            ended=ended,
+        )
 
     # --- the services ---
 
@@ -180,6 +208,16 @@ class Scp:
             if status == SUCCESS:
                 stats.instances += 1
                 stats.bytes += len(store_request(event)[1].getbuffer())
+        if status != SUCCESS:
+            self._audit(
+                "instance_refused",
+                event.assoc.requestor.ae_title.strip(),
+                event.assoc.requestor.address,
+                "refused",
+                status=f"0x{status:04X}",
+                reason=reason,
+                sop_instance_uid=str(store_request(event)[0].AffectedSOPInstanceUID or ""),
+            )
         return SUCCESS if status == SUCCESS else with_comment(status, reason)
 
     def on_find(self, event: evt.Event) -> Iterator[tuple[Any, Dataset | None]]:
@@ -189,8 +227,13 @@ class Scp:
         Refused: Not Authorized, whatever they asked.
         """
         refused = self.query_refused(event)
+        requestor = event.assoc.requestor
+        # The level and model only: the identifier may name a patient.
+        model = str(event.request.AffectedSOPClassUID)
         if refused is not None:
+            self._audit("query", requestor.ae_title.strip(), requestor.address, "refused", model=model)
             return iter([(with_comment(NOT_AUTHORIZED, refused), None)])
+        self._audit("query", requestor.ae_title.strip(), requestor.address, "ok", model=model)
         if event.request.AffectedSOPClassUID == HangingProtocolInformationModelFind:
             return self.protocols.handle_find(event)
         return self.query.handle_find(event)

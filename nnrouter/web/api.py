@@ -16,7 +16,8 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.encoders import jsonable_encoder
 from pydantic import BaseModel, Field
 
-from nnrouter.web import audit, dashboard, images, studies, users
+from nnrouter.core import audit
+from nnrouter.web import dashboard, images, studies, users
 from nnrouter.web.auth import Principal
 from nnrouter.web.deps import admin, audited, console, member, reader
 

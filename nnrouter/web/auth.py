@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from fastapi import Request
 from sqlalchemy import select
 
-from nnrouter.core import logs
+from nnrouter.core import audit, logs
 from nnrouter.core.config import Settings
 from nnrouter.core.store import ConsoleSecret, Store
-from nnrouter.web import audit, users
+from nnrouter.web import users
 
 log = logs.get("nnrouter.web")
 

@@ -11,11 +11,11 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from nnrouter.core import audit
 from nnrouter.core.config import Settings
 from nnrouter.core.store import Instance, InstanceState, Outbox, Prediction, Store, utcnow
 from nnrouter.routing import deliveries
 from nnrouter.service import health, pressure
-from nnrouter.web import audit
 
 
 def _utc(ts: dt.datetime) -> dt.datetime:

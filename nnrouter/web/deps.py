@@ -15,9 +15,9 @@ from typing import Any
 from fastapi import Depends, Request
 from fastapi.templating import Jinja2Templates
 
+from nnrouter.core import audit
 from nnrouter.core.config import Settings
 from nnrouter.core.store import Store
-from nnrouter.web import audit
 from nnrouter.web.auth import Forbidden, NotLoggedIn, Principal, check_csrf, client_address, identify
 
 

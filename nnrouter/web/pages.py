@@ -14,7 +14,8 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from nnrouter.web import audit, auth, dashboard, studies
+from nnrouter.core import audit
+from nnrouter.web import auth, dashboard, studies
 from nnrouter.web.auth import Principal
 from nnrouter.web.deps import admin, audited, console, member, reader
 

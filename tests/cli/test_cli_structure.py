@@ -40,6 +40,7 @@ NO_JSON = {
     ("serve",),
     ("route",),
     ("forward",),
+    ("web",),
     ("config", "example"),
     ("bench", "ingest"),
     ("bench", "infer"),

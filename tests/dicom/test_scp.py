@@ -9,6 +9,7 @@ drive the same AE through ``nnrouter serve``.
 from __future__ import annotations
 
 import pytest
+from dicomfiles import wait_for
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import (
@@ -22,7 +23,7 @@ from structlog.testing import capture_logs
 
 from nnrouter.core.config import Settings
 from nnrouter.core.spool import Spool
-from nnrouter.core.store import Instance, Store
+from nnrouter.core.store import Audit, Instance, Store
 from nnrouter.dicom import scp
 from nnrouter.testing import peers
 from nnrouter.testing.synthetic import DXSpec, dx_dataset
@@ -109,7 +110,15 @@ def test_each_service_on_the_one_ae(site):
         "released",
     )
     assert len([e for e in logged if e["event"] == "query_refused"]) == 2
+
+    def audited() -> bool | list:
+        with store.read() as s:
+            rows = [(a.action, a.actor, a.result) for a in s.execute(select(Audit).order_by(Audit.id)).scalars()]
+        return rows == [("query", "MODALITY", "refused")] * 2 + [("association", "MODALITY", "ok")] or rows
+
+    wait_for(audited, timeout=20)  # the DICOM events worth auditing are in the store, for the console
     with store.read() as s:
+        assert s.execute(select(Audit).where(Audit.action == "association")).scalar_one().detail["instances"] == 1
         row = s.execute(select(Instance)).scalar_one()
     assert (row.sop_instance_uid, row.calling_ae, row.node, row.state) == (
         ds.SOPInstanceUID,

@@ -68,7 +68,9 @@ def kill_all(pids: list[int]) -> None:
 
 def test_which_stages_serve_runs_follows_the_settings(tmp_path):
     rules = tmp_path / "rules.yaml"
-    bare = Settings(workers={"count": 0}, orders={"procedures": None}, retention={"enabled": False})
+    bare = Settings(
+        workers={"count": 0}, orders={"procedures": None}, retention={"enabled": False}, http={"enabled": False}
+    )
     assert stages(bare) == {}
     full = Settings(
         workers={"count": 2},
@@ -79,12 +81,14 @@ def test_which_stages_serve_runs_follows_the_settings(tmp_path):
         "nnrouter-cleaner",
         "nnrouter-forwarder",
         "nnrouter-router",
+        "nnrouter-web",  # the console: on by default, on loopback
         "nnrouter-worker-0",
         "nnrouter-worker-1",
         "nnrouter-worklist",
     ]
     # Orders checked without rules: a router, nothing to forward.
-    assert sorted(stages(Settings(workers={"count": 0}, retention={"enabled": False}))) == ["nnrouter-router"]
+    alone = Settings(workers={"count": 0}, retention={"enabled": False}, http={"enabled": False})
+    assert sorted(stages(alone)) == ["nnrouter-router"]
 
 
 def test_a_stage_killed_is_replaced_and_stop_ends_every_stage():
