@@ -20,8 +20,19 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
     from nnrouter.testing import bench
 
     return bench.ingest(
-        count=args.count, rounds=args.rounds, rows=args.rows, columns=args.columns, workdir=args.workdir
+        count=args.count,
+        rounds=args.rounds,
+        rows=args.rows,
+        columns=args.columns,
+        workdir=args.workdir,
+        console=args.console,
     )
+
+
+def cmd_bench_console(args: argparse.Namespace) -> int:
+    from nnrouter.testing import bench
+
+    return bench.console(args.studies, args.loads, args.workdir)
 
 
 def cmd_bench_infer(args: argparse.Namespace) -> int:
@@ -88,6 +99,15 @@ def register(sub: Any) -> None:
     ing.add_argument("--rows", type=int, default=2500)
     ing.add_argument("--columns", type=int, default=2048)
     ing.add_argument("--workdir", type=Path, default=None, help="where to write files (default: a temp folder)")
+    ing.add_argument(
+        "--console",
+        action="store_true",
+        help="also serve the console; every other nnrouter round, a client loads the dashboard once a second",
+    )
+    con = add(bench, "console", cmd_bench_console, "console page loads with many studies in the store", config="none")
+    con.add_argument("--studies", type=int, default=10000)
+    con.add_argument("--loads", type=int, default=20, help="timed loads of each page")
+    con.add_argument("--workdir", type=Path, default=None)
     inf = add(bench, "infer", cmd_bench_infer, "decode + preprocess + inference speed per stage")
     inf.add_argument("--model", type=Path, default=None, help="model folder (default: models.classifier)")
     inf.add_argument("--batch", type=int, nargs="+", default=[1, 16])

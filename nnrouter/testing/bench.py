@@ -41,29 +41,53 @@ def _workdir(workdir: Path | None, prefix: str) -> tuple[Path | None, bool]:
     return root, own
 
 
-def ingest(count: int, rounds: int, rows: int, columns: int, workdir: Path | None) -> int:
-    """C-STORE throughput, DCMTK storescu -> {storescp, nnrouter}, alternating."""
+def ingest(count: int, rounds: int, rows: int, columns: int, workdir: Path | None, console: bool = False) -> int:
+    """C-STORE throughput, DCMTK storescu -> {storescp, nnrouter}, alternating.
+
+    ``console``: nnrouter also serves its console, and on every other of its
+    rounds a logged-in client loads the dashboard once a second, so the
+    figure with and without the console comes from the same run.
+    """
     root, own = _workdir(workdir, "nnrouter-bench-")
     if root is None:
         return 2
     scp = node = None
     try:
         print(f"generating {rounds} x {count} DX files {rows}x{columns} 16-bit in {root} ...", flush=True)
-        sets = [synthetic.write_series(root / f"in{r}", count, rows=rows, columns=columns) for r in range(rounds)]
-        size_mb = sum(f.stat().st_size for f in sets[0]) / 1e6
-        cfg = peers.storescu_config(sets[0], root / "storescu.cfg")
+        names = ["dcmtk", "nnrouter"] + (["nnrouter+dashboard"] if console else [])
+        # Fresh UIDs for every send: a file sent twice would measure the duplicate path.
+        sets = {
+            name: [
+                synthetic.write_series(root / f"in-{name}-{r}", count, rows=rows, columns=columns)
+                for r in range(rounds)
+            ]
+            for name in names
+        }
+        size_mb = sum(f.stat().st_size for f in sets["dcmtk"][0]) / 1e6
+        cfg = peers.storescu_config(sets["dcmtk"][0], root / "storescu.cfg")
 
         # Same largest PDU on both receivers, so the peer sends the same PDU sizes.
         scp = peers.StoreSCP(root / "storescp-out").start(["--max-pdu", "131072"])
-        node = peers.Node(root / "nnrouter", settings={"logging": {"level": "warning"}}).start()
-        times: dict[str, list[float]] = {"dcmtk": [], "nnrouter": []}
-        for r, files in enumerate(sets):
-            order = [("dcmtk", scp.port, scp.aet), ("nnrouter", node.port, node.ae_title)]
-            if r % 2:
-                order.reverse()
-            for name, port, aec in order:
-                times[name].append(_send(port, files, aec, cfg))
-                print(f"round {r + 1}: {name:<9} {times[name][-1]:7.2f} s", flush=True)
+        web_port = peers.free_port()
+        settings: dict = {"logging": {"level": "warning"}}
+        if console:
+            settings["http"] = {"enabled": True, "bind": "127.0.0.1", "port": web_port}
+        node = peers.Node(root / "nnrouter", settings=settings).start()
+        refresher = _DashboardClient(node, web_port) if console else None
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            order = [(name, scp if name == "dcmtk" else None) for name in names]
+            order = order[r % len(order) :] + order[: r % len(order)]
+            for name, peer in order:
+                port, aec = (scp.port, scp.aet) if peer is not None else (node.port, node.ae_title)
+                if refresher is not None and name == "nnrouter+dashboard":
+                    refresher.start()
+                try:
+                    times[name].append(_send(port, sets[name][r], aec, cfg))
+                finally:
+                    if refresher is not None:
+                        refresher.stop()
+                print(f"round {r + 1}: {name:<18} {times[name][-1]:7.2f} s", flush=True)
             shutil.rmtree(scp.folder, ignore_errors=True)
             scp.folder.mkdir()
 
@@ -74,15 +98,147 @@ def ingest(count: int, rounds: int, rows: int, columns: int, workdir: Path | Non
             med = statistics.median(ts)
             rate[name] = count / med
             print(
-                f"  {name:<9} {count / med:7.2f} images/s  {size_mb / med:8.1f} MB/s  (fsync: {'yes' if name == 'nnrouter' else 'no, storescp does not'})"
+                f"  {name:<18} {count / med:7.2f} images/s  {size_mb / med:8.1f} MB/s  (fsync: {'no, storescp does not' if name == 'dcmtk' else 'yes'})"
             )
         print(f"ratio nnrouter/dcmtk: {rate['nnrouter'] / rate['dcmtk']:.2f}")
+        if refresher is not None:
+            print(
+                f"ratio nnrouter with a dashboard refresh every second / without: "
+                f"{rate['nnrouter+dashboard'] / rate['nnrouter']:.3f} "
+                f"({refresher.loads} dashboard loads, median {refresher.median_ms():.0f} ms)"
+            )
         return 0
     finally:
         if node:
             node.stop()
         if scp:
             scp.stop()
+        if own:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+class _DashboardClient:
+    """A logged-in browser's worth of load: the dashboard page and its assets, once a second, while started."""
+
+    def __init__(self, node: peers.Node, port: int, every_s: float = 1.0):
+        import httpx
+
+        from nnrouter.core.store import Store
+        from nnrouter.web import users
+
+        store = Store(node.db_url)
+        users.add(store, "bench", "viewer", "bench password only", replace=True)
+        store.dispose()
+        peers.wait_port(port, timeout=60)
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        page = self.http.get("/login").text
+        token = page.split('name="csrf-token" content="', 1)[1].split('"', 1)[0]
+        self.http.post("/login", data={"name": "bench", "password": "bench password only", "csrf": token})
+        self.every_s = every_s
+        self.loads = 0
+        self.ms: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="bench-dashboard", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def median_ms(self) -> float:
+        return statistics.median(self.ms) if self.ms else float("nan")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            for path in ("/", "/static/console.css", "/static/console.js"):
+                r = self.http.get(path)
+                if r.status_code != 200:
+                    raise RuntimeError(f"dashboard load failed: {path} {r.status_code}")
+            self.ms.append((time.perf_counter() - t0) * 1000)
+            self.loads += 1
+            self._stop.wait(max(0.0, self.every_s - (time.perf_counter() - t0)))
+
+
+def console(studies: int, loads: int, workdir: Path | None) -> int:
+    """Page loads of the console with ``studies`` studies in a fresh store, through `nnrouter web` over HTTP."""
+    import subprocess
+    import sys
+
+    import httpx
+    import yaml
+
+    from nnrouter.core.store import Store
+    from nnrouter.web import users
+
+    own = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="nnrouter-bench-web-")) if workdir is None else Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    proc = None
+    try:
+        url = f"sqlite:///{root / 'bench.db'}"
+        store = Store(url)
+        store.upgrade()
+        t0 = time.perf_counter()
+        synthetic.fill_store(store, studies)
+        print(f"{studies} studies written to the store in {time.perf_counter() - t0:.1f} s", flush=True)
+        users.add(store, "bench", "viewer", "bench password only")
+        store.dispose()
+        port = peers.free_port()
+        config = root / "nnrouter.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "database": {"url": url},
+                    "storage": {"path": str(root / "spool")},
+                    "models": {"classifier": None, "detector": None},
+                    "http": {"port": port},
+                    "logging": {"level": "warning", "format": "json"},
+                }
+            )
+        )
+        log = open(root / "web.log", "wb")  # noqa: SIM115 - the server's log, open for its life
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nnrouter", "web", "--config", str(config)], stdout=log, stderr=log
+        )
+        log.close()
+        peers.wait_port(port, timeout=60, proc=proc)
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+        token = http.get("/login").text.split('name="csrf-token" content="', 1)[1].split('"', 1)[0]
+        http.post("/login", data={"name": "bench", "password": "bench password only", "csrf": token})
+        pages = {
+            "GET /studies (first page of 50)": "/studies",
+            "GET /studies?modality=DX&label=chest_pa_ap": "/studies?modality=DX&label=chest_pa_ap",
+            "GET /api/studies": "/api/studies",
+            "GET / (dashboard)": "/",
+        }
+        print(f"{loads} loads each, logged in, over loopback HTTP; the first load is not counted")
+        print(f"  {'page':<44} {'median ms':>10} {'p95 ms':>8}  rows")
+        for name, path in pages.items():
+            r = http.get(path)
+            if r.status_code != 200:
+                raise RuntimeError(f"{path}: {r.status_code}")
+            ms = []
+            for _ in range(loads):
+                t = time.perf_counter()
+                r = http.get(path)
+                ms.append((time.perf_counter() - t) * 1000)
+            rows = (
+                r.text.count("<tr>") - 1
+                if "json" not in r.headers.get("content-type", "")
+                else len(r.json()["studies"])
+            )
+            print(f"  {name:<44} {statistics.median(ms):10.1f} {_pct(ms, 95):8.1f}  {rows}")
+        return 0
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
         if own:
             shutil.rmtree(root, ignore_errors=True)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -174,3 +175,130 @@ def write_series(
         )
         for i in range(count)
     ]
+
+
+def fill_store(store: Any, studies: int, images: int = 2, seed: int = 0) -> None:
+    """``studies`` made-up studies in the store, as the stages would have left them: series, instances,
+    predictions, a flag on every tenth, a routing decision and deliveries; for the console's benchmarks.
+
+    Rows only (no files): made-up names and IDs, never real ones.
+    """
+    import datetime as dt
+    import random
+
+    from sqlalchemy import insert
+
+    from nnrouter.core.store import Flag, Instance, Outbox, Prediction, RoutingDecision, Series, Study
+
+    rng = random.Random(seed)
+    labels = ["chest_pa_ap", "chest_lateral", "knee_ap", "hand_ap", "panoramic_radiograph", "unknown"]
+    now = dt.datetime.now(dt.UTC)
+    base = "1.2.826.0.1.3680043.10.1"
+    study_rows, series_rows, inst_rows, pred_rows, flag_rows, dec_rows, out_rows = [], [], [], [], [], [], []
+    inst_id = 0
+    for i in range(1, studies + 1):
+        when = now - dt.timedelta(minutes=studies - i)
+        study_rows.append(
+            {
+                "id": i,
+                "study_uid": f"{base}.{i}",
+                "accession_number": f"B{i:07d}",
+                "patient_id": f"P{i % 997:05d}",
+                "patient_name": f"Bench^Patient{i % 997}",
+                "study_date": when.strftime("%Y%m%d"),
+                "study_description": "XR CHEST",
+                "created_at": when,
+                "last_received_at": when,
+            }
+        )
+        series_rows.append(
+            {
+                "id": i,
+                "study_id": i,
+                "series_uid": f"{base}.{i}.1",
+                "modality": rng.choice(["DX", "CR"]),
+                "created_at": when,
+            }
+        )
+        for k in range(images):
+            inst_id += 1
+            inst_rows.append(
+                {
+                    "id": inst_id,
+                    "series_id": i,
+                    "sop_instance_uid": f"{base}.{i}.1.{k + 1}",
+                    "version": 1,
+                    "sop_class_uid": "1.2.840.10008.5.1.4.1.1.1.1",
+                    "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+                    "path": f"/nonexistent/{inst_id}.dcm",
+                    "size_bytes": 10_000_000,
+                    "sha256": f"{inst_id:064x}",
+                    "state": "classified",
+                    "calling_ae": rng.choice(["CR_ROOM1", "DX_ED", "DX_WARD"]),
+                    "called_ae": "NNROUTER",
+                    "received_at": when,
+                    "updated_at": when,
+                    "attempts": 0,
+                }
+            )
+            pred_rows.append(
+                {
+                    "instance_id": inst_id,
+                    "model_name": "nnrouter-view",
+                    "model_version": "1",
+                    "provider": "CPUExecutionProvider",
+                    "label": rng.choice(labels),
+                    "score": rng.random(),
+                    "top5": [],
+                    "decode_ms": 100.0,
+                    "preprocess_ms": 5.0,
+                    "infer_ms": 40.0,
+                    "created_at": when,
+                }
+            )
+            out_rows.append(
+                {
+                    "instance_id": inst_id,
+                    "destination": "PACS",
+                    "rule": "everything",
+                    "state": "sent",
+                    "attempts": 1,
+                    "next_attempt_at": when,
+                    "created_at": when,
+                    "sent_at": when,
+                }
+            )
+        if i % 10 == 0:
+            flag_rows.append(
+                {
+                    "study_id": i,
+                    "kind": "missing_view",
+                    "severity": "warning",
+                    "reason": "ordered 1 x chest_lateral, found 0",
+                    "evidence": {},
+                    "created_at": when,
+                }
+            )
+        dec_rows.append(
+            {
+                "study_id": i,
+                "decided_at": when,
+                "rules_digest": "0" * 64,
+                "outcomes": [],
+                "deliveries": [{"destination": "PACS", "rule": "everything"}],
+                "hold": False,
+                "discard": False,
+            }
+        )
+    with store.write() as s:
+        for model, rows in (
+            (Study, study_rows),
+            (Series, series_rows),
+            (Instance, inst_rows),
+            (Prediction, pred_rows),
+            (Flag, flag_rows),
+            (RoutingDecision, dec_rows),
+            (Outbox, out_rows),
+        ):
+            for start in range(0, len(rows), 5000):
+                s.execute(insert(model), rows[start : start + 5000])

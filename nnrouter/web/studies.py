@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import exists, func, select
+from sqlalchemy import func, select
 
 from nnrouter.core.store import Flag, Instance, InstanceState, Prediction, RoutingDecision, Series, Store, Study
 
@@ -29,10 +29,6 @@ class StudyQuery:
     per_page: int = 50
 
 
-def _instances_of_study() -> Any:
-    return select(Instance.id).join(Series, Series.id == Instance.series_id).where(Series.study_id == Study.id)
-
-
 def search(store: Store, q: StudyQuery, *, patients: bool) -> dict[str, Any]:
     """One page of studies matching ``q``, newest first, with the total."""
     where = []
@@ -44,21 +40,28 @@ def search(store: Store, q: StudyQuery, *, patients: bool) -> dict[str, Any]:
         where.append(Study.study_date >= q.date_from.replace("-", ""))
     if q.date_to:
         where.append(Study.study_date <= q.date_to.replace("-", ""))
+    # Each filter is one uncorrelated IN (...): computed once, not once per study (10,000 studies: ms, not minutes).
     if q.modality:
-        where.append(exists(select(Series.id).where(Series.study_id == Study.id, Series.modality == q.modality)))
+        where.append(Study.id.in_(select(Series.study_id).where(Series.modality == q.modality)))
     if q.calling_ae:
-        where.append(exists(_instances_of_study().where(Instance.calling_ae == q.calling_ae)))
+        where.append(
+            Study.id.in_(
+                select(Series.study_id)
+                .join(Instance, Instance.series_id == Series.id)
+                .where(Instance.calling_ae == q.calling_ae)
+            )
+        )
     if q.label:
         where.append(
-            exists(
-                select(Prediction.id)
-                .join(Instance, Instance.id == Prediction.instance_id)
-                .join(Series, Series.id == Instance.series_id)
-                .where(Series.study_id == Study.id, Prediction.label == q.label)
+            Study.id.in_(
+                select(Series.study_id)
+                .join(Instance, Instance.series_id == Series.id)
+                .join(Prediction, Prediction.instance_id == Instance.id)
+                .where(Prediction.label == q.label)
             )
         )
     if q.flag:
-        where.append(exists(select(Flag.id).where(Flag.study_id == Study.id, Flag.kind == q.flag)))
+        where.append(Study.id.in_(select(Flag.study_id).where(Flag.kind == q.flag)))
     page = max(1, q.page)
     per_page = min(max(1, q.per_page), 500)
     with store.read() as s:

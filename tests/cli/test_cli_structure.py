@@ -43,6 +43,7 @@ NO_JSON = {
     ("web",),
     ("config", "example"),
     ("bench", "ingest"),
+    ("bench", "console"),
     ("bench", "infer"),
     ("bench", "route"),
     ("bench", "soak"),
