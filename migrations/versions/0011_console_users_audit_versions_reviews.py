@@ -24,6 +24,7 @@ def upgrade() -> None:
         sa.Column('kind', sa.String(length=32), nullable=False),
         sa.Column('sop_instance_uid', sa.String(length=64), nullable=False),
         sa.Column('state', sa.String(length=16), nullable=False),
+        sa.Column('finding', sa.String(length=64), nullable=False),
         sa.Column('comment', sa.Text(), nullable=True),
         sa.Column('by', sa.String(length=64), nullable=False),
         sa.Column('at', sa.DateTime(timezone=True), nullable=False),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -56,7 +55,9 @@ def store(settings: config_mod.Settings) -> Any:
 
 
 def print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=False, default=str))
+    from nnrouter.core.plain import dumps
+
+    print(dumps(obj, indent=2))
 
 
 def err(message: str, code: int = FAILED) -> int:

@@ -38,14 +38,21 @@ def cmd_mismatches(args: argparse.Namespace) -> int:
     from nnrouter.results.views import flagged
 
     out = flagged(
-        common.store(common.settings(args)), kinds=args.kind, every=args.all, study_uid=args.study, limit=args.limit
+        common.store(common.settings(args)),
+        kinds=args.kind,
+        every=args.all,
+        study_uid=args.study,
+        limit=args.limit,
+        unresolved=args.unresolved,
     )
     if args.json:
         common.print_json(out)
     else:
         for r in out:
+            review = f"  [{r['review']['state']} by {r['review']['by']}]" if r.get("review") else ""
             print(
                 f"{r['study_uid']}  {r['accession_number'] or '-':<12} {r['severity']:<7} {r['kind']:<20} {r['reason']}"
+                + review
             )
         if not out:
             print("no flagged studies")
@@ -58,6 +65,7 @@ def register(sub: Any) -> None:
     mm.add_argument("--all", action="store_true", help="every flag, uncertain and unmapped included")
     mm.add_argument("--study", help="one study")
     mm.add_argument("--limit", type=int, default=200)
+    mm.add_argument("--unresolved", action="store_true", help="leave out the flags someone resolved (the console)")
     proc = group(sub, "procedures", "what each ordered procedure should produce")
     pc = add(proc, "check", cmd_procedures_check, "validate a procedures file", config="none", json=True)
     pc.add_argument("file", type=Path)

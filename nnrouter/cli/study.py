@@ -21,7 +21,9 @@ def _show_text(report: dict[str, Any]) -> None:
             + (f"; does not cover {missing}: no box there says nothing about them" if missing else "")
         )
     for f in report["flags"]:
-        print(f"  flag {f['severity']:<7} {f['kind']}: {f['reason']}")
+        review = f["review"]
+        said = f" [{review['state']} by {review['by']}: {review['comment'] or ''}]" if review else ""
+        print(f"  flag {f['severity']:<7} {f['kind']}: {f['reason']}{said}")
     for se in report["series"]:
         print(f"  series {se['series_uid']}  {se['modality'] or '-'}  {se['body_part_examined'] or '-'}")
         for i in se["instances"]:

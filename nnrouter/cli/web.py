@@ -22,13 +22,21 @@ def cmd_web(args: argparse.Namespace) -> int:
     return OK
 
 
+def _operator() -> str:
+    """Who ran the command, for the audit (a container may have no name for its uid)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
 def _password(args: argparse.Namespace) -> str:
     """From NNROUTER_PASSWORD (scripts), else asked twice on the terminal; never an argument (ps shows those)."""
     given = os.environ.get("NNROUTER_PASSWORD")
     if given is not None:
         return given
     if not sys.stdin.isatty():
-        return sys.stdin.readline().rstrip("\n")
+        return sys.stdin.readline().rstrip("\r\n")
     first = getpass.getpass(f"password for {args.name}: ")
     if getpass.getpass("again: ") != first:
         raise common.Unusable("the two passwords differ")
@@ -49,7 +57,7 @@ def cmd_users_add(args: argparse.Namespace) -> int:
     audit.record(
         store,
         source="cli",
-        actor=getpass.getuser(),
+        actor=_operator(),
         action="user_add",
         target=made.name,
         node=settings.node.name,
@@ -84,9 +92,7 @@ def cmd_users_token(args: argparse.Namespace) -> int:
         token = users.new_token(store, args.name)
     except users.UserError as exc:
         return common.err(str(exc))
-    audit.record(
-        store, source="cli", actor=getpass.getuser(), action="user_token", target=args.name, node=settings.node.name
-    )
+    audit.record(store, source="cli", actor=_operator(), action="user_token", target=args.name, node=settings.node.name)
     if args.json:
         common.print_json({"name": args.name, "token": token})
     else:
@@ -108,7 +114,7 @@ def cmd_users_disable(args: argparse.Namespace) -> int:
     audit.record(
         store,
         source="cli",
-        actor=getpass.getuser(),
+        actor=_operator(),
         action="user_enable" if args.enable else "user_disable",
         target=args.name,
         node=settings.node.name,

@@ -344,9 +344,10 @@ class FlagReview(Base):
     """A person's word on a flag: acknowledged (seen) or resolved (with a comment).
 
     Flags are replaced on every order check; a review is kept by study, kind
-    and instance, so it still applies to the same finding after a re-check.
-    A resolved flag no longer counts as a mismatch for the rules, so it stops
-    holding the study.
+    and instance, with a digest of what the flag said, so it still applies to
+    the same finding after a re-check and not to a different one (a second
+    view missing). A resolved flag no longer counts as a mismatch for the
+    rules, so it stops holding the study.
     """
 
     __tablename__ = "flag_review"
@@ -358,6 +359,8 @@ class FlagReview(Base):
     # "" for a flag about the whole study (NULLs would not be unique).
     sop_instance_uid: Mapped[str] = mapped_column(UID, default="")
     state: Mapped[str] = mapped_column(String(16))  # acknowledged | resolved
+    # The finding reviewed (orders.reviews.finding_digest): a re-check that finds something else reopens it.
+    finding: Mapped[str] = mapped_column(String(64))
     comment: Mapped[str | None] = mapped_column(Text)
     by: Mapped[str] = mapped_column(String(64))
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

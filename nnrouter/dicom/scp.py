@@ -208,7 +208,8 @@ class Scp:
             if status == SUCCESS:
                 stats.instances += 1
                 stats.bytes += len(store_request(event)[1].getbuffer())
-        if status != SUCCESS:
+        # Out of Resources (0xA7xx) is mostly the store or the disk: an audit write would wait for it too.
+        if status != SUCCESS and status >> 8 != 0xA7:
             self._audit(
                 "instance_refused",
                 event.assoc.requestor.ae_title.strip(),

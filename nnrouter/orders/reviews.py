@@ -9,6 +9,8 @@ routing rules: a study a rule held for it is decided again by the router
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from sqlalchemy import select
@@ -27,6 +29,17 @@ def _key(kind: str, sop_instance_uid: str | None) -> tuple[str, str]:
     return kind, sop_instance_uid or ""
 
 
+def finding_digest(f: Flag) -> str:
+    """What the flag says, as a digest: the same finding on a re-check has the same one, another has not."""
+    said = json.dumps([f.kind, f.sop_instance_uid or "", f.reason, f.evidence], sort_keys=True, default=str)
+    return hashlib.sha256(said.encode()).hexdigest()
+
+
+def applies(review: FlagReview | None, f: Flag) -> FlagReview | None:
+    """The review if it is of this very finding; None for none, or for a review of what the flag said before."""
+    return review if review is not None and review.finding == finding_digest(f) else None
+
+
 def review(
     store: Store, study_uid: str, kind: str, sop_instance_uid: str | None, state: str, comment: str | None, by: str
 ) -> dict[str, Any]:
@@ -40,7 +53,8 @@ def review(
         if study is None:
             raise ReviewError(f"no study {study_uid}")
         flags = {
-            _key(f.kind, f.sop_instance_uid) for f in s.execute(select(Flag).where(Flag.study_id == study.id)).scalars()
+            _key(f.kind, f.sop_instance_uid): f
+            for f in s.execute(select(Flag).where(Flag.study_id == study.id)).scalars()
         }
         key = _key(kind, sop_instance_uid)
         if key not in flags:
@@ -56,6 +70,7 @@ def review(
             row = FlagReview(study_id=study.id, kind=key[0], sop_instance_uid=key[1])
             s.add(row)
         row.state, row.comment, row.by, row.at = state, (comment or "").strip() or None, by, utcnow()
+        row.finding = finding_digest(flags[key])
         s.flush()
         return review_dict(row)
 
@@ -73,7 +88,9 @@ def of_study(s: Session, study_id: int) -> dict[tuple[str, str], FlagReview]:
 def open_kinds(s: Session, study_id: int) -> frozenset[str]:
     """The kinds of the study's flags that are not resolved: what the rules' ``mismatch`` sees."""
     reviews = of_study(s, study_id)
-    flags = s.execute(select(Flag.kind, Flag.sop_instance_uid).where(Flag.study_id == study_id)).all()
+    flags = s.execute(select(Flag).where(Flag.study_id == study_id)).scalars()
     return frozenset(
-        kind for kind, sop in flags if (r := reviews.get(_key(kind, sop))) is None or r.state != "resolved"
+        f.kind
+        for f in flags
+        if (r := applies(reviews.get(_key(f.kind, f.sop_instance_uid)), f)) is None or r.state != "resolved"
     )

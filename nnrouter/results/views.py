@@ -63,7 +63,7 @@ def study_report(store: Store, study_uid: str, detector: Any = None) -> dict[str
             return None
         reviewed = reviews.of_study(s, study.id)
         flags = [
-            flag_dict(f, reviewed.get((f.kind, f.sop_instance_uid or "")))
+            flag_dict(f, reviews.applies(reviewed.get((f.kind, f.sop_instance_uid or "")), f))
             for f in s.execute(select(Flag).where(Flag.study_id == study.id).order_by(Flag.id)).scalars()
         ]
         found = [
@@ -188,7 +188,7 @@ def flagged(
     Without ``kinds`` only the mismatches (not uncertain or unmapped) unless
     ``every``; ``unresolved`` leaves out the flags someone resolved.
     """
-    from sqlalchemy import and_, func, or_, select
+    from sqlalchemy import and_, func, select
 
     from nnrouter.core.store import FlagReview
 
@@ -204,8 +204,7 @@ def flagged(
             ),
         )
     )
-    if unresolved:
-        query = query.where(or_(FlagReview.id.is_(None), FlagReview.state != "resolved"))
+    # ``unresolved``: filtered below, since a review counts only for the finding it reviewed.
     wanted = list(kinds or [])
     if wanted:
         query = query.where(Flag.kind.in_(wanted))
@@ -217,7 +216,10 @@ def flagged(
         query = query.where(Study.study_uid == study_uid)
     with store.read() as s:
         rows = s.execute(query.order_by(Flag.created_at.desc(), Flag.id).limit(limit)).all()
-    return [{"study_uid": uid, "accession_number": acc, **flag_dict(f, r)} for f, uid, acc, r in rows]
+    from nnrouter.orders.reviews import applies
+
+    out = [{"study_uid": uid, "accession_number": acc, **flag_dict(f, applies(r, f))} for f, uid, acc, r in rows]
+    return [r for r in out if not (unresolved and r["review"] and r["review"]["state"] == "resolved")]
 
 
 def study_views(s: Any, study: Study) -> Any:

@@ -288,29 +288,10 @@ class Router:
             )
         released = 0
         for study in studies:
-            with self.store.read() as s:
-                facts = self.facts(s, study, now)
-            assert self.loaded is not None
-            decision = rules.decide(self.loaded.ruleset, facts)
-            with self.store.write() as s:
-                row = s.execute(select(RoutingDecision).where(RoutingDecision.study_id == study.id)).scalar_one()
-                row.decided_at = utcnow()
-                row.outcomes = [{"rule": o.rule, "matched": o.matched, "why": o.why} for o in decision.outcomes]
-                if decision.hold or decision.discard:
-                    continue
-                row.hold = False
-                held = s.execute(
-                    select(Outbox)
-                    .join(Instance)
-                    .join(Series)
-                    .where(Series.study_id == study.id, Outbox.state == OutboxState.HELD)
-                ).scalars()
-                n = 0
-                for o in held:
-                    o.state, o.next_attempt_at = OutboxState.PENDING, utcnow()
-                    n += 1
-            released += n
-            log.info("study_released", study_uid=study.study_uid, deliveries=n, reason="flags resolved")
+            try:
+                released += self._redecide(study, now)
+            except Exception as exc:  # this study waits for the next tick; the others go on
+                log.error("redecide_failed", study_uid=study.study_uid, error=type(exc).__name__)
         return released
 
     def decide(self, study: Study, facts: rules.StudyFacts) -> rules.Decision:
@@ -318,19 +299,7 @@ class Router:
         assert loaded is not None  # studies are decided only with rules loaded
         study_id = study.id
         decision = rules.decide(loaded.ruleset, facts)
-        deliveries = (
-            []
-            if decision.discard
-            else [
-                {
-                    "destination": d.destination,
-                    "rule": d.rule,
-                    "coerce": d.coerce.model_dump() if d.coerce else None,
-                    "report": d.report,
-                }
-                for d in decision.deliveries
-            ]
-        )
+        deliveries = [] if decision.discard else _delivery_dicts(decision)
         if any(d["report"] for d in deliveries):
             # Made before the decision is recorded, with UIDs and time from the
             # study: a second router, or this one after a crash, makes the same
@@ -439,6 +408,53 @@ class Router:
                 n += 1
         return n
 
+    def _redecide(self, study: Study, now: dt.datetime) -> int:
+        """One reviewed study decided again: the new decision replaces the old, its deliveries are queued, and
+        the held rows go where it says (released), or away (a destination it no longer names, a discard)."""
+        loaded = self.loaded
+        assert loaded is not None
+        with self.store.read() as s:
+            facts = self.facts(s, study, now)
+        decision = rules.decide(loaded.ruleset, facts)
+        deliveries = [] if decision.discard else _delivery_dicts(decision)
+        with self.store.write() as s:
+            row = s.execute(select(RoutingDecision).where(RoutingDecision.study_id == study.id)).scalar_one()
+            row.decided_at = utcnow()
+            row.rules_digest = loaded.digest
+            row.outcomes = [{"rule": o.rule, "matched": o.matched, "why": o.why} for o in decision.outcomes]
+            row.deliveries, row.hold, row.discard = deliveries, decision.hold, decision.discard
+            if decision.hold:  # still held (another open flag, a rule that holds everything): until the next review
+                s.flush()
+                self._queue(s, study.id, deliveries, True)
+                return 0
+            wanted = {d["destination"] for d in deliveries}
+            held = s.execute(
+                select(Outbox)
+                .join(Instance)
+                .join(Series)
+                .where(Series.study_id == study.id, Outbox.state == OutboxState.HELD)
+            ).scalars()
+            n = dropped = 0
+            for o in held:
+                if o.destination in wanted:
+                    o.state, o.next_attempt_at = OutboxState.PENDING, utcnow()
+                    n += 1
+                else:
+                    s.delete(o)
+                    dropped += 1
+            s.flush()
+            queued = self._queue(s, study.id, deliveries, False)
+        log.info(
+            "study_released",
+            study_uid=study.study_uid,
+            released=n,
+            queued=queued,
+            dropped=dropped,
+            discard=decision.discard,
+            reason="flags resolved",
+        )
+        return n + queued
+
     def follow_decisions(self) -> int:
         """Instances that arrived after their study was decided follow the decision; the flags are redone."""
         newer = aliased(Instance)
@@ -481,6 +497,19 @@ class Router:
                 except Exception as exc:  # the deliveries are queued; stale flags are no reason to stop
                     log.error("study_recheck_failed", study_id=study_id, error=type(exc).__name__)
         return n
+
+
+def _delivery_dicts(decision: rules.Decision) -> list[dict[str, Any]]:
+    """A decision's deliveries as the routing_decision row keeps them."""
+    return [
+        {
+            "destination": d.destination,
+            "rule": d.rule,
+            "coerce": d.coerce.model_dump() if d.coerce else None,
+            "report": d.report,
+        }
+        for d in decision.deliveries
+    ]
 
 
 def study_findings(s: Session, study_id: int) -> report.StudyFindings | None:

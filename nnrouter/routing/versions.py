@@ -32,6 +32,10 @@ class NotEditable(ValueError):
     """This kind of file is not configured on this node, or is not known."""
 
 
+class Changed(ValueError):
+    """The file is not the text the edit started from: someone saved (or edited it by hand) meanwhile."""
+
+
 class Invalid(ValueError):
     """The text does not load: ``problems`` say where and why."""
 
@@ -89,7 +93,7 @@ def check(settings: Settings, kind: str, text: str) -> list[dict[str, Any]]:
     return []
 
 
-def _digest(text: str) -> str:
+def digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -131,44 +135,68 @@ def save(
     *,
     comment: str | None = None,
     restored_from: int | None = None,
+    base_digest: str | None = None,
 ) -> Saved:
-    """Validate, write the file atomically, keep the version; raises Invalid (nothing written) for a bad text."""
+    """Validate, write the file atomically, keep the version; raises Invalid (nothing written) for a bad text.
+
+    ``base_digest``: the digest of the text the edit started from; Changed
+    if the file is no longer that (a second admin, a hand edit), rather
+    than silently replacing their change. The file is written last in the
+    transaction, and put back if the commit then fails: no file without its
+    version.
+    """
     path = path_of(settings, kind)
     load(settings, kind, text)
     old = current_text(settings, kind)
-    with store.write() as s:
-        newest = s.execute(
-            select(RulesVersion).where(RulesVersion.kind == kind).order_by(RulesVersion.id.desc()).limit(1)
-        ).scalar_one_or_none()
-        if text == old and newest is not None and newest.digest == _digest(text):
-            return Saved(version_dict(newest), changed=False)
-        if newest is None or newest.digest != _digest(old):
-            # The file as it was before the console (shipped, or edited by hand since): kept so it can come back.
-            s.add(
-                RulesVersion(
+    if base_digest is not None and base_digest != digest(old):
+        raise Changed(f"{path} changed since the editor loaded it: reload the page to see the change, then edit again")
+    written = False
+    try:
+        with store.write() as s:
+            newest = s.execute(
+                select(RulesVersion)
+                .where(RulesVersion.kind == kind, RulesVersion.path == str(path))
+                .order_by(RulesVersion.id.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+            found = None
+            if newest is None or newest.digest != digest(old):
+                # The file as it was before the console (shipped, or edited by hand since): kept, to come back.
+                found = RulesVersion(
                     kind=kind,
                     path=str(path),
                     text=old,
-                    digest=_digest(old),
+                    digest=digest(old),
                     diff=_diff(newest.text if newest else "", old, path.name),
                     saved_by="(file)",
                     comment="the file as found before this save",
                 )
+                s.add(found)
+            if text == old:  # nothing to write; the version in force is known now
+                s.flush()
+                kept = found or newest
+                assert kept is not None
+                return Saved(version_dict(kept), changed=False)
+            row = RulesVersion(
+                kind=kind,
+                path=str(path),
+                text=text,
+                digest=digest(text),
+                diff=_diff(old, text, path.name),
+                saved_by=by,
+                comment=comment,
+                restored_from=restored_from,
             )
-        yamlfile.write_atomically(path, text.encode("utf-8"))
-        row = RulesVersion(
-            kind=kind,
-            path=str(path),
-            text=text,
-            digest=_digest(text),
-            diff=_diff(old, text, path.name),
-            saved_by=by,
-            comment=comment,
-            restored_from=restored_from,
-        )
-        s.add(row)
-        s.flush()
-        return Saved(version_dict(row), changed=True)
+            s.add(row)
+            s.flush()
+            saved = Saved(version_dict(row), changed=True)
+            yamlfile.write_atomically(path, text.encode("utf-8"))
+            written = True
+    except BaseException:
+        if written:  # the version did not commit: the file goes back to what it was
+            yamlfile.write_atomically(path, old.encode("utf-8"))
+        raise
+    return saved
 
 
 def versions(store: Store, kind: str, limit: int = 100) -> list[dict[str, Any]]:

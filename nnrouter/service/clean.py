@@ -52,6 +52,7 @@ from nnrouter.core.config import Settings
 from nnrouter.core.store import (
     Detection,
     Flag,
+    FlagReview,
     Instance,
     InstanceState,
     OrderRequest,
@@ -585,6 +586,7 @@ class Cleaner:
                     s.execute(delete(Prediction).where(Prediction.instance_id.in_(chunk)))
                     s.execute(delete(Outbox).where(Outbox.instance_id.in_(chunk)))
                 s.execute(delete(Flag).where(Flag.study_id == study_id))
+                s.execute(delete(FlagReview).where(FlagReview.study_id == study_id))
                 s.execute(delete(RoutingDecision).where(RoutingDecision.study_id == study_id))
                 # Orders taken from this study's own images go with them; RIS orders (HL7, worklist) stay.
                 s.execute(

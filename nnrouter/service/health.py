@@ -29,6 +29,12 @@ def record_beats(store: Store, node: str, stages: dict[str, int | None]) -> None
             s.merge(StageBeat(node=node, stage=name, pid=pid, alive=pid is not None, beat_at=now))
 
 
+def clear_beats(store: Store, node: str) -> None:
+    """``serve`` has stopped on this node: no beats left behind to read as stages that died."""
+    with store.write() as s:
+        s.execute(delete(StageBeat).where(StageBeat.node == node))
+
+
 def _utc(ts: dt.datetime) -> dt.datetime:
     return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
 

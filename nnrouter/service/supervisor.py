@@ -238,6 +238,7 @@ def serve(settings: config_mod.Settings) -> int:
         killed = supervisor.join(deadline)
         if mllp_stopping is not None:
             mllp_stopping.join(max(0.0, deadline - time.monotonic()))
+        _clear_beats(store, settings.node.name)
         store.dispose()
         log.info("stopped", killed=killed)
     return 0
@@ -264,10 +265,18 @@ def _beat(store: Store, node: str, stages: dict[str, int | None]) -> None:
 
     try:
         record_beats(store, node, {"nnrouter-scp": os.getpid(), **stages})
-    except Exception as exc:
-        if unavailable(exc) is None:
-            raise
-        log.warning("beat_skipped", reason=unavailable(exc))
+    except Exception as exc:  # a beat is bookkeeping: the stages matter more; /readyz will say the beats are old
+        log.warning("beat_skipped", reason=unavailable(exc) or type(exc).__name__)
+
+
+def _clear_beats(store: Store, node: str) -> None:
+    """Nothing runs here now: no stale beats for a later `nnrouter web` to read as dead stages."""
+    from nnrouter.service.health import clear_beats
+
+    try:
+        clear_beats(store, node)
+    except Exception as exc:  # the database is down: the beats grow old and say so themselves
+        log.warning("beats_not_cleared", error=type(exc).__name__)
 
 
 def _expire_claims(store: Any, node: str, proc: BaseProcess) -> None:

@@ -13,10 +13,10 @@ from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
-from fastapi.encoders import jsonable_encoder
 from pydantic import BaseModel, Field
 
 from nnrouter.core import audit
+from nnrouter.core.plain import plain
 from nnrouter.web import dashboard, images, studies, users
 from nnrouter.web.auth import Principal
 from nnrouter.web.deps import admin, audited, console, member, reader
@@ -29,7 +29,7 @@ Admin = Depends(admin)
 
 
 def _json(obj: Any) -> Any:
-    return jsonable_encoder(obj)
+    return plain(obj)  # the CLI's --json, value for value
 
 
 # --- the node -----------------------------------------------------------------
@@ -46,7 +46,9 @@ def status(request: Request, p: Principal = Reader) -> Any:
 @router.get("/dashboard", summary="the dashboard's figures")
 def get_dashboard(request: Request, hours: float = 3.0, p: Principal = Reader) -> Any:
     c = console(request)
-    return _json(dashboard.dashboard(c.settings, c.store, hours=min(max(hours, 0.1), 48)))
+    return _json(
+        dashboard.dashboard(c.settings, c.store, hours=min(max(hours, 0.1), 48), expect_stages=c.expect_stages)
+    )
 
 
 # --- studies --------------------------------------------------------------------
@@ -109,7 +111,7 @@ def _report(request: Request, study_uid: str) -> dict[str, Any]:
 
 @router.get("/studies/{study_uid}", summary="what `nnrouter study show --json` prints")
 def get_study(request: Request, study_uid: str, p: Principal = Reader) -> Any:
-    return _json(_report(request, study_uid))
+    return _json(redacted(_report(request, study_uid), p))
 
 
 @router.get("/studies/{study_uid}/patient", summary="the study's patient fields (logged in only)")
@@ -135,16 +137,27 @@ def get_layout(request: Request, study_uid: str, p: Principal = Reader) -> Any:
 def _png(blob: bytes | None, what: str) -> Response:
     if blob is None:
         raise HTTPException(404, f"no {what}")
-    return Response(blob, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+    return Response(blob, media_type="image/png")  # no-store, like every answer: patient images stay off disk
+
+
+def redacted(obj: Any, p: Principal) -> Any:
+    """For an anonymous reader, delivery errors go: a peer's or a library's message may quote patient data."""
+    if p.sees_patients:
+        return obj
+    if isinstance(obj, dict):
+        return {k: (None if k == "last_error" else redacted(v, p)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redacted(v, p) for v in obj]
+    return obj
 
 
 @router.get("/instances/{sop_instance_uid}/thumbnail.png", summary="the image, small; regions=true draws the boxes")
-def thumbnail(request: Request, sop_instance_uid: str, regions: bool = False, p: Principal = Reader) -> Response:
+def thumbnail(request: Request, sop_instance_uid: str, regions: bool = False, p: Principal = Member) -> Response:
     return _png(images.thumbnail(console(request).store, sop_instance_uid, regions=regions), "image")
 
 
 @router.get("/instances/{sop_instance_uid}/cam.png", summary="the class activation map over the image")
-def cam(request: Request, sop_instance_uid: str, p: Principal = Reader) -> Response:
+def cam(request: Request, sop_instance_uid: str, p: Principal = Member) -> Response:
     return _png(images.cam(console(request).store, sop_instance_uid), "activation map for this instance")
 
 
@@ -170,10 +183,12 @@ class Review(BaseModel):
 
 @router.post("/mismatches/review", summary="acknowledge or resolve one flag (a resolved flag holds no study)")
 def review(request: Request, body: Review, p: Principal = Member) -> Any:
-    from nnrouter.orders.reviews import ReviewError
+    from nnrouter.orders.reviews import STATES, ReviewError
     from nnrouter.orders.reviews import review as keep
 
     c = console(request)
+    if body.state not in STATES:
+        raise HTTPException(422, f"state must be one of {', '.join(STATES)}")
     try:
         done = keep(c.store, body.study_uid, body.kind, body.sop_instance_uid, body.state, body.comment, p.name)
     except ReviewError as exc:
@@ -189,6 +204,7 @@ def review(request: Request, body: Review, p: Principal = Member) -> Any:
 class RulesText(BaseModel):
     text: str
     comment: str | None = None
+    base_digest: str | None = Field(None, description="sha256 of the text the edit started from (refused if changed)")
 
 
 class DryRun(BaseModel):
@@ -218,6 +234,7 @@ def get_rules(request: Request, kind: str, p: Principal = Reader) -> Any:
             "kind": kind,
             "path": str(path),
             "text": text,
+            "digest": versions.digest(text),
             "problems": versions.check(c.settings, kind, text),
             "status": c.store.rules_status(kind),
         }
@@ -255,7 +272,12 @@ def save_rules(request: Request, kind: str, body: RulesText, p: Principal = Admi
     c = console(request)
     _editable(request, kind)
     try:
-        saved = versions.save(c.settings, c.store, kind, body.text, p.name, comment=body.comment)
+        saved = versions.save(
+            c.settings, c.store, kind, body.text, p.name, comment=body.comment, base_digest=body.base_digest
+        )
+    except versions.Changed as exc:
+        audited(request, p, f"{kind}_save", kind, "refused", reason="changed meanwhile")
+        raise HTTPException(409, str(exc)) from exc
     except versions.Invalid as exc:
         problems = [versions.problem_dict(x) for x in exc.problems]
         audited(request, p, f"{kind}_save", kind, "refused", problems=len(problems))
@@ -319,7 +341,9 @@ def outbox(
 ) -> Any:
     from nnrouter.routing.deliveries import list_deliveries
 
-    return _json(list_deliveries(console(request).store, state, destination, study, limit=min(limit, 10000)))
+    return _json(
+        redacted(list_deliveries(console(request).store, state, destination, study, limit=min(limit, 10000)), p)
+    )
 
 
 @router.get("/outbox/summary", summary="per destination: rows by state, backlog, paused or not")

@@ -107,7 +107,7 @@ def create_app(settings: Settings, store: Store, *, expect_stages: bool = True) 
     def metrics() -> Response:
         from nnrouter.web.metrics import render
 
-        body, content_type = render(settings, store)
+        body, content_type = render(settings, store, expect_stages=expect_stages)
         return Response(body, media_type=content_type)
 
     app.include_router(api.router)

@@ -18,7 +18,6 @@ import secrets
 from dataclasses import dataclass
 
 from fastapi import Request
-from sqlalchemy import select
 
 from nnrouter.core import audit, logs
 from nnrouter.core.config import Settings
@@ -64,13 +63,17 @@ class Forbidden(Exception):
 
 
 def session_secret(store: Store) -> str:
-    """The cookie-signing key of this store, made on first use."""
-    with store.write() as s:
-        row = s.execute(select(ConsoleSecret).order_by(ConsoleSecret.id).limit(1)).scalar_one_or_none()
-        if row is None:
-            row = ConsoleSecret(secret=secrets.token_urlsafe(48))
-            s.add(row)
-        return row.secret
+    """The cookie-signing key of this store, made on first use: row 1, so processes starting together agree."""
+    from sqlalchemy.exc import IntegrityError
+
+    try:
+        with store.write() as s:
+            if s.get(ConsoleSecret, 1) is None:
+                s.add(ConsoleSecret(id=1, secret=secrets.token_urlsafe(48)))
+    except IntegrityError:  # another process made it first: theirs is the one
+        pass
+    with store.read() as s:
+        return s.get_one(ConsoleSecret, 1).secret
 
 
 def client_address(request: Request) -> str:
@@ -129,7 +132,7 @@ def login(request: Request, settings: Settings, store: Store, name: str, passwor
     address = client_address(request)
     name = name.strip()
     if login_refused(settings, store, name, address):
-        log.warning("login_rate_limited", user=name, address=address)
+        log.warning("login_rate_limited", address=address)
         audit.record(
             store,
             source="console",
@@ -142,7 +145,8 @@ def login(request: Request, settings: Settings, store: Store, name: str, passwor
         return f"too many failed logins: wait {settings.http.login_window_s:.0f} s and try again"
     user = users.authenticate(store, name, password)
     if user is None:
-        log.warning("login_failed", user=name, address=address)
+        known = users.lookup(store, name) is not None
+        log.warning("login_failed", user=name if known else "(not a user)", address=address)
         audit.record(
             store,
             source="console",

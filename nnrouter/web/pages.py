@@ -8,6 +8,7 @@ page with a message (post, redirect, get), so a reload never repeats it.
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 from urllib.parse import quote
 
@@ -59,8 +60,8 @@ def login_form(request: Request, next: str = "/") -> HTMLResponse:
 async def login(request: Request, name: str = Form(""), password: str = Form(""), next: str = Form("/")) -> Response:
     c = console(request)
     sent = str((await request.form()).get("csrf") or "")
-    expected = request.session.get("csrf")
-    if not expected or sent != expected:
+    expected = str(request.session.get("csrf") or "")
+    if not expected or not hmac.compare_digest(sent, expected):
         return page(request, "login.html", None, next=next, error="the form has expired: try again")
     error = auth.login(request, c.settings, c.store, name, password)
     if error is not None:
@@ -81,7 +82,7 @@ def logout(request: Request, p: Principal = Member) -> Response:
 @router.get("/")
 def home(request: Request, p: Principal = Reader) -> HTMLResponse:
     c = console(request)
-    figures = dashboard.dashboard(c.settings, c.store)
+    figures = dashboard.dashboard(c.settings, c.store, expect_stages=c.expect_stages)
     return page(request, "dashboard.html", p, d=figures, chart=dashboard.chart_svg(figures["activity"]["per_minute"]))
 
 
@@ -180,6 +181,10 @@ def review(
     from nnrouter.orders.reviews import review as keep
 
     to = to if to.startswith("/") and not to.startswith("//") else "/mismatches"
+    from nnrouter.orders.reviews import STATES
+
+    if state not in STATES:
+        return back(request, to, f"not kept: state must be one of {', '.join(STATES)}")
     try:
         keep(console(request).store, study_uid, kind, sop_instance_uid or None, state, comment, p.name)
     except ReviewError as exc:
@@ -220,6 +225,7 @@ def rules_page(request: Request, kind: str, p: Principal = Reader) -> HTMLRespon
         kind=kind,
         path=str(path),
         text=text,
+        digest=versions.digest(text),
         problems=versions.check(c.settings, kind, text),
         status=c.store.rules_status(kind),
         versions=versions.versions(c.store, kind),
@@ -295,6 +301,8 @@ def outbox_action(
 
     c = console(request)
     to = "/outbox" + (f"?destination={quote(destination)}" if destination else "")
+    if action not in ("echo", "retry", "purge", "pause", "resume"):
+        return back(request, to, "unknown action")
     if action == "echo":
         from nnrouter.web.api import echo
 
@@ -313,11 +321,11 @@ def outbox_action(
     wanted = [st for st in states.replace(",", " ").split() if st] or None
     if action == "retry":
         done = deliveries.retry(c.store, wanted or list(deliveries.RETRYABLE), dests, None, picked)
-        audited(request, p, "outbox_retry", destination or None, queued=len(done))
+        audited(request, p, "outbox_retry", destination or None, queued=len(done), ids=done[:100])
         return back(request, to, f"{len(done)} deliveries queued again")
     if action == "purge":
         done = deliveries.purge(c.store, wanted or list(deliveries.PURGEABLE), dests, None, picked)
-        audited(request, p, "outbox_purge", destination or None, removed=len(done))
+        audited(request, p, "outbox_purge", destination or None, removed=len(done), ids=done[:100])
         return back(request, to, f"{len(done)} outbox rows removed")
     if action in ("pause", "resume") and destination:
         changed = (

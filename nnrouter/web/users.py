@@ -61,7 +61,8 @@ def add(store: Store, name: str, role: str, password: str, *, replace: bool = Fa
         if row is None:
             s.add(ConsoleUser(name=name, role=role, password_hash=hashed))
         else:
-            row.role, row.password_hash, row.disabled = role, hashed, False
+            # A new password ends the old token too: whoever had it must be given a new one.
+            row.role, row.password_hash, row.disabled, row.token_sha256 = role, hashed, False, None
     return User(name, role)
 
 

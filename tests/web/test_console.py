@@ -256,3 +256,73 @@ def test_the_openapi_document_lists_the_api(node) -> None:  # type: ignore[no-un
         "/metrics",
     ):
         assert path in doc["paths"], path
+
+
+def test_the_api_and_the_cli_json_agree(node, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from nnrouter.cli import main
+
+    settings, store = node
+    uid, _ = _study_with_flag(store)
+    config = tmp_path / "cli.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"path": str(settings.storage.path), "min_free_mb": 1},
+                "database": {"url": settings.database.url},
+                "routing": {"rules": str(settings.routing.rules)},
+                "models": {"classifier": None, "detector": None},
+                "node": {"name": "n1"},
+            }
+        )
+    )
+    c, _ = logged_in(settings, store)
+    import json
+
+    for argv, path in (
+        (["status", "--json"], "/api/status"),
+        (["study", "show", uid, "--json"], f"/api/studies/{uid}"),
+        (["outbox", "list", "--json"], "/api/outbox"),
+        (["mismatches", "--json"], "/api/mismatches"),
+    ):
+        capsys.readouterr()  # what came before (the login's log line)
+        assert main([*argv, "--config", str(config)]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        served = c.get(path).json()
+        if path == "/api/status":  # measured afresh each time: only the shape and the counts must agree
+            assert set(printed) == set(served) and printed["instances"] == served["instances"]
+        else:
+            assert printed == served, path
+
+
+def test_a_save_over_a_change_made_meanwhile_is_refused(node) -> None:  # type: ignore[no-untyped-def]
+    settings, store = node
+    c, token = logged_in(settings, store)
+    h = {"X-CSRF-Token": token}
+    loaded = c.get("/api/rules/rules").json()
+    rules_file = Path(settings.routing.rules)
+    by_hand = loaded["text"].replace("port: 11199", "port: 11300")
+    rules_file.write_text(by_hand)  # someone edits the file on the server meanwhile
+    mine = loaded["text"] + "\n# mine\n"
+    r = c.put("/api/rules/rules", json={"text": mine, "base_digest": loaded["digest"]}, headers=h)
+    assert r.status_code == 409 and "changed since" in r.json()["detail"]
+    assert rules_file.read_text() == by_hand
+    fresh = c.get("/api/rules/rules").json()
+    r = c.put(
+        "/api/rules/rules", json={"text": fresh["text"] + "\n# mine\n", "base_digest": fresh["digest"]}, headers=h
+    )
+    assert r.status_code == 200 and rules_file.read_text().endswith("# mine\n")
+
+
+def test_an_anonymous_reader_gets_no_pixels_and_no_delivery_errors(node) -> None:  # type: ignore[no-untyped-def]
+    settings, store = node
+    uid, _ = _study_with_flag(store)
+    with store.write() as s:
+        s.execute(Outbox.__table__.update().values(last_error="peer said: no such patient Doe^Jane"))
+    anonymous = settings.model_copy(update={"http": settings.http.model_copy(update={"allow_anonymous_read": True})})
+    c = client(anonymous, store)
+    assert c.get("/api/instances/1.2.3.4.1.1/thumbnail.png").status_code == 401
+    assert c.get("/api/instances/1.2.3.4.1.1/cam.png").status_code == 401
+    assert "Doe^Jane" not in c.get("/api/outbox").text and "Doe^Jane" not in c.get(f"/api/studies/{uid}").text
+    assert "Doe^Jane" not in c.get("/outbox?destination=PACS").text
+    c, _ = logged_in(settings, store)
+    assert "Doe^Jane" in c.get("/api/outbox").text  # a logged-in user sees what went wrong

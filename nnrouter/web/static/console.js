@@ -12,6 +12,17 @@ const nnrouter = {
     try { data = await r.json(); } catch (e) { data = null; }
     return {ok: r.ok, status: r.status, data};
   },
+  goto(text, line, column) {
+    // Put the cursor where the problem is, and bring that line into view.
+    if (!line) return;
+    const lines = text.value.split("\n");
+    let at = 0;
+    for (let i = 0; i < line - 1 && i < lines.length; i++) at += lines[i].length + 1;
+    at += Math.max(0, (column || 1) - 1);
+    text.focus();
+    text.setSelectionRange(at, at);
+    text.scrollTop = Math.max(0, (line - 5) * parseFloat(getComputedStyle(text).lineHeight));
+  },
   editor() {
     const text = document.getElementById("text"), gutter = document.getElementById("gutter");
     const kind = text.dataset.kind, result = document.getElementById("result");
@@ -24,12 +35,14 @@ const nnrouter = {
     text.addEventListener("input", numbers);
     text.addEventListener("scroll", () => { gutter.scrollTop = text.scrollTop; });
     numbers();
+    for (const li of problems.querySelectorAll("li")) li.onclick = () => nnrouter.goto(text, +li.dataset.line, 1);
     const show = (list) => {
       problems.innerHTML = "";
       for (const p of list || []) {
         const li = document.createElement("li");
         li.dataset.line = p.line;
         li.textContent = `line ${p.line}, column ${p.column}: ${p.field || "(top level)"}: ${p.reason}`;
+        li.onclick = () => nnrouter.goto(text, p.line, p.column);
         problems.appendChild(li);
       }
     };
@@ -62,8 +75,12 @@ const nnrouter = {
     const save = document.getElementById("save");
     if (save) save.onclick = async () => {
       const comment = document.getElementById("comment").value;
-      const r = await nnrouter.call("PUT", `/api/rules/${kind}`, {text: text.value, comment});
-      if (r.ok) { show([]); say(r.data.saved ? `saved as version ${r.data.version.id}; the router loads it on its next tick` : "no change", true); }
+      const r = await nnrouter.call("PUT", `/api/rules/${kind}`, {text: text.value, comment, base_digest: text.dataset.digest});
+      if (r.ok) {
+        show([]);
+        text.dataset.digest = r.data.version.digest;
+        say(r.data.saved ? `saved as version ${r.data.version.id}; the router loads it on its next tick` : "no change", true);
+      }
       else { show(r.data && r.data.detail && r.data.detail.problems); say(r.status === 422 ? "not saved: fix the problems first" : `not saved: ${r.data && r.data.detail}`, false); }
     };
   },
