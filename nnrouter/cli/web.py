@@ -22,6 +22,15 @@ def cmd_web(args: argparse.Namespace) -> int:
     return OK
 
 
+def _audited(store: Any, settings: Any, action: str, target: str, **detail: Any) -> None:
+    """The audit row of a change made from this command line, by the operator who ran it."""
+    from nnrouter.core import audit
+
+    audit.record(
+        store, source="cli", actor=_operator(), action=action, target=target, node=settings.node.name, **detail
+    )
+
+
 def _operator() -> str:
     """Who ran the command, for the audit (a container may have no name for its uid)."""
     try:
@@ -44,7 +53,6 @@ def _password(args: argparse.Namespace) -> str:
 
 
 def cmd_users_add(args: argparse.Namespace) -> int:
-    from nnrouter.core import audit
     from nnrouter.web import users
 
     settings = common.settings(args)
@@ -54,15 +62,7 @@ def cmd_users_add(args: argparse.Namespace) -> int:
         made = users.add(store, args.name, args.role, _password(args), replace=args.replace)
     except users.UserError as exc:
         return common.err(str(exc))
-    audit.record(
-        store,
-        source="cli",
-        actor=_operator(),
-        action="user_add",
-        target=made.name,
-        node=settings.node.name,
-        role=made.role,
-    )
+    _audited(store, settings, "user_add", made.name, role=made.role)
     if args.json:
         common.print_json({"name": made.name, "role": made.role})
     else:
@@ -83,7 +83,6 @@ def cmd_users_list(args: argparse.Namespace) -> int:
 
 
 def cmd_users_token(args: argparse.Namespace) -> int:
-    from nnrouter.core import audit
     from nnrouter.web import users
 
     settings = common.settings(args)
@@ -92,7 +91,7 @@ def cmd_users_token(args: argparse.Namespace) -> int:
         token = users.new_token(store, args.name)
     except users.UserError as exc:
         return common.err(str(exc))
-    audit.record(store, source="cli", actor=_operator(), action="user_token", target=args.name, node=settings.node.name)
+    _audited(store, settings, "user_token", args.name)
     if args.json:
         common.print_json({"name": args.name, "token": token})
     else:
@@ -102,7 +101,6 @@ def cmd_users_token(args: argparse.Namespace) -> int:
 
 
 def cmd_users_disable(args: argparse.Namespace) -> int:
-    from nnrouter.core import audit
     from nnrouter.web import users
 
     settings = common.settings(args)
@@ -111,14 +109,7 @@ def cmd_users_disable(args: argparse.Namespace) -> int:
         users.set_disabled(store, args.name, not args.enable)
     except users.UserError as exc:
         return common.err(str(exc))
-    audit.record(
-        store,
-        source="cli",
-        actor=_operator(),
-        action="user_enable" if args.enable else "user_disable",
-        target=args.name,
-        node=settings.node.name,
-    )
+    _audited(store, settings, "user_enable" if args.enable else "user_disable", args.name)
     if args.json:
         common.print_json({"name": args.name, "disabled": not args.enable})
     else:

@@ -361,26 +361,30 @@ def outbox_summary(request: Request, p: Principal = Reader) -> Any:
     )
 
 
+def _by_hand(request: Request, body: Selection, p: Principal, action: str) -> dict[str, Any]:
+    """Retry or purge the selected rows, audited; the body `nnrouter outbox retry|purge --json` prints."""
+    from nnrouter.routing import deliveries
+
+    do, default, said = (
+        (deliveries.retry, deliveries.RETRYABLE, "queued")
+        if action == "retry"
+        else (deliveries.purge, deliveries.PURGEABLE, "removed")
+    )
+    states = body.states or list(default)
+    ids = do(console(request).store, states, body.destinations, body.study_uid, body.ids)
+    detail: dict[str, Any] = {"states": states, said: len(ids)}
+    audited(request, p, f"outbox_{action}", ",".join(body.destinations or []) or None, "ok", **detail)
+    return {said: len(ids), "states": states, "ids": ids}
+
+
 @router.post("/outbox/retry", summary="what `nnrouter outbox retry --json` prints")
 def retry(request: Request, body: Selection, p: Principal = Admin) -> Any:
-    from nnrouter.routing.deliveries import RETRYABLE
-    from nnrouter.routing.deliveries import retry as do
-
-    states = body.states or list(RETRYABLE)
-    ids = do(console(request).store, states, body.destinations, body.study_uid, body.ids)
-    audited(request, p, "outbox_retry", ",".join(body.destinations or []) or None, queued=len(ids), states=states)
-    return {"queued": len(ids), "states": states, "ids": ids}
+    return _by_hand(request, body, p, "retry")
 
 
 @router.post("/outbox/purge", summary="what `nnrouter outbox purge --json` prints")
 def purge(request: Request, body: Selection, p: Principal = Admin) -> Any:
-    from nnrouter.routing.deliveries import PURGEABLE
-    from nnrouter.routing.deliveries import purge as do
-
-    states = body.states or list(PURGEABLE)
-    ids = do(console(request).store, states, body.destinations, body.study_uid, body.ids)
-    audited(request, p, "outbox_purge", ",".join(body.destinations or []) or None, removed=len(ids), states=states)
-    return {"removed": len(ids), "states": states, "ids": ids}
+    return _by_hand(request, body, p, "purge")
 
 
 @router.post("/destinations/{name}/pause", summary="send nothing to this destination until resumed")

@@ -118,7 +118,7 @@ async def check_csrf(request: Request, principal: Principal) -> None:
 
 
 def login_refused(settings: Settings, store: Store, name: str, address: str) -> bool:
-    """Too many failed logins lately for this name or from this address."""
+    """Too many failed logins lately for this user or from this address."""
     since = audit.since(settings.http.login_window_s)
     limit = settings.http.login_failures
     return (
@@ -131,31 +131,28 @@ def login(request: Request, settings: Settings, store: Store, name: str, passwor
     """Log in: None on success (a new session), else the reason to show. Every try is audited."""
     address = client_address(request)
     name = name.strip()
-    if login_refused(settings, store, name, address):
-        log.warning("login_rate_limited", address=address)
+    # A name that is no user's is not written down: it may be a password typed in the wrong field.
+    actor = name if users.lookup(store, name) is not None else "(not a user)"
+
+    def tried(result: str) -> None:
         audit.record(
             store,
             source="console",
-            actor=name or "?",
+            actor=actor,
             address=address,
             action="login",
-            result="limited",
+            result=result,
             node=settings.node.name,
         )
+
+    if login_refused(settings, store, actor, address):
+        log.warning("login_rate_limited", user=actor, address=address)
+        tried("limited")
         return f"too many failed logins: wait {settings.http.login_window_s:.0f} s and try again"
     user = users.authenticate(store, name, password)
     if user is None:
-        known = users.lookup(store, name) is not None
-        log.warning("login_failed", user=name if known else "(not a user)", address=address)
-        audit.record(
-            store,
-            source="console",
-            actor=name or "?",
-            address=address,
-            action="login",
-            result="refused",
-            node=settings.node.name,
-        )
+        log.warning("login_failed", user=actor, address=address)
+        tried("refused")
         return "wrong user name or password"
     request.session.clear()  # a new session: no fixation of one set before the login
     request.session.update(user=user.name, csrf=secrets.token_urlsafe(24))

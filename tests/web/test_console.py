@@ -326,3 +326,18 @@ def test_an_anonymous_reader_gets_no_pixels_and_no_delivery_errors(node) -> None
     assert "Doe^Jane" not in c.get("/outbox?destination=PACS").text
     c, _ = logged_in(settings, store)
     assert "Doe^Jane" in c.get("/api/outbox").text  # a logged-in user sees what went wrong
+
+
+def test_a_script_uses_a_token_without_csrf_and_the_token_ends_with_a_new_password(node) -> None:  # type: ignore[no-untyped-def]
+    settings, store = node
+    c = client(settings, store)
+    admin_token = users.new_token(store, "ada")
+    viewer_token = users.new_token(store, "vic")
+    text = Path(settings.routing.rules).read_text() + "\n# by a script\n"
+    r = c.put("/api/rules/rules", json={"text": text}, headers={"Authorization": f"Bearer {viewer_token}"})
+    assert r.status_code == 403
+    r = c.put("/api/rules/rules", json={"text": text}, headers={"Authorization": f"Bearer {admin_token}"})
+    assert r.status_code == 200 and r.json()["version"]["saved_by"] == "ada"
+    assert c.get("/api/status", headers={"Authorization": "Bearer not-a-token"}).status_code == 401
+    users.add(store, "ada", "admin", "a brand new password", replace=True)
+    assert c.get("/api/status", headers={"Authorization": f"Bearer {admin_token}"}).status_code == 401
