@@ -47,6 +47,16 @@ def upgrade() -> None:
         sa.UniqueConstraint('token_sha256'),
     )
     op.create_table(
+        'console_session',
+        sa.Column('token_sha256', sa.String(length=64), nullable=False),
+        sa.Column('user', sa.String(length=64), nullable=False),
+        sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+        sa.Column('expires_at', sa.DateTime(timezone=True), nullable=False),
+        sa.Column('address', sa.String(length=64), nullable=True),
+        sa.PrimaryKeyConstraint('token_sha256'),
+    )
+    op.create_index('ix_console_session_user', 'console_session', ['user'])
+    op.create_table(
         'console_secret',
         sa.Column('id', sa.Integer(), nullable=False),
         sa.Column('secret', sa.String(length=128), nullable=False),
@@ -103,8 +113,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for table in ('stage_beat', 'destination_pause', 'rules_version', 'audit', 'console_secret', 'console_user',
-                  'flag_review'):
+    for table in ('stage_beat', 'destination_pause', 'rules_version', 'audit', 'console_secret', 'console_session',
+                  'console_user', 'flag_review'):
         op.drop_table(table)
     with op.batch_alter_table('instance', schema=None) as batch_op:
         batch_op.drop_column('request_at')

@@ -325,6 +325,8 @@ class Http(_Section):
     # Failed logins from one address or for one user name within the window, before refusing for the window.
     login_failures: int = Field(5, ge=1)
     login_window_s: float = Field(300, gt=0)
+    # Reverse proxies whose X-Forwarded-For names the real client (its address is what logins are counted by).
+    trusted_proxies: list[str] = []
 
     @property
     def cookies_secure(self) -> bool:
@@ -619,4 +621,8 @@ http:
   # login_window_s, before further tries are refused until the window passes.
   login_failures: 5
   login_window_s: 300
+  # Reverse proxies (addresses) whose X-Forwarded-For and X-Forwarded-Proto
+  # are believed: the client's address is then the one they name. Empty:
+  # the address that connects is the client.
+  trusted_proxies: []
 """

@@ -381,6 +381,19 @@ class ConsoleUser(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class ConsoleSession(Base):
+    """One login: the cookie carries its token, the store its digest, so a logout or a disabled user ends it
+    everywhere at once (a copied cookie included)."""
+
+    __tablename__ = "console_session"
+
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    address: Mapped[str | None] = mapped_column(String(64))
+
+
 class ConsoleSecret(Base):
     """The key that signs session cookies: one per store, so every node's console accepts the same login."""
 

@@ -2,7 +2,10 @@
 
 A browser logs in once and carries a signed session cookie (Starlette's
 SessionMiddleware, key kept in the store so every node's console accepts
-it); a script sends ``Authorization: Bearer <token>`` (``nnrouter users
+it) holding the token of a login kept in the store (``console_session``):
+logging out, disabling the user or a new password ends it everywhere, a
+copy of the cookie included, and it ends by itself after
+``http.session_hours``. A script sends ``Authorization: Bearer <token>`` (``nnrouter users
 token``). Every change a session makes carries the session's CSRF token, in
 the form (``csrf``) or in the ``X-CSRF-Token`` header, or is refused: a page
 of another site cannot make a logged-in admin's browser change the rules.
@@ -94,13 +97,21 @@ def identify(request: Request, store: Store) -> Principal | None:
     if header.lower().startswith("bearer "):
         user = users.by_token(store, header[7:].strip())
         return Principal(user, "token") if user else None
-    name = request.session.get("user")
-    if name:
-        user = users.lookup(store, str(name))
+    sid = request.session.get("sid")
+    if sid:
+        user = users.session_user(store, str(sid))
         if user is not None:
             return Principal(user, "session")
-        request.session.clear()  # disabled or removed since the login
+        request.session.clear()  # logged out (here or on a copy of the cookie), expired, or the user disabled
     return None
+
+
+def logout(request: Request, store: Store) -> None:
+    """End this login in the store, so a copy of the cookie is worth nothing either."""
+    sid = request.session.get("sid")
+    if sid:
+        users.end_session(store, str(sid))
+    request.session.clear()
 
 
 async def check_csrf(request: Request, principal: Principal) -> None:
@@ -155,7 +166,8 @@ def login(request: Request, settings: Settings, store: Store, name: str, passwor
         tried("refused")
         return "wrong user name or password"
     request.session.clear()  # a new session: no fixation of one set before the login
-    request.session.update(user=user.name, csrf=secrets.token_urlsafe(24))
+    sid = users.start_session(store, user.name, settings.http.session_hours, address)
+    request.session.update(sid=sid, csrf=secrets.token_urlsafe(24))
     log.info("login", user=user.name, address=address)
     audit.record(store, source="console", actor=user.name, address=address, action="login", node=settings.node.name)
     return None

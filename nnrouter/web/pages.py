@@ -72,7 +72,7 @@ async def login(request: Request, name: str = Form(""), password: str = Form("")
 @router.post("/logout")
 def logout(request: Request, p: Principal = Member) -> Response:
     audited(request, p, "logout")
-    request.session.clear()
+    auth.logout(request, console(request).store)
     return RedirectResponse("/login", status_code=303)
 
 

@@ -36,7 +36,9 @@ def run_web(settings: Settings, stop: Any = None, parent_pid: int | None = None,
         access_log=False,
         ssl_certfile=str(http.tls.cert) if http.tls else None,
         ssl_keyfile=str(http.tls.key) if http.tls else None,
-        proxy_headers=False,
+        # Only a proxy the admin named may say who the client is: login tries are counted by that address.
+        proxy_headers=bool(http.trusted_proxies),
+        forwarded_allow_ips=http.trusted_proxies or None,
         server_header=False,
     )
     server = uvicorn.Server(config)

@@ -7,16 +7,18 @@ re-hashes each password at its next login (``check_needs_rehash``).
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import hashlib
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
-from nnrouter.core.store import ConsoleUser, Store
+from nnrouter.core.store import ConsoleSession, ConsoleUser, Store, utcnow
 
 ROLES = ("viewer", "admin")
 MIN_PASSWORD = 10
@@ -34,6 +36,47 @@ class User:
     @property
     def admin(self) -> bool:
         return self.role == "admin"
+
+
+def start_session(store: Store, name: str, hours: float, address: str | None) -> str:
+    """A new login of ``name`` for ``hours``: the token for the cookie (the store keeps its digest only)."""
+    token = secrets.token_urlsafe(32)
+    now = utcnow()
+    with store.write() as s:
+        s.execute(delete(ConsoleSession).where(ConsoleSession.expires_at < now))  # the expired ones, by the way
+        s.add(
+            ConsoleSession(
+                token_sha256=token_digest(token),
+                user=name,
+                created_at=now,
+                expires_at=now + dt.timedelta(hours=hours),
+                address=address,
+            )
+        )
+    return token
+
+
+def session_user(store: Store, token: str) -> User | None:
+    """The enabled user of a login that has not expired or ended; None otherwise."""
+    with store.read() as s:
+        row = s.get(ConsoleSession, token_digest(token))
+        if row is None or _utc(row.expires_at) < utcnow():
+            return None
+        name = row.user
+    return lookup(store, name)
+
+
+def end_session(store: Store, token: str) -> None:
+    with store.write() as s:
+        s.execute(delete(ConsoleSession).where(ConsoleSession.token_sha256 == token_digest(token)))
+
+
+def _end_sessions_of(s: Any, name: str) -> None:
+    s.execute(delete(ConsoleSession).where(ConsoleSession.user == name))
+
+
+def _utc(ts: dt.datetime) -> dt.datetime:
+    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
 
 
 def _hasher() -> PasswordHasher:
@@ -61,8 +104,9 @@ def add(store: Store, name: str, role: str, password: str, *, replace: bool = Fa
         if row is None:
             s.add(ConsoleUser(name=name, role=role, password_hash=hashed))
         else:
-            # A new password ends the old token too: whoever had it must be given a new one.
+            # A new password ends the old token and every login: whoever had them must log in again.
             row.role, row.password_hash, row.disabled, row.token_sha256 = role, hashed, False, None
+            _end_sessions_of(s, name)
     return User(name, role)
 
 
@@ -118,6 +162,7 @@ def set_disabled(store: Store, name: str, disabled: bool) -> None:
         row.disabled = disabled
         if disabled:
             row.token_sha256 = None
+            _end_sessions_of(s, name)
 
 
 def listing(store: Store) -> list[dict[str, object]]:

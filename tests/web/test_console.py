@@ -341,3 +341,16 @@ def test_a_script_uses_a_token_without_csrf_and_the_token_ends_with_a_new_passwo
     assert c.get("/api/status", headers={"Authorization": "Bearer not-a-token"}).status_code == 401
     users.add(store, "ada", "admin", "a brand new password", replace=True)
     assert c.get("/api/status", headers={"Authorization": f"Bearer {admin_token}"}).status_code == 401
+
+
+def test_a_logout_ends_the_login_everywhere_a_copied_cookie_included(node) -> None:  # type: ignore[no-untyped-def]
+    settings, store = node
+    c, token = logged_in(settings, store)
+    copy = client(settings, store)
+    copy.cookies.update(dict(c.cookies))
+    assert copy.get("/api/status").status_code == 200
+    assert c.post("/logout", data={"csrf": token}).status_code == 303
+    assert copy.get("/api/status").status_code == 401
+    c, _ = logged_in(settings, store, "vic")
+    users.set_disabled(store, "vic", True)
+    assert c.get("/api/status").status_code == 401
