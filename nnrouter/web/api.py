@@ -407,10 +407,7 @@ def resume(request: Request, name: str, p: Principal = Admin) -> Any:
 
 def _destination(request: Request, name: str) -> Any:
     """The destination as the running rules name it (the version the router loaded)."""
-    from nnrouter.routing.forward import Destinations
-
-    c = console(request)
-    ruleset = Destinations(c.settings, c.store).current()
+    ruleset = console(request).running_rules()
     found = None if ruleset is None else next((d for d in ruleset.destinations if d.name == name), None)
     if found is None:
         raise HTTPException(404, f"no destination {name} in the rules the router runs")

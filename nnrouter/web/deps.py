@@ -9,7 +9,7 @@ CSRF token of a session's change.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Depends, Request
@@ -27,6 +27,15 @@ class Console:
     store: Store
     templates: Jinja2Templates
     expect_stages: bool = True
+    _destinations: Any = field(default=None, repr=False)
+
+    def running_rules(self) -> Any:
+        """The rule set the router runs (its destinations), read from the store; parsed again only when it changed."""
+        from nnrouter.routing.forward import Destinations
+
+        if self._destinations is None:
+            self._destinations = Destinations(self.settings, self.store)
+        return self._destinations.current()
 
 
 def console(request: Request) -> Console:

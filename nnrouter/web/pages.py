@@ -265,11 +265,10 @@ def restore(request: Request, version_id: int, p: Principal = Admin) -> Response
 @router.get("/outbox")
 def outbox(request: Request, destination: str | None = None, state: str | None = None, p: Principal = Reader) -> Any:
     from nnrouter.routing.deliveries import list_deliveries, paused
-    from nnrouter.routing.forward import Destinations
     from nnrouter.service import pressure
 
     c = console(request)
-    ruleset = Destinations(c.settings, c.store).current()
+    ruleset = c.running_rules()
     names = sorted({d.name for d in ruleset.destinations} if ruleset else set())
     counts = c.store.outbox_counts()
     rows = list_deliveries(c.store, [state] if state else None, [destination] if destination else None, None, limit=500)
