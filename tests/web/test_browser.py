@@ -79,6 +79,14 @@ def login(driver, base: str, name: str, password: str) -> None:  # type: ignore[
     wait_for(lambda: "/login" not in driver.current_url or driver.current_url, timeout=20)
 
 
+def flash(driver) -> str:  # type: ignore[no-untyped-def]
+    """The message the page came back with; "" while the form's answer has not loaded yet."""
+    from selenium.webdriver.common.by import By
+
+    found = driver.find_elements(By.ID, "flash")
+    return found[0].text if found else ""
+
+
 def session(driver, base: str) -> httpx.Client:  # type: ignore[no-untyped-def]
     """The browser's session cookie in an HTTP client, to check the image responses themselves."""
     jar = {c["name"]: c["value"] for c in driver.get_cookies()}
@@ -228,7 +236,7 @@ def test_an_admin_works_a_study_through_the_console(node_factory, tmp_path: Path
         row.find_element(By.NAME, "comment").send_keys("knee film follows; chest was asked for by phone")
         shot(driver, "07-mismatches")
         row.find_element(By.CSS_SELECTOR, 'button[value="resolved"]').click()
-        wait_for(lambda: "resolved" in driver.find_element(By.ID, "flash").text or "no message", timeout=20)
+        wait_for(lambda: "resolved" in flash(driver) or "no message", timeout=20)
         driver.get(f"{base}/mismatches")
         assert "resolved by ada" in driver.find_element(By.ID, "worklist").text
         shown = json.loads(node.cli("study", "show", uid1, "--json").stdout)
@@ -239,7 +247,7 @@ def test_an_admin_works_a_study_through_the_console(node_factory, tmp_path: Path
         driver.get(f"{base}/outbox?destination=qa")
         shot(driver, "08-outbox")
         driver.find_element(By.CSS_SELECTOR, "button.retry-row").click()
-        wait_for(lambda: "queued again" in driver.find_element(By.ID, "flash").text or "no message", timeout=20)
+        wait_for(lambda: "queued again" in flash(driver) or "no message", timeout=20)
         wait_for(lambda: len(files_in(qa.folder)) >= 1 or "not at QA yet", timeout=120)
 
         driver.get(f"{base}/models")
