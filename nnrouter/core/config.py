@@ -51,6 +51,16 @@ class AllowedPeer(_Section):
     _check_ae = field_validator("ae_title")(valid_ae_title)
 
 
+class MoveDestination(_Section):
+    """Where a C-MOVE may send: the AE title a requester names, and where that AE listens."""
+
+    ae_title: str
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+
+    _title = field_validator("ae_title")(valid_ae_title)
+
+
 class DicomTls(_Section):
     """Inbound DICOM over TLS: our certificate, and the CA that signs the peers' (if we check them)."""
 
@@ -85,6 +95,8 @@ class Dicom(_Section):
     tls: DicomTls | None = None
     # Who may C-FIND (the Q/R models and Hanging Protocols); empty: nobody.
     query_aes: list[AllowedPeer] = []
+    # The AE titles a C-MOVE may send to (the peers of query_aes retrieve; anyone else is refused).
+    move_destinations: list[MoveDestination] = []
 
     _check_ae = field_validator("ae_title")(valid_ae_title)
 
@@ -446,6 +458,13 @@ dicom:
   query_aes: []
   #  - ae_title: PACS
   #    host: 10.1.2.10
+  # C-GET and C-MOVE (Patient and Study Root) are answered for the same peers
+  # as C-FIND. A C-MOVE sends only to an AE title named here; any other is
+  # refused with 0xA801 (Move Destination unknown).
+  move_destinations: []
+  #  - ae_title: PACS
+  #    host: 10.1.2.10
+  #    port: 104
 
 node:
   # This node's name, recorded on every instance it receives: nodes sharing

@@ -4,8 +4,8 @@
 the Patient Root (1.2.840.10008.5.1.4.1.2.1.1) and Study Root
 (1.2.840.10008.5.1.4.1.2.2.1) Query/Retrieve Information Models - FIND. The
 calling-AE allow-list applies as for C-STORE (it is checked when the
-association is requested). There is no C-MOVE or C-GET: the images live in
-the PACS that nnrouter routed them to.
+association is requested). What a query finds can be fetched with C-GET or
+C-MOVE (``nnrouter.dicom.retrieve``), by the same peers.
 
 Levels and keys
 ---------------

@@ -46,6 +46,7 @@ from nnrouter.dicom.protocols_find import Protocols
 from nnrouter.dicom.query import TRANSFER_SYNTAXES as QUERY_TRANSFER_SYNTAXES
 from nnrouter.dicom.query import Query
 from nnrouter.dicom.receive import ACCEPTED_TRANSFER_SYNTAXES, Receiver, store_request
+from nnrouter.dicom.retrieve import GET_MODELS, MOVE_MODELS, Retrieve
 from nnrouter.dicom.statuses import NOT_AUTHORIZED, SUCCESS, with_comment
 from nnrouter.service import pressure
 
@@ -87,6 +88,7 @@ class Scp:
         self.store = store
         self.receiver = Receiver(settings, store, spool)
         self.query = Query(store)
+        self.retrieve = Retrieve(settings, store)
         self.protocols = Protocols()
         self.pressure = pressure.Pressure(settings, store)  # back-pressure, checked in on_requested
         self._assocs: dict[int, _AssocStats] = {}
@@ -239,6 +241,33 @@ class Scp:
             return self.protocols.handle_find(event)
         return self.query.handle_find(event)
 
+    def on_get(self, event: evt.Event) -> Iterator[Any]:
+        """C-GET: the instances go back on the requester's own association (its storage SCP role)."""
+        refused = self._retrieve_refused(event, "C-GET")
+        return self.retrieve.handle_get(event, refused)
+
+    def on_move(self, event: evt.Event) -> Iterator[Any]:
+        """C-MOVE: the instances go to a destination named in ``dicom.move_destinations``."""
+        refused = self._retrieve_refused(event, "C-MOVE")
+        return self.retrieve.handle_move(event, refused)
+
+    def _retrieve_refused(self, event: evt.Event, service: str) -> str | None:
+        refused = self.query_refused(event)
+        requestor = event.assoc.requestor
+        destination = getattr(event, "move_destination", None) if service == "C-MOVE" else None
+        if isinstance(destination, bytes):
+            destination = destination.decode(errors="replace").strip()
+        self._audit(
+            "retrieve",
+            requestor.ae_title.strip(),
+            requestor.address,
+            "refused" if refused else "ok",
+            service=service,
+            level=str(event.identifier.get("QueryRetrieveLevel", "")) if refused is None else None,
+            destination=destination,
+        )
+        return refused
+
     def query_refused(self, event: evt.Event) -> str | None:
         """Why this peer may not query (the Error Comment), or None when it is declared in query_aes."""
         requestor = event.assoc.requestor
@@ -264,6 +293,8 @@ class Scp:
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_C_FIND, self.on_find),
+            (evt.EVT_C_GET, self.on_get),
+            (evt.EVT_C_MOVE, self.on_move),
         ]
 
 
@@ -280,8 +311,10 @@ def make_ae(settings: Settings) -> AE:
     ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES)
     for cx in AllStoragePresentationContexts:
         assert cx.abstract_syntax is not None  # pynetdicom's list names each context's SOP class
-        ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
-    for uid in (*Query.contexts(), HangingProtocolInformationModelFind):
+        # Either role, as the requester proposes: a modality stores to us (we are SCP), a C-GET requester
+        # takes what it retrieves on the same association (it is SCP, we send).
+        ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+    for uid in (*Query.contexts(), HangingProtocolInformationModelFind, *GET_MODELS, *MOVE_MODELS):
         ae.add_supported_context(uid, QUERY_TRANSFER_SYNTAXES)
     # Hanging protocols are stored to us like images (a viewer's own, or ours sent back).
     ae.add_supported_context(HangingProtocolStorage, ACCEPTED_TRANSFER_SYNTAXES)

@@ -7,11 +7,11 @@ out as they are on disk.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, Association
@@ -147,3 +147,32 @@ def send(host: str, port: int, files: list[Path], aet: str, aec: str, timeout: f
         if assoc.is_established:
             assoc.release()
     return outcomes
+
+
+class NotAccepted(ValueError):
+    """The peer takes this SOP class neither in the instance's syntax nor in Explicit VR Little Endian."""
+
+
+def transcoded(
+    path: str,
+    sop_class_uid: str,
+    transfer_syntax_uid: str,
+    accepted: Callable[[str, str], bool],
+    ds: Dataset | None = None,
+) -> tuple[Dataset | str, str]:
+    """What to send the peer and in which syntax: the file itself where the peer takes its syntax, else a copy
+    in Explicit VR Little Endian (decompressed, same UIDs: transcoding is not a new instance).
+
+    ``ds``: the data set already read (and coerced) by the caller; then it is what is sent either way.
+    """
+    if accepted(sop_class_uid, transfer_syntax_uid):
+        return (path if ds is None else ds), transfer_syntax_uid
+    if not accepted(sop_class_uid, ExplicitVRLittleEndian):
+        raise NotAccepted(
+            f"destination accepts neither {transfer_syntax_uid} nor Explicit VR Little Endian for {sop_class_uid}"
+        )
+    ds = dcmread(path) if ds is None else ds
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress(generate_instance_uid=False)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds, ExplicitVRLittleEndian

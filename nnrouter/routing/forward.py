@@ -71,7 +71,7 @@ from nnrouter.core.store import (
     unavailable,
     utcnow,
 )
-from nnrouter.dicom.send import MAX_CONTEXTS
+from nnrouter.dicom.send import MAX_CONTEXTS, NotAccepted, transcoded
 from nnrouter.dicom.statuses import stored
 from nnrouter.routing import rules
 from nnrouter.service import lifecycle
@@ -374,22 +374,15 @@ class Lane:
 
 def _prepare(link: Link, job: Job) -> tuple[Dataset | str, str]:
     """What goes on the wire (the file itself, or a coerced or transcoded copy) and in which syntax."""
-    ts = job.transfer_syntax_uid
-    if job.coerce is None and link.accepted(job.sop_class_uid, ts):
-        return job.path, ts
-    ds = dcmread(job.path)
+    ds = None
     if job.coerce is not None:
+        ds = dcmread(job.path)
         changed = rules.coerce(ds, rules.Coerce(**job.coerce), job.label)
         log.debug("coerced", outbox_id=job.outbox_id, attributes=changed)
-    if not link.accepted(job.sop_class_uid, ts):
-        if not link.accepted(job.sop_class_uid, ExplicitVRLittleEndian):
-            raise Refused(f"destination accepts neither {ts} nor Explicit VR Little Endian for {job.sop_class_uid}")
-        if ds.file_meta.TransferSyntaxUID.is_compressed:
-            # Keep the UID: transcoding is not a new instance.
-            ds.decompress(generate_instance_uid=False)
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ts = ExplicitVRLittleEndian
-    return ds, ts
+    try:
+        return transcoded(job.path, job.sop_class_uid, job.transfer_syntax_uid, link.accepted, ds)
+    except NotAccepted as exc:
+        raise Refused(str(exc)) from exc
 
 
 def send(link: Link, job: Job) -> Outcome:
