@@ -66,6 +66,26 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=120)
 
 
+def _getscu(settings: Settings, aet: str, out: Path, keys: list[str], model: str = "-S") -> subprocess.CompletedProcess:
+    out.mkdir()
+    return _run(
+        [
+            "getscu",
+            "-v",
+            model,
+            "-aet",
+            aet,
+            "-aec",
+            "NNROUTER",
+            "-od",
+            str(out),
+            "127.0.0.1",
+            str(settings.dicom.port),
+            *keys,
+        ]
+    )
+
+
 def _sop_uids(folder: Path) -> set[str]:
     return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in folder.rglob("*") if p.is_file()}
 
@@ -73,23 +93,7 @@ def _sop_uids(folder: Path) -> set[str]:
 def test_getscu_retrieves_a_series_as_it_was_received(site, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     settings, _store, files, _ = site
     out = tmp_path / "got"
-    out.mkdir()
-    r = _run(
-        [
-            "getscu",
-            "-v",
-            "-S",
-            "-aet",
-            "VIEWER",
-            "-aec",
-            "NNROUTER",
-            "-od",
-            str(out),
-            "127.0.0.1",
-            str(settings.dicom.port),
-            *_keys(files, "SERIES"),
-        ]
-    )
+    r = _getscu(settings, "VIEWER", out, _keys(files, "SERIES"), model="-S")
     assert r.returncode == 0, r.stderr
     sent = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): dcmread(f) for f in files}
     assert _sop_uids(out) == set(sent)
@@ -98,33 +102,15 @@ def test_getscu_retrieves_a_series_as_it_was_received(site, tmp_path: Path) -> N
         assert got.PixelData == sent[str(got.SOPInstanceUID)].PixelData  # the same pixels, not re-rendered
     # One image by its UID, at the IMAGE level, in Patient Root.
     one = tmp_path / "one"
-    one.mkdir()
     ds = dcmread(files[1], stop_before_pixels=True)
-    r = _run(
-        [
-            "getscu",
-            "-v",
-            "-P",
-            "-aet",
-            "VIEWER",
-            "-aec",
-            "NNROUTER",
-            "-od",
-            str(one),
-            "127.0.0.1",
-            str(settings.dicom.port),
-            "-k",
-            "QueryRetrieveLevel=IMAGE",
-            "-k",
-            f"PatientID={ds.PatientID}",
-            "-k",
-            f"StudyInstanceUID={ds.StudyInstanceUID}",
-            "-k",
-            f"SeriesInstanceUID={ds.SeriesInstanceUID}",
-            "-k",
-            f"SOPInstanceUID={ds.SOPInstanceUID}",
-        ]
-    )
+    keys = [
+        "QueryRetrieveLevel=IMAGE",
+        f"PatientID={ds.PatientID}",
+        f"StudyInstanceUID={ds.StudyInstanceUID}",
+        f"SeriesInstanceUID={ds.SeriesInstanceUID}",
+        f"SOPInstanceUID={ds.SOPInstanceUID}",
+    ]
+    r = _getscu(settings, "VIEWER", one, [a for k in keys for a in ("-k", k)], model="-P")
     assert r.returncode == 0 and _sop_uids(one) == {str(ds.SOPInstanceUID)}, r.stderr
 
 
@@ -179,23 +165,7 @@ def _move(settings: Settings, destination: str, files: list[Path]):  # type: ign
 def test_a_peer_not_allowed_to_query_cannot_retrieve(site, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     settings, _, files, dest = site
     out = tmp_path / "got"
-    out.mkdir()
-    r = _run(
-        [
-            "getscu",
-            "-v",
-            "-S",
-            "-aet",
-            "STRANGER",
-            "-aec",
-            "NNROUTER",
-            "-od",
-            str(out),
-            "127.0.0.1",
-            str(settings.dicom.port),
-            *_keys(files, "STUDY"),
-        ]
-    )
+    r = _getscu(settings, "STRANGER", out, _keys(files, "STUDY"), model="-S")
     assert "0x124" in r.stderr.lower(), r.stderr
     assert not list(out.iterdir())
     r = _run(
