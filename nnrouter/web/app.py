@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nnrouter.core.config import Settings
 from nnrouter.core.store import Store
-from nnrouter.web import api, pages
+from nnrouter.web import api, dicomweb, pages
 from nnrouter.web.auth import Forbidden, NotLoggedIn, session_secret
 from nnrouter.web.deps import Console
 
@@ -78,9 +78,12 @@ def create_app(settings: Settings, store: Store, *, expect_stages: bool = True) 
     app.add_middleware(_NoStore)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
+    def for_programs(request: Request) -> bool:
+        return request.url.path.startswith(("/api/", "/dicom-web/"))
+
     @app.exception_handler(NotLoggedIn)
     async def _login_first(request: Request, exc: NotLoggedIn) -> Response:
-        if request.url.path.startswith("/api/"):
+        if for_programs(request):
             return JSONResponse({"detail": "log in first (session) or send Authorization: Bearer <token>"}, 401)
         from urllib.parse import quote
 
@@ -88,7 +91,7 @@ def create_app(settings: Settings, store: Store, *, expect_stages: bool = True) 
 
     @app.exception_handler(Forbidden)
     async def _forbidden(request: Request, exc: Forbidden) -> Response:
-        if request.url.path.startswith("/api/"):
+        if for_programs(request):
             return JSONResponse({"detail": exc.reason}, 403)
         return PlainTextResponse(exc.reason, 403)
 
@@ -111,5 +114,6 @@ def create_app(settings: Settings, store: Store, *, expect_stages: bool = True) 
         return Response(body, media_type=content_type)
 
     app.include_router(api.router)
+    app.include_router(dicomweb.router)
     app.include_router(pages.router)
     return app

@@ -1,0 +1,89 @@
+"""QIDO-RS: the C-FIND SCP's search over HTTP, in the DICOM JSON model, behind the console's login."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pydicom import dcmread
+from sqlalchemy import select
+
+from nnrouter.core.config import Settings
+from nnrouter.core.ingest import keep
+from nnrouter.core.spool import Spool
+from nnrouter.core.store import Instance, Prediction, Store
+from nnrouter.testing.synthetic import write_series
+from nnrouter.web import users
+from nnrouter.web.app import create_app
+
+
+@pytest.fixture
+def site(tmp_path: Path):  # type: ignore[no-untyped-def]
+    settings = Settings(
+        storage={"path": str(tmp_path / "spool"), "min_free_mb": 1},
+        database={"url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
+        models={"classifier": None, "detector": None},
+    )
+    store = Store(settings.database.url)
+    store.upgrade()
+    files = write_series(tmp_path / "in", 3, rows=32, columns=32)
+    for f in files:
+        keep(store, Spool(settings.storage.path), dcmread(f), "MODALITY", node=settings.node.name, created=False)
+    lateral = str(dcmread(files[2], stop_before_pixels=True).SOPInstanceUID)
+    with store.write() as s:  # what a worker found: the third image is a chest lateral
+        for inst in s.execute(select(Instance)).scalars():
+            label = "chest_lateral" if inst.sop_instance_uid == lateral else "knee_ap"
+            s.add(
+                Prediction(
+                    instance_id=inst.id,
+                    model_name="t",
+                    model_version="1",
+                    provider="CPU",
+                    label=label,
+                    score=0.9,
+                    top5=[[label, 0.9]],
+                    decode_ms=1,
+                    preprocess_ms=1,
+                    infer_ms=1,
+                )
+            )
+    users.add(store, "pacs", "viewer", "a long enough password")
+    token = users.new_token(store, "pacs")
+    client = TestClient(create_app(settings, store, expect_stages=False), headers={"Authorization": f"Bearer {token}"})
+    yield client, files, lateral
+    store.dispose()
+
+
+def _value(answer: dict, tag: str):  # type: ignore[no-untyped-def]
+    return (answer.get(tag, {}).get("Value") or [None])[0]
+
+
+def test_qido_finds_studies_series_and_the_chest_lateral_as_c_find_does(site) -> None:  # type: ignore[no-untyped-def]
+    client, files, lateral = site
+    first = dcmread(files[0], stop_before_pixels=True)
+    r = client.get("/dicom-web/studies", params={"PatientID": str(first.PatientID)})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/dicom+json")
+    (study,) = r.json()
+    assert _value(study, "0020000D") == str(first.StudyInstanceUID)
+    assert _value(study, "00201208") == 3  # NumberOfStudyRelatedInstances
+    assert "00080052" not in study  # no QueryRetrieveLevel in a QIDO answer
+    series = client.get(f"/dicom-web/studies/{first.StudyInstanceUID}/series").json()
+    assert [_value(s, "0020000E") for s in series] == [str(first.SeriesInstanceUID)]
+    # nnrouter's findings match as in C-FIND: the classifier's chest lateral, whatever the header said.
+    found = client.get("/dicom-web/instances", params={"BodyPartExamined": "CHEST", "ViewPosition": "LL"}).json()
+    assert [_value(i, "00080018") for i in found] == [lateral]
+    # Paging, and includefield.
+    page = client.get(f"/dicom-web/studies/{first.StudyInstanceUID}/instances", params={"limit": 2, "offset": 2})
+    assert len(page.json()) == 1
+    one = client.get("/dicom-web/instances", params={"SOPInstanceUID": lateral, "includefield": "ImageLaterality"})
+    assert "00200062" in one.json()[0]
+
+
+def test_qido_says_what_is_wrong_and_needs_a_login(site) -> None:  # type: ignore[no-untyped-def]
+    client, _, _ = site
+    assert client.get("/dicom-web/studies", params={"NotAKeyword": "x"}).status_code == 400
+    assert client.get("/dicom-web/studies", params={"limit": "-1"}).status_code == 400
+    assert client.get("/dicom-web/studies", params={"SOPInstanceUID": "1.2"}).status_code == 400  # not a study key
+    anonymous = TestClient(client.app)
+    assert anonymous.get("/dicom-web/studies").status_code == 401
