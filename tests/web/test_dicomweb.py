@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from sqlalchemy import select
 
 from nnrouter.core.config import Settings
@@ -87,3 +87,58 @@ def test_qido_says_what_is_wrong_and_needs_a_login(site) -> None:  # type: ignor
     assert client.get("/dicom-web/studies", params={"SOPInstanceUID": "1.2"}).status_code == 400  # not a study key
     anonymous = TestClient(client.app)
     assert anonymous.get("/dicom-web/studies").status_code == 401
+
+
+def test_the_dicomweb_client_of_pypi_searches_nnrouter(tmp_path: Path) -> None:
+    """A real client (dicomweb-client, over requests) against `nnrouter web` serving a store."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from dicomweb_client.api import DICOMwebClient
+
+    from nnrouter.testing import peers
+
+    port = peers.free_port()
+    config = tmp_path / "nnrouter.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "database": {"url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
+                "storage": {"path": str(tmp_path / "spool"), "min_free_mb": 1},
+                "models": {"classifier": None, "detector": None},
+                "http": {"port": port},
+                "logging": {"format": "json"},
+            }
+        )
+    )
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store.upgrade()
+    files = write_series(tmp_path / "in", 2, rows=32, columns=32)
+    for f in files:
+        keep(store, Spool(tmp_path / "spool"), dcmread(f), "MODALITY", node="n", created=False)
+    users.add(store, "pacs", "viewer", "a long enough password")
+    token = users.new_token(store, "pacs")
+    store.dispose()
+    log = open(tmp_path / "web.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nnrouter", "web", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ},
+    )
+    try:
+        peers.wait_port(port, timeout=60, proc=proc)
+        client = DICOMwebClient(f"http://127.0.0.1:{port}/dicom-web", headers={"Authorization": f"Bearer {token}"})
+        first = dcmread(files[0], stop_before_pixels=True)
+        studies = client.search_for_studies(search_filters={"PatientID": str(first.PatientID)})
+        assert [Dataset.from_json(s).StudyInstanceUID for s in studies] == [first.StudyInstanceUID]
+        got = client.search_for_instances(study_instance_uid=str(first.StudyInstanceUID))
+        assert {Dataset.from_json(i).SOPInstanceUID for i in got} == {
+            dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files
+        }
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
