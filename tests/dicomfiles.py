@@ -9,6 +9,7 @@ import tempfile
 import time
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -338,3 +339,32 @@ def node_rows(node, model) -> list:  # type: ignore[no-untyped-def]
             return list(s.execute(select(model).order_by(model.id)).scalars())
     finally:
         store.dispose()
+
+
+def prediction(instance_id: int, label: str, version: str = "1", score: float = 0.9, model: str = "test") -> Any:
+    """A classifier's row as a worker writes it, for tests that set what was found instead of running a model."""
+    from nnrouter.core.store import Prediction
+
+    return Prediction(
+        instance_id=instance_id,
+        model_name=model,
+        model_version=version,
+        provider="CPU",
+        label=label,
+        score=score,
+        top5=[[label, score]],
+        decode_ms=1.0,
+        preprocess_ms=1.0,
+        infer_ms=1.0,
+    )
+
+
+def predict_all(store: Any, labels: dict[str, str], default: str, score: float = 0.9) -> None:
+    """A prediction for every stored instance: ``labels[SOP Instance UID]``, else ``default``."""
+    from sqlalchemy import select
+
+    from nnrouter.core.store import Instance
+
+    with store.write() as s:
+        for inst in s.execute(select(Instance)).scalars():
+            s.add(prediction(inst.id, labels.get(inst.sop_instance_uid, default), score=score))

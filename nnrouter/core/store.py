@@ -58,6 +58,11 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def as_utc(ts: dt.datetime) -> dt.datetime:
+    """A stored time, aware: SQLite gives DateTime(timezone=True) back naive, and what it stores is UTC."""
+    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
+
+
 class Base(DeclarativeBase):
     pass
 

@@ -262,18 +262,18 @@ def what_would_change(
         after = _outcome(rules.decide(edited, facts))
         before = _outcome(rules.decide(running, facts)) if running is not None else None
         with store.read() as s:
-            decided = s.execute(
-                select(RoutingDecision.deliveries, RoutingDecision.hold)
-                .join(Study, Study.id == RoutingDecision.study_id)
+            accession, deliveries, hold = s.execute(
+                select(Study.accession_number, RoutingDecision.deliveries, RoutingDecision.hold)
+                .outerjoin(RoutingDecision, RoutingDecision.study_id == Study.id)
                 .where(Study.study_uid == uid)
-            ).first()
+            ).one()
         out.append(
             {
                 "study_uid": uid,
-                "accession_number": _accession(store, uid),
+                "accession_number": accession,
                 "decided": None
-                if decided is None
-                else {"destinations": sorted({d["destination"] for d in decided[0]}), "hold": decided[1]},
+                if deliveries is None
+                else {"destinations": sorted({d["destination"] for d in deliveries}), "hold": hold},
                 "now": before,
                 "edited": after,
                 "changed": before != after,
@@ -289,8 +289,3 @@ def _outcome(decision: Any) -> dict[str, Any]:
         "discard": decision.discard,
         "matched": [o.rule for o in decision.outcomes if o.matched],
     }
-
-
-def _accession(store: Store, uid: str) -> str | None:
-    with store.read() as s:
-        return s.execute(select(Study.accession_number).where(Study.study_uid == uid)).scalar_one_or_none()

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import delete, select
 
 from nnrouter.core.config import Settings
-from nnrouter.core.store import StageBeat, Store, utcnow
+from nnrouter.core.store import StageBeat, Store, as_utc, utcnow
 
 STALE_S = 30.0  # six missed beats (supervisor.BEAT_S = 5 s)
 
@@ -35,10 +35,6 @@ def clear_beats(store: Store, node: str) -> None:
         s.execute(delete(StageBeat).where(StageBeat.node == node))
 
 
-def _utc(ts: dt.datetime) -> dt.datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
-
-
 def stage_liveness(store: Store, node: str, now: dt.datetime | None = None) -> dict[str, dict[str, Any]]:
     """Each stage of ``node`` the supervisor last reported: alive (and beat recently), pid, age of the beat."""
     now = now or utcnow()
@@ -46,7 +42,7 @@ def stage_liveness(store: Store, node: str, now: dt.datetime | None = None) -> d
         beats = s.execute(select(StageBeat).where(StageBeat.node == node).order_by(StageBeat.stage)).scalars().all()
     out = {}
     for b in beats:
-        age = (now - _utc(b.beat_at)).total_seconds()
+        age = (now - as_utc(b.beat_at)).total_seconds()
         out[b.stage] = {"alive": bool(b.alive) and age <= STALE_S, "pid": b.pid, "beat_age_s": round(age, 1)}
     return out
 

@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -117,23 +118,33 @@ def ingest(count: int, rounds: int, rows: int, columns: int, workdir: Path | Non
             shutil.rmtree(root, ignore_errors=True)
 
 
+BENCH_USER = ("bench", "bench password only")
+
+
+def _logged_in(port: int, timeout: float) -> Any:
+    """An HTTP client logged in to the console on ``port`` as the benchmarks' viewer, as a browser does."""
+    import httpx
+
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=timeout)
+    token = http.get("/login").text.split('name="csrf-token" content="', 1)[1].split('"', 1)[0]
+    name, password = BENCH_USER
+    http.post("/login", data={"name": name, "password": password, "csrf": token})
+    return http
+
+
 class _DashboardClient:
     """A logged-in browser's worth of load: the dashboard page and its assets, once a second, while started."""
 
     def __init__(self, node: peers.Node, port: int, every_s: float = 1.0):
-        import httpx
 
         from nnrouter.core.store import Store
         from nnrouter.web import users
 
         store = Store(node.db_url)
-        users.add(store, "bench", "viewer", "bench password only", replace=True)
+        users.add(store, BENCH_USER[0], "viewer", BENCH_USER[1], replace=True)
         store.dispose()
         peers.wait_port(port, timeout=60)
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-        page = self.http.get("/login").text
-        token = page.split('name="csrf-token" content="', 1)[1].split('"', 1)[0]
-        self.http.post("/login", data={"name": "bench", "password": "bench password only", "csrf": token})
+        self.http = _logged_in(port, timeout=30)
         self.every_s = every_s
         self.loads = 0
         self.ms: list[float] = []
@@ -170,7 +181,6 @@ def console(studies: int, loads: int, workdir: Path | None) -> int:
     import subprocess
     import sys
 
-    import httpx
     import yaml
 
     from nnrouter.core.store import Store
@@ -187,7 +197,7 @@ def console(studies: int, loads: int, workdir: Path | None) -> int:
         t0 = time.perf_counter()
         synthetic.fill_store(store, studies)
         print(f"{studies} studies written to the store in {time.perf_counter() - t0:.1f} s", flush=True)
-        users.add(store, "bench", "viewer", "bench password only")
+        users.add(store, BENCH_USER[0], "viewer", BENCH_USER[1])
         store.dispose()
         port = peers.free_port()
         config = root / "nnrouter.yaml"
@@ -208,9 +218,7 @@ def console(studies: int, loads: int, workdir: Path | None) -> int:
         )
         log.close()
         peers.wait_port(port, timeout=60, proc=proc)
-        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-        token = http.get("/login").text.split('name="csrf-token" content="', 1)[1].split('"', 1)[0]
-        http.post("/login", data={"name": "bench", "password": "bench password only", "csrf": token})
+        http = _logged_in(port, timeout=60)
         pages = {
             "GET /studies (first page of 50)": "/studies",
             "GET /studies?modality=DX&label=chest_pa_ap": "/studies?modality=DX&label=chest_pa_ap",

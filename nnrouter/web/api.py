@@ -93,7 +93,8 @@ def search_studies(request: Request, body: StudySearch, p: Principal = Member) -
     return _json(studies.search(console(request).store, q, patients=True))
 
 
-def _report(request: Request, study_uid: str) -> dict[str, Any]:
+def report_of(request: Request, study_uid: str) -> dict[str, Any]:
+    """What `nnrouter study show --json` prints for this study (404 when unknown); the study page shows it too."""
     from nnrouter.pixels.modelcard import ModelCardError
     from nnrouter.results.views import study_report
     from nnrouter.routing import rules
@@ -111,7 +112,7 @@ def _report(request: Request, study_uid: str) -> dict[str, Any]:
 
 @router.get("/studies/{study_uid}", summary="what `nnrouter study show --json` prints")
 def get_study(request: Request, study_uid: str, p: Principal = Reader) -> Any:
-    return _json(redacted(_report(request, study_uid), p))
+    return _json(redacted(report_of(request, study_uid), p))
 
 
 @router.get("/studies/{study_uid}/patient", summary="the study's patient fields (logged in only)")

@@ -118,14 +118,19 @@ async def check_csrf(request: Request, principal: Principal) -> None:
     """A session's change must carry its CSRF token; a token-authenticated call needs none (no cookie rides along)."""
     if request.method not in UNSAFE or principal.via != "session":
         return
+    if not await csrf_sent(request):
+        raise Forbidden("CSRF token missing or wrong: reload the page and try again")
+
+
+async def csrf_sent(request: Request) -> bool:
+    """Whether the request carries this session's CSRF token (header, or the form's ``csrf`` field)."""
     sent = request.headers.get("x-csrf-token")
     if sent is None and request.headers.get("content-type", "").startswith(
         ("application/x-www-form-urlencoded", "multipart/form-data")
     ):
         sent = str((await request.form()).get("csrf") or "")
     expected = request.session.get("csrf")
-    if not sent or not expected or not hmac.compare_digest(str(sent), str(expected)):
-        raise Forbidden("CSRF token missing or wrong: reload the page and try again")
+    return bool(sent and expected and hmac.compare_digest(str(sent), str(expected)))
 
 
 def login_refused(settings: Settings, store: Store, name: str, address: str) -> bool:

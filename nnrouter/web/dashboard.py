@@ -9,17 +9,13 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from nnrouter.core import audit
 from nnrouter.core.config import Settings
-from nnrouter.core.store import Instance, InstanceState, Outbox, Prediction, Store, utcnow
+from nnrouter.core.store import Instance, InstanceState, Outbox, Prediction, Store, as_utc, utcnow
 from nnrouter.routing import deliveries
 from nnrouter.service import health, pressure
-
-
-def _utc(ts: dt.datetime) -> dt.datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
 
 
 def activity(store: Store, hours: float = 3.0, now: dt.datetime | None = None) -> dict[str, Any]:
@@ -42,7 +38,7 @@ def activity(store: Store, hours: float = 3.0, now: dt.datetime | None = None) -
 def _per_minute(stamps: Any, start: dt.datetime, minutes: int) -> list[int]:
     counts = [0] * minutes
     for ts in stamps:
-        i = int((_utc(ts) - start).total_seconds() // 60)
+        i = int((as_utc(ts) - start).total_seconds() // 60)
         if 0 <= i < minutes:
             counts[i] += 1
     return counts
@@ -75,22 +71,22 @@ def _model(settings: Settings, store: Store) -> dict[str, Any]:
 
 
 def dashboard(settings: Settings, store: Store, hours: float = 3.0, *, expect_stages: bool = True) -> dict[str, Any]:
-    measured = pressure.measure(settings, store)
-    with store.read() as s:
-        by_state = dict(s.execute(select(Instance.state, func.count()).group_by(Instance.state)).all())
+    measured = pressure.measure(settings, store)  # states, backlog and spool in one look at the store
+    health_now = measured.as_dict()
+    by_state = measured.by_state
     day = audit.since(24 * 3600)
     return {
         "node": settings.node.name,
         "instances": {"total": sum(by_state.values()), "by_state": by_state},
         "activity": activity(store, hours),
-        "outbox": measured.as_dict()["outbox"],
+        "outbox": health_now["outbox"],
         "outbox_by_state": store.outbox_counts(),
         "paused": deliveries.paused(store),
         "associations_refused_24h": audit.count_since(store, "association", day, result="refused"),
         "associations_accepted_24h": audit.count_since(store, "association", day, result="ok"),
         "instances_refused_24h": audit.count_since(store, "instance_refused", day),
         "models": _model(settings, store),
-        "spool": {"path": str(settings.storage.path), "free_mb": measured.as_dict()["spool_free_mb"]},
+        "spool": {"path": str(settings.storage.path), "free_mb": health_now["spool_free_mb"]},
         "rules": store.rules_status("rules"),
         "procedures": store.rules_status("procedures"),
         "alerts": list(measured.alerts),

@@ -40,7 +40,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from nnrouter.core import logs
 from nnrouter.core.config import Settings
-from nnrouter.core.store import Audit, Flag, Instance, InstanceState, Outbox, OutboxState, Prediction, Store
+from nnrouter.core.store import Audit, Flag, Instance, InstanceState, Outbox, OutboxState, Prediction, Store, as_utc
 from nnrouter.service import health, pressure
 
 log = logs.get("nnrouter.web.metrics")
@@ -242,14 +242,10 @@ def _gauge(name: str, doc: str, labels: list[str], values: dict[tuple[str, ...],
     return family
 
 
-def _utc(ts: dt.datetime) -> dt.datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
-
-
 def _elapsed(later: dt.datetime, earlier: dt.datetime) -> float:
     """Seconds between two stored times; never negative (two nodes' clocks may disagree a little)."""
     if (later.tzinfo is None) != (earlier.tzinfo is None):
-        later, earlier = _utc(later), _utc(earlier)
+        later, earlier = as_utc(later), as_utc(earlier)
     return max(0.0, (later - earlier).total_seconds())
 
 

@@ -15,22 +15,17 @@ from typing import Any
 import cv2
 import numpy as np
 
+from nnrouter.core import codes
 from nnrouter.core.config import Settings
 
 ROLES = ("classifier", "detector")
-
-
-def _all_classes() -> list[str]:
-    from nnrouter.core import codes
-
-    return list(codes.nncpr_labels())
 
 
 def describe(settings: Settings) -> list[dict[str, Any]]:
     from nnrouter.pixels.modelcard import ModelCardError, load_card
 
     out = []
-    every = _all_classes()
+    every = list(codes.nncpr_labels())
     for role in ROLES:
         path = getattr(settings.models, role)
         if path is None:

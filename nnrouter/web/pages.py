@@ -8,7 +8,6 @@ page with a message (post, redirect, get), so a reload never repeats it.
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 from urllib.parse import quote
 
@@ -59,9 +58,7 @@ def login_form(request: Request, next: str = "/") -> HTMLResponse:
 @router.post("/login")
 async def login(request: Request, name: str = Form(""), password: str = Form(""), next: str = Form("/")) -> Response:
     c = console(request)
-    sent = str((await request.form()).get("csrf") or "")
-    expected = str(request.session.get("csrf") or "")
-    if not expected or not hmac.compare_digest(sent, expected):
+    if not await auth.csrf_sent(request):
         return page(request, "login.html", None, next=next, error="the form has expired: try again")
     error = auth.login(request, c.settings, c.store, name, password)
     if error is not None:
@@ -142,10 +139,10 @@ async def studies_search(request: Request, p: Principal = Member) -> HTMLRespons
 @router.get("/studies/{study_uid}")
 def study_page(request: Request, study_uid: str, p: Principal = Reader) -> HTMLResponse:
     from nnrouter.results.views import StudyNotFound, study_layout
-    from nnrouter.web.api import _report
+    from nnrouter.web.api import report_of
 
     c = console(request)
-    report = _report(request, study_uid)
+    report = report_of(request, study_uid)
     try:
         layout: dict[str, Any] | None = study_layout(c.store, study_uid)
         layout_error = None

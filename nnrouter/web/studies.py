@@ -12,7 +12,17 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from nnrouter.core.store import Flag, Instance, InstanceState, Prediction, RoutingDecision, Series, Store, Study
+from nnrouter.core.store import (
+    Flag,
+    Instance,
+    InstanceState,
+    Prediction,
+    RoutingDecision,
+    Series,
+    Store,
+    Study,
+    latest_predictions,
+)
 
 
 @dataclass(frozen=True)
@@ -90,13 +100,7 @@ def search(store: Store, q: StudyQuery, *, patients: bool) -> dict[str, Any]:
             .where(Series.study_id.in_(ids))
         ).all()
         inst_ids = [r[4] for r in rows]
-        labels = dict(
-            s.execute(
-                select(Prediction.instance_id, Prediction.label)
-                .where(Prediction.instance_id.in_(inst_ids))
-                .order_by(Prediction.id)
-            ).all()
-        )
+        labels = {iid: p.label for iid, p in latest_predictions(s, inst_ids).items()}
         flags: dict[int, list[str]] = {}
         for sid, kind in s.execute(select(Flag.study_id, Flag.kind).where(Flag.study_id.in_(ids))).all():
             flags.setdefault(sid, []).append(kind)

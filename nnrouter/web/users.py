@@ -18,7 +18,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import delete, select
 
-from nnrouter.core.store import ConsoleSession, ConsoleUser, Store, utcnow
+from nnrouter.core.store import ConsoleSession, ConsoleUser, Store, as_utc, utcnow
 
 ROLES = ("viewer", "admin")
 MIN_PASSWORD = 10
@@ -60,7 +60,7 @@ def session_user(store: Store, token: str) -> User | None:
     """The enabled user of a login that has not expired or ended; None otherwise."""
     with store.read() as s:
         row = s.get(ConsoleSession, token_digest(token))
-        if row is None or _utc(row.expires_at) < utcnow():
+        if row is None or as_utc(row.expires_at) < utcnow():
             return None
         name = row.user
     return lookup(store, name)
@@ -73,10 +73,6 @@ def end_session(store: Store, token: str) -> None:
 
 def _end_sessions_of(s: Any, name: str) -> None:
     s.execute(delete(ConsoleSession).where(ConsoleSession.user == name))
-
-
-def _utc(ts: dt.datetime) -> dt.datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
 
 
 def _hasher() -> PasswordHasher:

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 from conftest import _new_pg_database, needs
+from dicomfiles import prediction
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from sqlalchemy import select
 from structlog.testing import capture_logs
 
-from nnrouter.core.store import Flag, Instance, Prediction, Store, Study
+from nnrouter.core.store import Flag, Instance, Store, Study
 from nnrouter.dicom.query import (
     MAX_RESULTS,
     PATIENT_ROOT_FIND,
@@ -145,20 +146,7 @@ def tagged(request, tmp_path_factory):  # type: ignore[no-untyped-def]
                 ids = dict(s.execute(select(Instance.sop_instance_uid, Instance.id)).all())
                 for name, (*_, preds) in IMAGES.items():
                     for version, label in enumerate(preds, start=1):
-                        s.add(
-                            Prediction(
-                                instance_id=ids[world.sop[name]],
-                                model_name="test",
-                                model_version=str(version),
-                                provider="CPU",
-                                label=label,
-                                score=0.9,
-                                top5=[[label, 0.9]],
-                                decode_ms=1.0,
-                                preprocess_ms=1.0,
-                                infer_ms=1.0,
-                            )
-                        )
+                        s.add(prediction(ids[world.sop[name]], label, version=str(version)))
                 by_uid = dict(s.execute(select(Study.study_uid, Study.id)).all())
                 for study, kinds in FLAGS.items():
                     for kind in kinds:

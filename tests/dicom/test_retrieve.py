@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import needs
+from dicomfiles import predict_all
 from pydicom import dcmread
 from sqlalchemy import select
 
@@ -217,7 +218,6 @@ def test_a_cancel_stops_the_transfer(site, tmp_path: Path) -> None:  # type: ign
 
 @needs("Orthanc")
 def test_orthanc_queries_the_chest_laterals_and_moves_them_into_itself(tmp_path: Path) -> None:
-    from nnrouter.core.store import Instance, Prediction
 
     orthanc = peers.Orthanc(tmp_path / "orthanc")
     node = peers.Node(
@@ -237,23 +237,7 @@ def test_orthanc_queries_the_chest_laterals_and_moves_them_into_itself(tmp_path:
         assert peers.storescu(node.port, files).stderr.count("(Success)") == 3
         lateral = str(dcmread(files[1], stop_before_pixels=True).SOPInstanceUID)
         store = Store(node.db_url)
-        with store.write() as s:  # what a worker would have found: the second image is a chest lateral
-            for inst in s.execute(select(Instance)).scalars():
-                label = "chest_lateral" if inst.sop_instance_uid == lateral else "knee_ap"
-                s.add(
-                    Prediction(
-                        instance_id=inst.id,
-                        model_name="test",
-                        model_version="1",
-                        provider="CPU",
-                        label=label,
-                        score=0.95,
-                        top5=[[label, 0.95]],
-                        decode_ms=1,
-                        preprocess_ms=1,
-                        infer_ms=1,
-                    )
-                )
+        predict_all(store, {lateral: "chest_lateral"}, "knee_ap", score=0.95)  # what a worker would have found
         store.dispose()
         rsp = orthanc.post(
             "/modalities/nnrouter/query",

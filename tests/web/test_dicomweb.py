@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from dicomfiles import predict_all
 from fastapi.testclient import TestClient
 from pydicom import Dataset, dcmread
-from sqlalchemy import select
 
 from nnrouter.core.config import Settings
 from nnrouter.core.ingest import keep
 from nnrouter.core.spool import Spool
-from nnrouter.core.store import Instance, Prediction, Store
+from nnrouter.core.store import Store
 from nnrouter.testing.synthetic import write_series
 from nnrouter.web import users
 from nnrouter.web.app import create_app
@@ -31,23 +31,7 @@ def site(tmp_path: Path):  # type: ignore[no-untyped-def]
     for f in files:
         keep(store, Spool(settings.storage.path), dcmread(f), "MODALITY", node=settings.node.name, created=False)
     lateral = str(dcmread(files[2], stop_before_pixels=True).SOPInstanceUID)
-    with store.write() as s:  # what a worker found: the third image is a chest lateral
-        for inst in s.execute(select(Instance)).scalars():
-            label = "chest_lateral" if inst.sop_instance_uid == lateral else "knee_ap"
-            s.add(
-                Prediction(
-                    instance_id=inst.id,
-                    model_name="t",
-                    model_version="1",
-                    provider="CPU",
-                    label=label,
-                    score=0.9,
-                    top5=[[label, 0.9]],
-                    decode_ms=1,
-                    preprocess_ms=1,
-                    infer_ms=1,
-                )
-            )
+    predict_all(store, {lateral: "chest_lateral"}, "knee_ap")  # what a worker found: the third is a chest lateral
     users.add(store, "pacs", "viewer", "a long enough password")
     token = users.new_token(store, "pacs")
     client = TestClient(create_app(settings, store, expect_stages=False), headers={"Authorization": f"Bearer {token}"})
